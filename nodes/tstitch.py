@@ -1,0 +1,93 @@
+"""T-Stitch sampler node: the small model runs the early steps, the large model the rest."""
+from __future__ import annotations
+
+import latent_preview
+from comfy_api.latest import io
+
+from ..kb_tools import comfy_sampling as cs
+from ..kb_tools.tstitch import SWITCH_MODES, tstitch_sample
+
+
+class _StitchProgress:
+    """Run state of one stitched run: maps each segment's local step to the run's step for the progress bar."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.done = 0
+        self.total = 0
+        self.inner = None
+
+    def start(self, model, steps: int) -> None:
+        self.done = 0
+        self.total = steps
+        self.inner = latent_preview.prepare_callback(model, steps)
+
+    def __call__(self, step, x0, x, total_steps):
+        if self.inner is not None:
+            self.inner(self.done, x0, x, self.total)
+        self.done += 1
+
+
+class TStitchSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="TStitchSampler",
+            display_name="T-Stitch Sampler (small model first)",
+            category="sampling/ReDi",
+            description=(
+                "Trajectory Stitching (T-Stitch, ICLR 2024): a small diffusion model runs the first steps of the "
+                "schedule and a large model of the same family finishes them, on one noise schedule (the large "
+                "model's). The small model lays out the global structure cheaply; the large model adds the detail. "
+                "Both models must share the latent space, prediction type and noise schedule; a mismatched pair is "
+                "refused before sampling. Multistep samplers (dpmpp_2m, uni_pc, lms, ...) restart their history at "
+                "the hand-over, so their first large-model steps run at lower order."
+            ),
+            inputs=[
+                io.Model.Input("small_model", tooltip="The cheap model that runs the early, high-noise steps."),
+                io.Model.Input("large_model", tooltip="The expensive model that runs the remaining steps; its noise schedule is used for the whole run."),
+                io.Conditioning.Input("small_positive", tooltip="Positive conditioning for the small model, encoded with the small model's own text encoder."),
+                io.Conditioning.Input("small_negative", tooltip="Negative conditioning for the small model, encoded with the small model's own text encoder."),
+                io.Conditioning.Input("large_positive", tooltip="Positive conditioning for the large model, encoded with the large model's own text encoder."),
+                io.Conditioning.Input("large_negative", tooltip="Negative conditioning for the large model, encoded with the large model's own text encoder."),
+                io.Latent.Input("latent_image", tooltip="The latent to denoise (e.g. an Empty Latent Image)."),
+                io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=True,
+                             tooltip="The random seed for the initial noise. Batch item i starts from the noise of seed + i, so every item is reproducible on its own."),
+                io.Combo.Input("sampler_name", options=cs.sampler_names(), default="euler",
+                               tooltip="The sampling algorithm, shared by both models."),
+                io.Combo.Input("scheduler", options=cs.scheduler_names(), default="normal",
+                               tooltip="How the noise levels are spread over the steps (computed for the large model)."),
+                io.Int.Input("steps", default=20, min=1, max=10000, tooltip="Total number of steps, small and large model together."),
+                io.Float.Input("cfg", default=7.0, min=0.0, max=100.0, step=0.1, round=0.01,
+                               tooltip="Classifier-free guidance scale, used by both models."),
+                io.Combo.Input("switch_mode", options=list(SWITCH_MODES), default="fraction",
+                               tooltip="How the hand-over point is given: 'fraction' of the steps, or a noise level ('sigma')."),
+                io.Float.Input("small_fraction", default=0.4, min=0.0, max=1.0, step=0.01,
+                               tooltip="Fraction of the steps run by the small model (switch_mode 'fraction'): 0 = large model only, 1 = small model only. The paper keeps quality at 0.4."),
+                io.Float.Input("switch_sigma", default=1.0, min=0.0, max=1000.0, step=0.01,
+                               tooltip="Switch noise level (switch_mode 'sigma'): the small model runs every step whose starting sigma is above it. Sigmas are in the model's own units (about 14.6 down to 0 for SD1.x/SDXL, 1 down to 0 for flow models)."),
+            ],
+            outputs=[io.Latent.Output(tooltip="The denoised latent.")],
+        )
+
+    @classmethod
+    def execute(cls, small_model, large_model, small_positive, small_negative, large_positive, large_negative,
+                latent_image, seed, sampler_name, scheduler, steps, cfg, switch_mode, small_fraction,
+                switch_sigma) -> io.NodeOutput:
+        progress = _StitchProgress()
+        try:
+            progress.start(large_model, int(steps))
+            out, _ = tstitch_sample(
+                small_model, large_model, small_positive=small_positive, small_negative=small_negative,
+                large_positive=large_positive, large_negative=large_negative, latent=latent_image, seed=seed,
+                sampler_name=sampler_name, scheduler=scheduler, steps=steps, cfg=cfg, switch_mode=switch_mode,
+                small_fraction=small_fraction, switch_sigma=switch_sigma, callback=progress,
+            )
+        finally:
+            progress.reset()
+        return io.NodeOutput(out)
+
+
+NODES = [TStitchSampler]
