@@ -682,10 +682,22 @@ class KnowledgeBase:
         out = np.empty((len(ids), *self._settings.latent_shape), np.float32)
         shard = np.searchsorted(self._starts, ids, side="right") - 1
         for s in np.unique(shard):
+            self._check_mapped(int(s))
             sel = shard == s
             rows = ids[sel] - self._starts[s]
             out[sel] = self._views[step][s][rows]
         return out
+
+    def _check_mapped(self, s: int) -> None:
+        """Refuse to read a shard truncated since it was mapped: touching the lost pages is SIGBUS."""
+        rec = self._manifest["shards"][s]
+        try:
+            size = os.path.getsize(self._file(rec["file"]))
+        except OSError:
+            return  # deleted or replaced: the mapping still holds the old, complete file
+        if size < int(rec["bytes"]):
+            raise KBError(f"KB shard {rec['file']} at {self._path} was truncated to {size} bytes after the KB was "
+                          f"opened (the manifest records {rec['bytes']}). Restore the file, or rebuild the KB.")
 
     def latents(self, step: int, ids: Any) -> np.ndarray:
         """Stored latents x_step of entries `ids` (any order, repeats allowed): float32 [len(ids), C, H, W]."""
@@ -847,7 +859,8 @@ class KnowledgeBase:
                               "Pass latents of the KB's latent size, one row per prompt.")
             if not np.issubdtype(a.dtype, np.floating):
                 raise KBError(f"latents for step {st} have dtype {a.dtype}; pass floating-point latents.")
-            stored = np.ascontiguousarray(a, dtype=DTYPES[self._dtype])
+            with np.errstate(over="ignore"):  # overflow becomes Inf, reported just below
+                stored = np.ascontiguousarray(a, dtype=DTYPES[self._dtype])
             bad = ~np.isfinite(stored.reshape(n, -1)).all(axis=1)
             if bad.any():
                 i = int(np.argmax(bad))
@@ -985,7 +998,8 @@ class KnowledgeBase:
             infos[st] = {"type": old["type"], "reduce": int(old["reduce"]), "dim": int(old["dim"]), "nlist": None}
             indexes[st] = _empty_index(old["type"], int(old["dim"]))
             sums[st] = np.zeros(c * h * w, np.float64)
-            for v in self._views[st]:
+            for i, v in enumerate(self._views[st]):
+                self._check_mapped(i)
                 for lo in range(0, len(v), 4096):
                     chunk = np.asarray(v[lo:lo + 4096], dtype=np.float32)
                     indexes[st].add(reduce_keys(chunk, self.reduce))
@@ -1055,20 +1069,23 @@ class KnowledgeBase:
                 if _sha256_file(p) != sha:
                     raise self._checksum_error(rel, kind, "Restore it from a backup, or rebuild the KB.")
             check(one)
+        # Reading a mapped file past its (new) end raises SIGBUS: scan only shards of full size.
+        intact = [os.path.isfile(self._file(s["file"])) and os.path.getsize(self._file(s["file"])) == int(s["bytes"])
+                  for s in m["shards"]]
         if len(set(self._entries)) != len(self._entries):
             problems.append(f"KB at {self._path} stores {len(self._entries) - len(set(self._entries))} duplicate "
                             "(prompt, seed) entries. Rebuild it.")
         for st in self._settings.stored_steps:
             total = np.zeros(self._D, np.float64)
-            for s, v in zip(m["shards"], self._views[st]):
-                for lo in range(0, len(v), 4096):
+            for s, v, ok in zip(m["shards"], self._views[st], intact):
+                for lo in range(0, len(v) if ok else 0, 4096):
                     chunk = np.asarray(v[lo:lo + 4096], dtype=np.float32).reshape(-1, self._D)
                     bad = ~np.isfinite(chunk).all(axis=1)
                     if bad.any():
                         problems.append(f"shard {s['file']} step {st} entry {lo + int(np.argmax(bad))} holds "
                                         "NaN/Inf. Rebuild the KB.")
                     total += chunk.sum(axis=0, dtype=np.float64)
-            if not np.allclose(total, self._sums[st], rtol=1e-6, atol=1e-6 * max(1.0, len(self))):
+            if all(intact) and not np.allclose(total, self._sums[st], rtol=1e-6, atol=1e-6 * max(1.0, len(self))):
                 problems.append(f"stats for step {st} do not match the stored keys. Repair with rebuild_indexes().")
             check(lambda st=st: self._verify_index(st))
         return problems

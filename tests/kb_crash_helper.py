@@ -1,0 +1,78 @@
+"""Toy KB data for the KB tests, and a script that builds a KB chunk by chunk (to be killed).
+
+Toy trajectories imitate a shared-seed ReDi KB: x_t = sigma_t * z(seed) + a_t * s(prompt),
+so keys are dominated by the shared noise and values are a fixed function of the same
+(z, s). Everything is deterministic in (prompt, seed), so a resumed build can be checked
+bit for bit.
+
+Script usage (run by tests/test_kb_crash.py):
+    python kb_crash_helper.py KBDIR N_CHUNKS CHUNK_SIZE [PAUSE_SECONDS [PAUSE_FROM_CHUNK]]
+prints "COMMITTED <count>" after each committed append; with PAUSE_SECONDS > 0, from chunk
+PAUSE_FROM_CHUNK (default 2) on, it prints "BEFORE_COMMIT <count>" inside the append, after
+every file is written and before the manifest commit, then sleeps that long there.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import zlib
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from kb_tools.kb import KBSettings, open_or_create  # noqa: E402
+
+LATENT_SHAPE = (4, 8, 8)
+STEPS = 10
+STORED_STEPS = [2, 4, 6]
+SIGMAS = [float(s) for s in np.linspace(14.6, 0.0, STEPS + 1)]
+
+
+def toy_settings(**overrides) -> KBSettings:
+    """Settings of a 10-step euler KB over 4x8x8 latents storing steps 2, 4 and 6."""
+    kw = dict(model_fingerprint={"name": "toy", "sha256": "0" * 8}, latent_shape=LATENT_SHAPE,
+              sampling_type="eps", sampler="euler", scheduler="normal", steps=STEPS, cfg=7.0, denoise=1.0,
+              stored_steps=STORED_STEPS, sigmas=SIGMAS)
+    kw.update(overrides)
+    return KBSettings(**kw)
+
+
+def _rng(text: str) -> np.random.Generator:
+    return np.random.default_rng(zlib.crc32(text.encode("utf-8")))
+
+
+def toy_latents(pairs, steps=STORED_STEPS, shape=LATENT_SHAPE) -> dict[int, np.ndarray]:
+    """{step: float32 [n, C, H, W]} for (prompt, seed) pairs: sigma_t * z(seed) + a_t * s(prompt)."""
+    z = np.stack([_rng(f"seed {s}").standard_normal(shape) for _, s in pairs])
+    s = np.stack([_rng(f"prompt {p}").standard_normal(shape) for p, _ in pairs])
+    return {t: (SIGMAS[t] * z + (1.0 + 0.2 * t) * s).astype(np.float32) for t in steps}
+
+
+def chunk_pairs(chunk: int, size: int) -> list[tuple[str, int]]:
+    """The (prompt, seed) pairs of build chunk `chunk`; seeds repeat so they are shared."""
+    return [(f"prompt {chunk * size + i}", (chunk * size + i) % 3) for i in range(size)]
+
+
+def main(argv: list[str]) -> None:
+    kbdir, n_chunks, size = argv[0], int(argv[1]), int(argv[2])
+    pause = float(argv[3]) if len(argv) > 3 else 0.0
+    pause_from = int(argv[4]) if len(argv) > 4 else 2
+    kb = open_or_create(kbdir, toy_settings(), dtype="float32")
+
+    def before_commit() -> None:
+        print(f"BEFORE_COMMIT {len(kb)}", flush=True)
+        time.sleep(pause)
+
+    for c in range(n_chunks):
+        todo = kb.missing(chunk_pairs(c, size))
+        if todo:
+            kb.append(toy_latents(todo), [p for p, _ in todo], [s for _, s in todo],
+                      _before_commit=before_commit if pause > 0 and c >= pause_from else None)
+        print(f"COMMITTED {len(kb)}", flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
