@@ -153,29 +153,10 @@ def sample_sigmas(model, *, latent: torch.Tensor, noise: torch.Tensor | None, po
         noise = torch.zeros_like(latent, device="cpu")
     run_model = probed(model, probe) if probe is not None else model
     sampler = comfy.samplers.sampler_object(sampler_name)
-    return comfy.sample.sample_custom(run_model, noise, cfg, sampler, sigmas, positive, negative, latent,
-                                      callback=callback, disable_pbar=disable_pbar, seed=seed)
-
-
-def record_trajectory(model, *, latent: torch.Tensor, seeds: Sequence[int], positive, negative, cfg: float,
-                      sampler_name: str, sigmas: torch.Tensor, store_steps: Sequence[int],
-                      callback: Callable | None = None) -> tuple[dict[int, torch.Tensor], torch.Tensor, int]:
-    """Sample the whole schedule and keep the latents at `store_steps` (paper Algorithm 1).
-
-    Returns ({step: latent [B, C, H, W]} in LATENT space, the final sample, model evaluations).
-    """
-    if sampler_name in SCHEDULE_FREE_SAMPLERS:
-        raise KBError(f"sampler {sampler_name!r} chooses its own noise levels, so its trajectory has no fixed steps to store; build the knowledge base with a schedule-following sampler such as 'euler' or 'dpmpp_2m'.")
-    sigma_list = [float(s) for s in sigmas]
-    probe = SamplingProbe(sigmas=sigma_list, record_steps=frozenset(store_steps))
-    noise = seeded_noise(latent, seeds)
-    final = sample_sigmas(model, latent=latent, noise=noise, positive=positive, negative=negative, cfg=cfg,
-                          sampler_name=sampler_name, sigmas=sigmas, seed=int(seeds[0]), probe=probe, callback=callback)
-    missing = sorted(set(store_steps) - set(probe.records))
-    if missing:
-        raise KBError(f"sampler {sampler_name!r} never evaluated the model at steps {missing} of its schedule, so they cannot be stored; store other steps or use a sampler such as 'euler'.")
-    stored = {step: to_latent_space(model, sigma_list[step], probe.records[step]) for step in store_steps}
-    return stored, final, probe.evaluations
+    with torch.no_grad():  # ComfyUI's executor does the same; some samplers would track gradients otherwise
+        out = comfy.sample.sample_custom(run_model, noise, cfg, sampler, sigmas, positive, negative, latent,
+                                         callback=callback, disable_pbar=disable_pbar, seed=seed)
+    return out.detach()
 
 
 # --------------------------------------------------------------------------- model identity
@@ -310,16 +291,20 @@ def sample_stitched(segments: Sequence[Segment], *, latent: torch.Tensor, noise:
     `record_steps`, model evaluations per segment). A multistep sampler restarts its history
     at each hand-over, exactly as at a ReDi resume.
     """
+    if record_steps and sampler_name in SCHEDULE_FREE_SAMPLERS:
+        raise KBError(f"sampler {sampler_name!r} chooses its own noise levels, so its trajectory has no fixed steps to store; "
+                      "build the knowledge base with a schedule-following sampler such as 'euler' or 'dpmpp_2m'.")
     sigma_list = [float(s) for s in sigmas]
     records: dict[int, torch.Tensor] = {}
     evaluations: list[int] = []
-    for i, seg in enumerate(segments):
+    for seg in segments:
         if seg.stop <= seg.start:
             evaluations.append(0)
             continue
         wanted = frozenset(s for s in record_steps if seg.start <= s < seg.stop)
         probe = SamplingProbe(sigmas=sigma_list, record_steps=wanted)
-        latent = sample_sigmas(seg.model, latent=latent, noise=noise if i == 0 else None, positive=seg.positive,
+        # The noise goes to the first segment that runs; empty segments before it are skipped.
+        latent = sample_sigmas(seg.model, latent=latent, noise=noise, positive=seg.positive,
                                negative=seg.negative, cfg=cfg, sampler_name=sampler_name,
                                sigmas=sigmas[seg.start:seg.stop + 1], seed=seed, probe=probe, callback=callback)
         noise = None

@@ -44,3 +44,25 @@ def comfy_root() -> Path:
     if COMFYUI_ROOT is None:
         pytest.skip("ComfyUI not found: run the suite with `bash scripts/test.sh`")
     return COMFYUI_ROOT
+
+
+PACK_MODULE = "redi_pack"
+
+
+def load_pack():
+    """Import this pack as a package (as ComfyUI does), so `nodes` and its relative imports load."""
+    import importlib.util
+
+    if PACK_MODULE in sys.modules:
+        return sys.modules[PACK_MODULE]
+    spec = importlib.util.spec_from_file_location(PACK_MODULE, PACK_DIR / "__init__.py", submodule_search_locations=[str(PACK_DIR)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[PACK_MODULE] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def pack(comfy_root):
+    """The pack imported the way ComfyUI imports it (package `redi_pack`)."""
+    return load_pack()

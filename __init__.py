@@ -1,0 +1,16 @@
+"""ReDi and T-Stitch for ComfyUI: retrieval-accelerated and model-stitched diffusion sampling.
+
+ComfyUI imports this file and calls `comfy_entrypoint`. Outside ComfyUI (the `kb_tools`
+command line, plain Python) importing the pack must not need ComfyUI, hence the guard.
+"""
+try:
+    from comfy_api.latest import ComfyExtension
+except ImportError:  # not inside ComfyUI: kb_tools still works on its own
+    ComfyExtension = None
+
+if ComfyExtension is not None:
+    from .nodes import ReDiExtension
+
+    async def comfy_entrypoint() -> ComfyExtension:
+        """ComfyUI's V3 entry point: returns the extension that lists this pack's nodes."""
+        return ReDiExtension()

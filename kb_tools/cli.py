@@ -1,0 +1,154 @@
+"""`python -m kb_tools`: build, merge, inspect and verify ReDi knowledge bases offline.
+
+`build` loads ComfyUI in-process (COMFYUI_PATH, or the ComfyUI above this pack) and runs the
+same code as the BuildKnowledgeBase node (kb_tools.redi.build_knowledge_base).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from .errors import KBError
+
+
+def _build(args: argparse.Namespace) -> int:
+    from .comfy_env import ensure_comfyui
+
+    ensure_comfyui()
+    from comfy.cli_args import args as comfy_args
+
+    if args.cpu:
+        comfy_args.cpu = True
+    import comfy.sd
+    from tqdm import tqdm
+
+    from .prompts import read_prompts, shard_of
+    from .redi import BuildSpec, build_knowledge_base
+    from .schedule import parse_steps
+
+    prompts = shard_of(read_prompts(args.prompts), args.shard)
+    if args.limit:
+        prompts = prompts[: args.limit]
+    if not prompts:
+        raise KBError(f"{args.prompts} holds no prompts for this shard; check the file and --shard.")
+    model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(args.ckpt, output_vae=False, output_clip=True)
+    if model is None or clip is None:
+        raise KBError(f"{args.ckpt} has no diffusion model or text encoder ComfyUI recognises; give a full checkpoint (model + CLIP).")
+    channels = model.get_model_object("latent_format").latent_channels
+    seeds = [args.seed + i for i in range(args.seeds_per_prompt)]
+    spec = BuildSpec(prompts=prompts, seeds=seeds, sampler=args.sampler, scheduler=args.scheduler, steps=args.steps,
+                     cfg=args.cfg, store_steps=parse_steps(args.store_steps, args.steps),
+                     latent_shape=(channels, args.height // 8, args.width // 8), negative_prompt=args.negative,
+                     batch_size=args.batch_size, dtype=args.dtype, index_type=args.index)
+    encode = lambda prompt: clip.encode_from_tokens_scheduled(clip.tokenize(prompt))  # noqa: E731
+    with tqdm(total=len(prompts) * len(seeds), desc="trajectories", unit="traj") as bar:
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.n = done
+            bar.refresh()
+        report = build_knowledge_base(args.out, model, encode, spec, progress=progress)
+    print(report.summary())
+    return 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from .kb import merge
+
+    kb = merge(args.out, args.sources, exist_ok=args.exist_ok)
+    print(f"merged {len(args.sources)} knowledge bases into {args.out}: {len(kb)} trajectories")
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    from .kb import KnowledgeBase
+
+    kb = KnowledgeBase.open(args.kb, verify="size")
+    print(json.dumps(kb.info(), indent=2, default=str))
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from .kb import KnowledgeBase
+
+    kb = KnowledgeBase.open(args.kb, verify="size")
+    problems = kb.verify()
+    if problems:
+        for p in problems:
+            print(f"PROBLEM: {p}")
+        print(f"{args.kb}: {len(problems)} problem(s). Rebuild the damaged shards (build --resume re-adds missing entries) or restore them.")
+        return 1
+    print(f"{args.kb}: OK ({len(kb)} trajectories, every checksum matches)")
+    return 0
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    from .kb import KnowledgeBase
+    from .retrieval import calibrate
+
+    kb = KnowledgeBase.open(args.kb)
+    result = calibrate(kb, args.key_step, args.neighbours, sample=args.sample)
+    kb.set_calibration(args.key_step, result)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m kb_tools", description="Build and manage ReDi knowledge bases.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    b = sub.add_parser("build", help="sample trajectories for a prompt list and store them (resumable)")
+    b.add_argument("--ckpt", required=True, help="checkpoint file (model + CLIP) ComfyUI can load")
+    b.add_argument("--prompts", required=True, help=".txt (one per line), .jsonl, or COCO captions .json")
+    b.add_argument("--out", required=True, help="knowledge-base folder (created, or extended when it exists)")
+    b.add_argument("--negative", default="", help="negative prompt for every trajectory")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--seeds-per-prompt", type=int, default=1)
+    b.add_argument("--sampler", default="euler")
+    b.add_argument("--scheduler", default="normal")
+    b.add_argument("--steps", type=int, default=20)
+    b.add_argument("--cfg", type=float, default=7.0)
+    b.add_argument("--store-steps", default="auto", help="e.g. '4,8-12' or 'auto'")
+    b.add_argument("--width", type=int, default=512)
+    b.add_argument("--height", type=int, default=512)
+    b.add_argument("--batch-size", type=int, default=4)
+    b.add_argument("--dtype", choices=["float16", "float32"], default="float16")
+    b.add_argument("--index", choices=["flat", "ivf", "hnsw"], default="flat")
+    b.add_argument("--shard", default=None, help="'i/N': build only every N-th prompt starting at the i-th (merge the parts later)")
+    b.add_argument("--limit", type=int, default=0, help="only the first N prompts (0 = all)")
+    b.add_argument("--resume", action="store_true", help="extend an existing KB (always on: existing entries are skipped; kept for clarity)")
+    b.add_argument("--cpu", action="store_true", help="run ComfyUI on the CPU")
+    b.set_defaults(func=_build)
+
+    m = sub.add_parser("merge", help="merge knowledge bases built with the same settings (e.g. --shard parts)")
+    m.add_argument("--out", required=True)
+    m.add_argument("--exist-ok", action="store_true")
+    m.add_argument("sources", nargs="+")
+    m.set_defaults(func=_merge)
+
+    i = sub.add_parser("info", help="print a knowledge base's settings and size")
+    i.add_argument("kb")
+    i.set_defaults(func=_info)
+
+    v = sub.add_parser("verify", help="check every file and checksum and scan latents for NaN/Inf")
+    v.add_argument("kb")
+    v.set_defaults(func=_verify)
+
+    c = sub.add_parser("calibrate", help="store the leave-one-out residual percentiles the auto guard uses")
+    c.add_argument("kb")
+    c.add_argument("--key-step", type=int, required=True)
+    c.add_argument("--neighbours", type=int, default=3)
+    c.add_argument("--sample", type=int, default=256)
+    c.set_defaults(func=_calibrate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KBError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
