@@ -35,6 +35,7 @@ from typing import Any
 import faiss
 import numpy as np
 import safetensors.numpy
+from safetensors import SafetensorError
 
 from .errors import KBError, KBMismatchError
 from .safetensors_mmap import open_memmaps
@@ -66,7 +67,7 @@ HNSW_EF_SEARCH = 64
 
 
 def _now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")  # noqa: UP017 (Python 3.10)
 
 
 def step_name(step: int) -> str:
@@ -325,7 +326,7 @@ class _WriterLock:
         self.path = os.path.join(root, LOCK_FILE)
         self.f = None
 
-    def __enter__(self) -> _WriterLock:
+    def __enter__(self) -> _WriterLock:  # noqa: PYI034
         if fcntl is not None:
             self.f = open(self.path, "a+b")
             fcntl.flock(self.f.fileno(), fcntl.LOCK_EX)
@@ -445,9 +446,7 @@ class KnowledgeBase:
             staged = _Staged()
             try:
                 _stage_indexes_and_stats(path, manifest, indexes, infos, sums, 1, staged)
-                manifest["generation"] = 1
-                _write_file(os.path.join(path, MANIFEST), _manifest_bytes(manifest))
-                _fsync_dir(path)
+                _commit_manifest(path, manifest, 1)
             except BaseException:
                 staged.discard()
                 raise
@@ -547,19 +546,13 @@ class KnowledgeBase:
                     raise self._checksum_error(s["file"], "shard (stored latents)",
                                                "Restore the file from a backup, or rebuild the KB.")
 
-        stats_data = self._read_checked(stats["file"], int(stats["bytes"]), stats["sha256"], "stats file",
-                                        f"Repair it with KnowledgeBase.open({self._path!r}, "
-                                        "verify='size').rebuild_indexes(), or rebuild the KB.")
         try:
-            loaded = safetensors.numpy.load(stats_data)
-        except Exception as e:  # safetensors raises its own error types
-            raise KBError(f"KB stats file {stats['file']} is unreadable ({e}). Rebuild the KB.") from None
-        self._sums = {}
-        for st in steps:
-            a = loaded.get(sum_name(st))
-            if a is None or a.shape != (self._D,):
-                raise KBError(f"KB stats file {stats['file']} lacks {sum_name(st)} [{self._D}]. Rebuild the KB.")
-            self._sums[st] = a.astype(np.float64)
+            self._sums, self._stats_error = self._load_stats(stats), None
+        except KBError as e:
+            if verify != "size":
+                raise
+            # Derived data: open anyway so that rebuild_indexes() can recompute it.
+            self._sums, self._stats_error = None, str(e)
 
         self._entries: list[tuple[str, int]] = []
         self._views: dict[int, list[np.ndarray]] = {st: [] for st in steps}
@@ -569,6 +562,26 @@ class KnowledgeBase:
             self._entries.extend(self._load_entries(s))
             self._map_shard(s)
         self._starts = np.asarray(starts, dtype=np.int64)
+
+    def _load_stats(self, stats: dict) -> dict[int, np.ndarray]:
+        fix = f"Repair it with KnowledgeBase.open({self._path!r}, verify='size').rebuild_indexes()."
+        data = self._read_checked(stats["file"], int(stats["bytes"]), stats["sha256"], "stats file", fix)
+        try:
+            loaded = safetensors.numpy.load(data)
+        except (SafetensorError, ValueError) as e:
+            raise KBError(f"KB stats file {stats['file']} is unreadable ({e}). {fix}") from None
+        sums = {}
+        for st in self._settings.stored_steps:
+            a = loaded.get(sum_name(st))
+            if a is None or a.shape != (self._D,):
+                raise KBError(f"KB stats file {stats['file']} lacks {sum_name(st)} [{self._D}]. {fix}")
+            sums[st] = a.astype(np.float64)
+        return sums
+
+    def _require_stats(self) -> dict[int, np.ndarray]:
+        if self._sums is None:
+            raise KBError(f"{self._stats_error} (KB opened with verify='size' despite it)")
+        return self._sums
 
     def _load_entries(self, s: dict) -> list[tuple[str, int]]:
         data = self._read_checked(s["entries_file"], int(s["entries_bytes"]), s["entries_sha256"],
@@ -712,7 +725,7 @@ class KnowledgeBase:
         step = self._check_step(step)
         if len(self) == 0:
             raise KBError(f"KB at {self._path} is empty, it has no mean key. Build or append entries first.")
-        return (self._sums[step] / len(self)).astype(np.float32)
+        return (self._require_stats()[step] / len(self)).astype(np.float32)
 
     def shard_views(self, step: int) -> list[np.ndarray]:
         """The memory-mapped [n, C, H, W] arrays of `step`, one per shard (read-only)."""
@@ -913,7 +926,8 @@ class KnowledgeBase:
                     index = faiss.clone_index(self._index(st))
                     index.add(reduce_keys(arrays[st], self.reduce))
                     indexes[st] = _maybe_train_ivf(index, infos[st])
-                sums = {st: self._sums[st] + arrays[st].reshape(len(pairs), -1).sum(axis=0, dtype=np.float64)
+                old_sums = self._require_stats()
+                sums = {st: old_sums[st] + arrays[st].reshape(len(pairs), -1).sum(axis=0, dtype=np.float64)
                         for st in self._settings.stored_steps}
                 m["count"] = len(self) + len(pairs)
                 _stage_indexes_and_stats(self._path, m, indexes, infos, sums, gen, staged)
@@ -961,13 +975,7 @@ class KnowledgeBase:
                           f"(generation {gen}, expected {self._manifest['generation']}). Reopen it and retry.")
 
     def _commit(self, m: dict, gen: int) -> None:
-        """The commit point: fsync the new files' directories, then atomically replace manifest.json."""
-        m["generation"] = gen
-        m["updated"] = _now()
-        for d in (SHARDS_DIR, INDEX_DIR):
-            _fsync_dir(os.path.join(self._path, d))
-        _write_file(os.path.join(self._path, MANIFEST), _manifest_bytes(m))
-        _fsync_dir(self._path)
+        _commit_manifest(self._path, m, gen)
 
     def _referenced(self) -> set[str]:
         m = self._manifest
@@ -1021,7 +1029,7 @@ class KnowledgeBase:
             except BaseException:
                 staged.discard()
                 raise
-            self._manifest, self._sums = m, sums
+            self._manifest, self._sums, self._stats_error = m, sums, None
             self._index_cache = {}
             for st, index in indexes.items():
                 self._apply_params(index)
@@ -1075,6 +1083,8 @@ class KnowledgeBase:
         if len(set(self._entries)) != len(self._entries):
             problems.append(f"KB at {self._path} stores {len(self._entries) - len(set(self._entries))} duplicate "
                             "(prompt, seed) entries. Rebuild it.")
+        if self._sums is None:
+            problems.append(self._stats_error)
         for st in self._settings.stored_steps:
             total = np.zeros(self._D, np.float64)
             for s, v, ok in zip(m["shards"], self._views[st], intact):
@@ -1085,7 +1095,7 @@ class KnowledgeBase:
                         problems.append(f"shard {s['file']} step {st} entry {lo + int(np.argmax(bad))} holds "
                                         "NaN/Inf. Rebuild the KB.")
                     total += chunk.sum(axis=0, dtype=np.float64)
-            if all(intact) and not np.allclose(total, self._sums[st], rtol=1e-6, atol=1e-6 * max(1.0, len(self))):
+            if self._sums is not None and all(intact) and not np.allclose(total, self._sums[st], rtol=1e-6, atol=1e-6 * max(1.0, len(self))):
                 problems.append(f"stats for step {st} do not match the stored keys. Repair with rebuild_indexes().")
             check(lambda st=st: self._verify_index(st))
         return problems
@@ -1127,6 +1137,16 @@ class KnowledgeBase:
 
 def _manifest_bytes(m: dict) -> bytes:
     return json.dumps(m, indent=1, allow_nan=False).encode("utf-8")
+
+
+def _commit_manifest(root: str, m: dict, gen: int) -> None:
+    """The commit point: fsync the new files' directories, then atomically replace manifest.json."""
+    m["generation"] = gen
+    m["updated"] = _now()
+    for d in (SHARDS_DIR, INDEX_DIR):
+        _fsync_dir(os.path.join(root, d))
+    _write_file(os.path.join(root, MANIFEST), _manifest_bytes(m))
+    _fsync_dir(root)
 
 
 def _read_manifest(path: str) -> dict:

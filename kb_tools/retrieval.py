@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from .errors import KBError
-from .kb import KnowledgeBase, _to_numpy
+from .kb import KnowledgeBase
 
 WEIGHT_MODES = ("lstsq", "affine", "ridge")
 
@@ -169,7 +169,7 @@ def calibrate(kb: KnowledgeBase, step: int, h: int, *, sample: int = 256, mode: 
     nbr = np.stack([np.array([j for j in row if j != i][:h]) for i, row in zip(ids, found)])
     keys = kb.keys_flat(step, nbr.reshape(-1)).reshape(len(ids), h, -1)
     _, rel, cen = _weights_and_residuals(q, keys, kb.mean_key(step), mode, 1e-2)
-    out = {"step": int(step), "h": int(h), "n": int(len(ids)), "mode": mode, "kb_count": n,
+    out = {"step": int(step), "h": int(h), "n": len(ids), "mode": mode, "kb_count": n,
            "centered_mean": float(cen.mean()), "relative_mean": float(rel.mean())}
     for p in (50, 90, 95):
         out[f"centered_p{p}"] = float(np.percentile(cen, p))

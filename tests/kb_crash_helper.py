@@ -23,7 +23,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from kb_tools.kb import KBSettings, open_or_create  # noqa: E402
+from kb_tools.kb import KBSettings, open_or_create
 
 LATENT_SHAPE = (4, 8, 8)
 STEPS = 10

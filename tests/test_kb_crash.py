@@ -11,8 +11,8 @@ import time
 
 import numpy as np
 import pytest
-
 from kb_crash_helper import chunk_pairs, toy_latents
+
 from kb_tools.kb import KnowledgeBase
 
 HELPER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kb_crash_helper.py")

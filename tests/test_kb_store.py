@@ -5,12 +5,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from pathlib import Path
 
 import faiss
 import numpy as np
 import pytest
-
 from kb_crash_helper import LATENT_SHAPE, STORED_STEPS, toy_latents, toy_settings
+
 from kb_tools import kb as kbmod
 from kb_tools.errors import KBError, KBMismatchError
 from kb_tools.kb import KBSettings, KnowledgeBase, auto_reduce, compare_settings, merge, open_or_create, step_name
@@ -32,7 +33,7 @@ def make_kb(path, n=40, start=0, dtype="float32", chunks=1, **kw) -> KnowledgeBa
 
 
 def sha(path) -> str:
-    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def shard_file(kb, i=0, key="file") -> str:
@@ -233,6 +234,23 @@ def test_rebuild_indexes_repairs_a_corrupt_index(tmp_path):
     assert kb.verify() == [] and kb.search(2, kb.latents(2, [7]), 1)[0][0, 0] == 7
 
 
+def test_rebuild_indexes_repairs_corrupt_stats(tmp_path):
+    kb = make_kb(tmp_path / "kb", n=10)
+    want = kb.mean_key(4)
+    p = os.path.join(kb.path, kb._manifest["stats"]["file"])
+    data = bytearray(Path(p).read_bytes())
+    data[-3] ^= 0x55
+    Path(p).write_bytes(bytes(data))
+    with pytest.raises(KBError, match=r"stats-.*checksum.*stats file is corrupt.*rebuild_indexes"):
+        KnowledgeBase.open(tmp_path / "kb")
+    kb = KnowledgeBase.open(tmp_path / "kb", verify="size")  # derived data: opens so it can be repaired
+    assert any("stats file" in p for p in kb.verify())
+    with pytest.raises(KBError, match=r"stats-.*checksum.*stats file is corrupt.*rebuild_indexes"):
+        kb.mean_key(4)
+    kb.rebuild_indexes()
+    np.testing.assert_allclose(KnowledgeBase.open(tmp_path / "kb", verify="full").mean_key(4), want, rtol=1e-6)
+
+
 # --------------------------------------------------------------------------- bad files
 
 
@@ -282,9 +300,9 @@ def test_truncated_shard(tmp_path):
 def test_corrupt_shard_bytes(tmp_path):
     kb = make_kb(tmp_path / "kb", n=3)
     p = shard_file(kb)
-    data = bytearray(open(p, "rb").read())
+    data = bytearray(Path(p).read_bytes())
     data[-10] ^= 0xFF  # inside the latent data, not the header
-    open(p, "wb").write(bytes(data))
+    Path(p).write_bytes(bytes(data))
     with pytest.raises(KBError, match=r"shard.*fails its sha256 checksum.*corrupt.*Restore"):
         KnowledgeBase.open(tmp_path / "kb", verify="full")
     kb = KnowledgeBase.open(tmp_path / "kb", verify="size")  # sizes alone cannot see it
@@ -296,8 +314,7 @@ def test_corrupt_shard_bytes(tmp_path):
 def test_corrupt_entries_file(tmp_path):
     kb = make_kb(tmp_path / "kb", n=3)
     p = shard_file(kb, key="entries_file")
-    text = open(p, "rb").read().replace(b"thing 1", b"thing 7")
-    open(p, "wb").write(text)
+    Path(p).write_bytes(Path(p).read_bytes().replace(b"thing 1", b"thing 7"))
     with pytest.raises(KBError, match=r"entries.json.*checksum.*entries file.*Restore"):
         KnowledgeBase.open(tmp_path / "kb", verify="size")
 
@@ -306,7 +323,7 @@ def test_corrupt_index_is_caught_before_faiss_reads_it(tmp_path, monkeypatch):
     kb = make_kb(tmp_path / "kb", n=5)
     p = index_file(kb, 4)
     size = os.path.getsize(p)
-    open(p, "wb").write(os.urandom(size))  # same size: only the checksum can tell
+    Path(p).write_bytes(os.urandom(size))  # same size: only the checksum can tell
     calls = []
     real = faiss.deserialize_index
     monkeypatch.setattr(kbmod.faiss, "deserialize_index", lambda *a: calls.append(a) or real(*a))

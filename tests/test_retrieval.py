@@ -5,12 +5,18 @@ from __future__ import annotations
 import faiss
 import numpy as np
 import pytest
-
 from kb_crash_helper import toy_latents, toy_settings
+
 from kb_tools.errors import KBError
 from kb_tools.kb import KnowledgeBase, reduce_keys
 from kb_tools.retrieval import (
-    blend, blend_values, calibrate, centered_residual, relative_residual, retrieve, solve_weights,
+    blend,
+    blend_values,
+    calibrate,
+    centered_residual,
+    relative_residual,
+    retrieve,
+    solve_weights,
 )
 
 faiss.omp_set_num_threads(1)
@@ -89,7 +95,7 @@ def test_exact_hit_returns_itself_with_weight_one(toy_kb):
     assert three.ids[:, 0].tolist() == [17, 33] and three.ids.shape == (2, 3)
     np.testing.assert_allclose(three.weights, [[1, 0, 0], [1, 0, 0]], atol=1e-5)
     assert three.keys.shape == (2, 3, 256) and three.query.shape == (2, 256) and three.mean_key.shape == (256,)
-    latent, w, res, cen = blend_values(toy_kb, three, 6)
+    latent, _, _, _ = blend_values(toy_kb, three, 6)
     assert latent.dtype == np.float32 and latent.shape == (2, 4, 8, 8)
     np.testing.assert_allclose(latent, toy_kb.latents(6, [17, 33]), atol=1e-3)
     assert "H=3" in three.summary()
