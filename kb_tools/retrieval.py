@@ -70,16 +70,33 @@ def relative_residual(query: np.ndarray, keys: np.ndarray, weights: np.ndarray) 
     return _ratio(float(np.linalg.norm(q - np.asarray(weights, np.float64) @ k)), float(np.linalg.norm(q)))
 
 
-def centered_residual(query: np.ndarray, keys: np.ndarray, weights: np.ndarray, mean_key: np.ndarray) -> float:
-    """||q - sum w key|| / ||q - mean_key||.
+def centered_residual(query: np.ndarray, keys: np.ndarray, weights: np.ndarray, spread: float) -> float:
+    """||q - sum w key|| / spread, where spread is the RMS distance of the KB's keys from their mean.
 
-    With one shared seed q is dominated by the shared noise sigma_k * z, so the plain ratio
-    looks small even for poor matches; relative to what varies between entries it is
-    informative (anchors.md, "Measured here").
+    With one shared seed q is dominated by the shared noise sigma_k * z, so ||r|| / ||q`` looks
+    small even for poor matches (anchors.md, "Measured here"). Measured against what actually
+    varies between entries it is informative: about 0 for a stored trajectory, below 1 for a
+    query the KB covers, and far above 1 for a query whose starting noise is not in the KB.
     """
     q, k = _check_problem(query, keys)
-    mu = np.asarray(mean_key, np.float64)
-    return _ratio(float(np.linalg.norm(q - np.asarray(weights, np.float64) @ k)), float(np.linalg.norm(q - mu)))
+    return _ratio(float(np.linalg.norm(q - np.asarray(weights, np.float64) @ k)), float(spread))
+
+
+def key_spread(kb: KnowledgeBase, step: int, sample: int = 256, seed: int = 0) -> float:
+    """RMS distance ||key_i - mean key|| over (a fixed random sample of) the KB's keys at `step`."""
+    cache_key = (kb.path, len(kb), int(step), sample, seed)
+    if cache_key not in _SPREAD_CACHE:
+        n = len(kb)
+        if n == 0:
+            raise KBError(f"the KB at {kb.path} is empty; build or append entries first.")
+        ids = np.sort(np.random.default_rng(seed).choice(n, size=min(sample, n), replace=False))
+        keys = kb.keys_flat(step, ids).astype(np.float64)
+        mean = kb.mean_key(step).astype(np.float64)
+        _SPREAD_CACHE[cache_key] = float(np.sqrt(np.mean(np.sum((keys - mean) ** 2, axis=1))))
+    return _SPREAD_CACHE[cache_key]
+
+
+_SPREAD_CACHE: dict[tuple, float] = {}
 
 
 def blend(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
@@ -101,6 +118,7 @@ class Neighbours:
     query: np.ndarray  # float32 [B, D]
     keys: np.ndarray  # float32 [B, H, D]
     mean_key: np.ndarray  # float32 [D]
+    key_spread: float  # RMS distance of the KB's keys from mean_key (normalises centered_residual)
     weights: np.ndarray  # float64 [B, H], lstsq
     residual: np.ndarray  # float64 [B], relative
     centered_residual: np.ndarray  # float64 [B]
@@ -113,12 +131,12 @@ class Neighbours:
                 f"{float(self.residual.max()):.3g} (centered {float(self.centered_residual.max()):.3g}, worst item)")
 
 
-def _weights_and_residuals(query: np.ndarray, keys: np.ndarray, mean_key: np.ndarray, mode: str,
+def _weights_and_residuals(query: np.ndarray, keys: np.ndarray, spread: float, mode: str,
                            ridge: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per batch item: weights [B, H], relative residual [B], centered residual [B]."""
     w = np.stack([solve_weights(q, k, mode, ridge) for q, k in zip(query, keys)])
     rel = np.array([relative_residual(q, k, wi) for q, k, wi in zip(query, keys, w)])
-    cen = np.array([centered_residual(q, k, wi, mean_key) for q, k, wi in zip(query, keys, w)])
+    cen = np.array([centered_residual(q, k, wi, spread) for q, k, wi in zip(query, keys, w)])
     return w, rel, cen
 
 
@@ -128,8 +146,9 @@ def retrieve(kb: KnowledgeBase, query: Any, key_step: int, h: int, candidates: i
     ids, dist = kb.search(key_step, q, h, candidates=candidates)
     keys = kb.keys_flat(key_step, ids.reshape(-1)).reshape(len(q), h, -1)
     mean = kb.mean_key(key_step)
-    w, rel, cen = _weights_and_residuals(q, keys, mean, "lstsq", 0.0)
-    return Neighbours(int(key_step), ids, dist, q, keys, mean, w, rel, cen)
+    spread = key_spread(kb, key_step)
+    w, rel, cen = _weights_and_residuals(q, keys, spread, "lstsq", 0.0)
+    return Neighbours(int(key_step), ids, dist, q, keys, mean, spread, w, rel, cen)
 
 
 def blend_values(kb: KnowledgeBase, neighbours: Neighbours, value_step: int, mode: str = "lstsq",
@@ -142,7 +161,7 @@ def blend_values(kb: KnowledgeBase, neighbours: Neighbours, value_step: int, mod
     kb._check_step(value_step, "value step")
     if mode not in WEIGHT_MODES:
         raise KBError(f"unknown weight mode {mode!r}; valid modes are {list(WEIGHT_MODES)}.")
-    w, rel, cen = _weights_and_residuals(neighbours.query, neighbours.keys, neighbours.mean_key, mode, ridge)
+    w, rel, cen = _weights_and_residuals(neighbours.query, neighbours.keys, neighbours.key_spread, mode, ridge)
     b, h = neighbours.ids.shape
     values = kb.latents(value_step, neighbours.ids.reshape(-1)).reshape(b, h, *kb.latent_shape)
     latent = np.stack([blend(v, wi) for v, wi in zip(values, w)]).astype(np.float32)
@@ -168,7 +187,7 @@ def calibrate(kb: KnowledgeBase, step: int, h: int, *, sample: int = 256, mode: 
     # Drop the entry itself; if exact duplicates pushed it out of the top h+1, drop the farthest.
     nbr = np.stack([np.array([j for j in row if j != i][:h]) for i, row in zip(ids, found)])
     keys = kb.keys_flat(step, nbr.reshape(-1)).reshape(len(ids), h, -1)
-    _, rel, cen = _weights_and_residuals(q, keys, kb.mean_key(step), mode, 1e-2)
+    _, rel, cen = _weights_and_residuals(q, keys, key_spread(kb, step), mode, 1e-2)
     out = {"step": int(step), "h": int(h), "n": len(ids), "mode": mode, "kb_count": n,
            "centered_mean": float(cen.mean()), "relative_mean": float(rel.mean())}
     for p in (50, 90, 95):

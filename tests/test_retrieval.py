@@ -77,7 +77,8 @@ def test_residuals_and_blend():
     w = solve_weights(q, keys)
     np.testing.assert_allclose(w, [2.0, 3.0])
     assert np.isclose(relative_residual(q, keys, w), 4.0 / np.linalg.norm(q))
-    assert np.isclose(centered_residual(q, keys, w, np.array([2.0, 3.0, 0.0])), 1.0)
+    # Residual (0, 0, 4) measured against a KB whose keys spread 8 around their mean.
+    assert np.isclose(centered_residual(q, keys, w, 8.0), 0.5)
     values = np.arange(2 * 2 * 3, dtype=np.float32).reshape(2, 2, 3)
     np.testing.assert_allclose(blend(values, w), 2 * values[0] + 3 * values[1])
 
@@ -174,3 +175,20 @@ def test_calibrate_leaves_each_entry_out(toy_kb, tmp_path):
     assert KnowledgeBase.open(toy_kb.path).calibration(2) == cal
     with pytest.raises(KBError, match=r"needs at least 51 entries.*lower H"):
         calibrate(toy_kb, 2, 50)
+
+
+def test_key_spread_is_rms_distance_from_mean(toy_kb):
+    from kb_tools.retrieval import key_spread
+
+    keys = toy_kb.keys_flat(4, np.arange(len(toy_kb))).astype(np.float64)
+    expected = np.sqrt(np.mean(np.sum((keys - keys.mean(0)) ** 2, axis=1)))
+    assert np.isclose(key_spread(toy_kb, 4), expected, rtol=1e-4)
+
+
+def test_centered_residual_separates_foreign_noise_from_kb_noise(toy_kb):
+    """The guard metric: a held-out prompt on the KB's seed fits below 1, foreign noise far above."""
+    own_seed = toy_latents([("held-out prompt", 0)])[4]
+    foreign = toy_latents([("held-out prompt", 12345)])[4]
+    near = retrieve(toy_kb, own_seed, 4, 3).centered_residual[0]
+    far = retrieve(toy_kb, foreign, 4, 3).centered_residual[0]
+    assert near < 1.5 and far > 3 * near
