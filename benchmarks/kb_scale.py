@@ -1,0 +1,226 @@
+"""Knowledge-base scale benchmark: build, open, search and disk cost at SD1.5 latent size.
+
+    python benchmarks/kb_scale.py                      # 10k and 100k entries, flat / ivf / hnsw
+    python benchmarks/kb_scale.py --sizes 1000 --quick # smoke run
+
+Writes benchmarks/results/kb_scale.json. Entries are synthetic but shaped like ReDi keys:
+    key(prompt)   = sigma_k * z + a_k * S(prompt) + 0.1 * a_k * D(prompt)
+    value(prompt) = sigma_v * z + a_v * S(prompt) + 0.1 * a_v * D(prompt)
+z is ONE shared 4x64x64 noise (the official fixed-seed protocol), S a smooth prompt-dependent
+field (8x8 Gaussian noise upsampled to 64x64: image layout) and D per-pixel detail. Prompt
+structures are drawn around 512 "topics" (S = topic + 0.5 * own), so neighbours are
+meaningfully near, as similar captions are. Queries are new prompts around the same topics:
+held-out, not copies of stored entries.
+Targets (issue 2): 100k opens < 2 s with RSS < 1.5 GB; p50 < 10 ms at 100k with
+recall@3 >= 0.95; <= 70 KB of disk per entry for one key/value pair.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+PACK = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(PACK))
+
+from kb_tools.kb import KBSettings, KnowledgeBase  # noqa: E402
+
+SHAPE = (4, 64, 64)
+STEPS, KEY, VALUE = 50, 10, 20
+SIGMA_K, SIGMA_V, A_K, A_V = 6.0, 2.5, 0.6, 0.85
+TOPICS = 512
+CHUNK = 1000
+
+
+def settings() -> KBSettings:
+    sigmas = list(np.linspace(14.6, 0.03, STEPS).astype(float)) + [0.0]
+    return KBSettings(model_fingerprint={"benchmark": "synthetic"}, latent_shape=SHAPE, sampling_type="EPS",
+                      sampler="euler", scheduler="normal", steps=STEPS, cfg=7.5, denoise=1.0,
+                      stored_steps=[KEY, VALUE], sigmas=sigmas)
+
+
+def smooth(rng: np.random.Generator, n: int) -> np.ndarray:
+    low = rng.standard_normal((n, SHAPE[0], 8, 8)).astype(np.float32)
+    return np.repeat(np.repeat(low, 8, axis=2), 8, axis=3)
+
+
+class Generator:
+    """Deterministic entries and queries (see module docstring)."""
+
+    def __init__(self, seed: int = 0):
+        rng = np.random.default_rng(seed)
+        self.z = rng.standard_normal(SHAPE).astype(np.float32)
+        self.topics = smooth(rng, TOPICS)
+
+    def structure(self, ids: np.ndarray, salt: int) -> tuple[np.ndarray, np.ndarray]:
+        rng = np.random.default_rng([salt, int(ids[0]), len(ids)])
+        s = self.topics[ids % TOPICS] + 0.5 * smooth(rng, len(ids))
+        d = rng.standard_normal((len(ids), *SHAPE)).astype(np.float32)
+        return s, d
+
+    def entries(self, start: int, n: int, salt: int = 1) -> dict[int, np.ndarray]:
+        s, d = self.structure(np.arange(start, start + n), salt)
+        return {KEY: SIGMA_K * self.z + A_K * (s + 0.1 * d), VALUE: SIGMA_V * self.z + A_V * (s + 0.1 * d)}
+
+    def queries(self, n: int) -> np.ndarray:
+        return self.entries(10_000_000, n, salt=2)[KEY]
+
+
+def build(path: Path, n: int, index_type: str, gen: Generator) -> float:
+    kb = KnowledgeBase.create(str(path), settings(), dtype="float16", index_type=index_type)
+    t = time.perf_counter()
+    for start in range(0, n, CHUNK):
+        m = min(CHUNK, n - start)
+        kb.append(gen.entries(start, m), [f"prompt {i}" for i in range(start, start + m)], [0] * m)
+    return time.perf_counter() - t
+
+
+def disk_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def exact_top(kb: KnowledgeBase, queries: np.ndarray, h: int) -> np.ndarray:
+    """Brute-force top-h over the full keys, streaming the memmapped shards."""
+    q = queries.reshape(len(queries), -1).astype(np.float32)
+    q2 = (q * q).sum(1)
+    best_d = np.full((len(q), h), np.inf, np.float32)
+    best_i = np.zeros((len(q), h), np.int64)
+    offset = 0
+    for view in kb.shard_views(KEY):
+        keys = np.asarray(view, np.float32).reshape(len(view), -1)
+        d = q2[:, None] - 2 * q @ keys.T + (keys * keys).sum(1)[None, :]
+        ids = np.arange(offset, offset + len(keys))[None, :].repeat(len(q), 0)
+        all_d = np.concatenate([best_d, d], 1)
+        all_i = np.concatenate([best_i, ids], 1)
+        sel = np.argsort(all_d, 1)[:, :h]
+        best_d, best_i = np.take_along_axis(all_d, sel, 1), np.take_along_axis(all_i, sel, 1)
+        offset += len(keys)
+    return best_i
+
+
+OPEN_PROBE = r"""
+import json, resource, sys, time
+sys.path.insert(0, sys.argv[2])
+import numpy as np
+t0 = time.perf_counter()
+from kb_tools.kb import KnowledgeBase
+t_import = time.perf_counter() - t0
+t = time.perf_counter()
+kb = KnowledgeBase.open(sys.argv[1])
+t_open = time.perf_counter() - t
+rss_open = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+q = np.asarray(kb.latents(%d, [0]), np.float32)
+t = time.perf_counter()
+kb.search(%d, q, 3)
+t_first = time.perf_counter() - t
+rss_search = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps({"open_s": t_open, "first_search_s": t_first, "rss_mb_after_open": rss_open,
+                  "rss_mb_after_first_search": rss_search, "import_s": t_import}))
+""" % (KEY, KEY)
+
+
+def measure_open(path: Path) -> dict:
+    """Open in a fresh process so RSS is the KB's, not this benchmark's."""
+    out = subprocess.run([sys.executable, "-c", OPEN_PROBE, str(path), str(PACK)], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def latency(kb: KnowledgeBase, queries: np.ndarray, batch: int, repeats: int) -> dict:
+    times = []
+    for r in range(repeats):
+        i = (r * batch) % (len(queries) - batch + 1)
+        t = time.perf_counter()
+        kb.search(KEY, queries[i:i + batch], 3)
+        times.append((time.perf_counter() - t) * 1000)
+    return {"p50_ms": float(np.percentile(times, 50)), "p99_ms": float(np.percentile(times, 99)), "runs": repeats}
+
+
+def run(n: int, index_type: str, gen: Generator, root: Path, queries: np.ndarray, exact: dict, repeats: int) -> dict:
+    path = root / f"kb-{n}-{index_type}"
+    build_s = build(path, n, index_type, gen)
+    row = {"entries": n, "index": index_type, "build_s": build_s, "build_entries_per_s": n / build_s,
+           "disk_bytes_per_entry": disk_bytes(path) / n}
+    row.update(measure_open(path))
+    kb = KnowledgeBase.open(str(path))
+    kb.search(KEY, queries[:1], 3)  # load the index once
+    row["latency_1"] = latency(kb, queries, 1, repeats)
+    row["latency_8"] = latency(kb, queries, 8, max(10, repeats // 4))
+    if n not in exact:
+        exact[n] = exact_top(kb, queries, 3)
+    found, _ = kb.search(KEY, queries, 3)
+    row["recall_at_3"] = float(np.mean([len(set(a) & set(b)) / 3 for a, b in zip(found, exact[n])]))
+    shutil.rmtree(path)
+    return row
+
+
+def targets(rows: list[dict]) -> list[dict]:
+    checks = []
+    for r in rows:
+        if r["entries"] != 100_000:
+            continue
+        tag = f"100k {r['index']}"
+        checks += [
+            {"target": f"{tag}: opens in < 2 s", "value": r["open_s"], "met": r["open_s"] < 2.0},
+            {"target": f"{tag}: RSS after open < 1.5 GB", "value_mb": r["rss_mb_after_open"], "met": r["rss_mb_after_open"] < 1536},
+            {"target": f"{tag}: RSS after first search < 1.5 GB", "value_mb": r["rss_mb_after_first_search"], "met": r["rss_mb_after_first_search"] < 1536},
+            {"target": f"{tag}: p50 retrieval (1 query, H=3) < 10 ms", "value_ms": r["latency_1"]["p50_ms"], "met": r["latency_1"]["p50_ms"] < 10},
+            {"target": f"{tag}: recall@3 >= 0.95", "value": r["recall_at_3"], "met": r["recall_at_3"] >= 0.95},
+            {"target": f"{tag}: <= 70 KB disk per entry", "value_kb": r["disk_bytes_per_entry"] / 1024, "met": r["disk_bytes_per_entry"] <= 70 * 1024},
+        ]
+    return checks
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", default="10000,100000")
+    p.add_argument("--indexes", default="flat,ivf,hnsw")
+    p.add_argument("--queries", type=int, default=200)
+    p.add_argument("--repeats", type=int, default=200)
+    p.add_argument("--workdir", default=None, help="where KBs are built (needs ~7 GB per 100k entries)")
+    p.add_argument("--out", default=str(PACK / "benchmarks" / "results" / "kb_scale.json"))
+    p.add_argument("--quick", action="store_true", help="few queries and repeats (smoke run)")
+    args = p.parse_args()
+    if args.quick:
+        args.queries, args.repeats = 16, 20
+    sizes = [int(s) for s in args.sizes.split(",")]
+    gen = Generator()
+    queries = gen.queries(args.queries)
+    root = Path(args.workdir or tempfile.mkdtemp(prefix="kb_scale-"))
+    root.mkdir(parents=True, exist_ok=True)
+    rows, skipped, exact = [], [], {}
+    for n in sizes:
+        need = n * 70 * 1024 * 1.2
+        free = shutil.disk_usage(root).free
+        if need > free:
+            skipped.append({"entries": n, "reason": f"needs about {need / 1e9:.0f} GB of disk, {free / 1e9:.0f} GB free"})
+            continue
+        for index_type in args.indexes.split(","):
+            print(f"building {n} entries, {index_type} index ...", flush=True)
+            row = run(n, index_type, gen, root, queries, exact, args.repeats)
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    shutil.rmtree(root, ignore_errors=True)
+    result = {
+        "benchmark": "kb_scale",
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "latent_shape": list(SHAPE), "stored_steps": [KEY, VALUE], "dtype": "float16", "h": 3,
+        "data": "synthetic fixed-seed trajectories (see benchmarks/kb_scale.py docstring)",
+        "queries": args.queries, "rows": rows, "skipped": skipped, "targets": targets(rows),
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
