@@ -56,20 +56,20 @@ def check_stitch_compatible(small_sig: dict, large_sig: dict, small_context_dim,
     def pair(key):
         return small_sig.get(key), large_sig.get(key)
 
-    s, l = pair("latent_channels")
-    if s != l:
-        problems.append(f"latent channels: small model {s}, large model {l} (the two models live in different VAE latent spaces)")
-    s, l = pair("latent_scale_factor")
-    if s is not None and l is not None and not math.isclose(float(s), float(l), rel_tol=1e-4):
+    s, big = pair("latent_channels")
+    if s != big:
+        problems.append(f"latent channels: small model {s}, large model {big} (the two models live in different VAE latent spaces)")
+    s, big = pair("latent_scale_factor")
+    if s is not None and big is not None and not math.isclose(float(s), float(big), rel_tol=1e-4):
         fmt_s, fmt_l = pair("latent_format")
-        problems.append(f"latent scale factor: small model {s} ({fmt_s}), large model {l} ({fmt_l}) (different VAEs)")
-    s, l = pair("sampling_type")
-    if s != l:
-        problems.append(f"sampling type: small model {_sampling_type_name(s)}, large model {_sampling_type_name(l)}")
+        problems.append(f"latent scale factor: small model {s} ({fmt_s}), large model {big} ({fmt_l}) (different VAEs)")
+    s, big = pair("sampling_type")
+    if s != big:
+        problems.append(f"sampling type: small model {_sampling_type_name(s)}, large model {_sampling_type_name(big)}")
     for key in ("sigma_min", "sigma_max"):
-        s, l = pair(key)
-        if s is not None and l is not None and not math.isclose(float(s), float(l), rel_tol=SIGMA_REL_TOL):
-            problems.append(f"sigma range ({key}): small model {float(s):.6g}, large model {float(l):.6g} (different noise schedules)")
+        s, big = pair(key)
+        if s is not None and big is not None and not math.isclose(float(s), float(big), rel_tol=SIGMA_REL_TOL):
+            problems.append(f"sigma range ({key}): small model {float(s):.6g}, large model {float(big):.6g} (different noise schedules)")
     for role, sig, given in (("small", small_sig, small_context_dim), ("large", large_sig, large_context_dim)):
         expected = sig.get("context_dim")
         if expected is None:
