@@ -188,15 +188,24 @@ def model_signature(model) -> dict:
 
 
 def _weight_probe(model, count: int = 48) -> list[float]:
-    """A few weights sampled evenly from the first, middle and last parameter tensors."""
-    params = [p for _, p in model.model.diffusion_model.named_parameters()]
-    if not params:
+    """A few BASE weights sampled evenly from the first, middle and last parameter tensors.
+
+    Several ModelPatcher clones share one torch module, whose live weights carry the patches
+    (LoRAs) of whichever clone was loaded last. Loading this clone first and reading the
+    patched tensors from its backup gives the unpatched checkpoint weights either way.
+    """
+    import comfy.model_management
+
+    comfy.model_management.load_models_gpu([model])
+    named = list(model.model.diffusion_model.named_parameters())
+    if not named:
         return []
-    picks = [params[0], params[len(params) // 2], params[-1]]
+    picks = [named[0], named[len(named) // 2], named[-1]]
     values: list[float] = []
     per = max(1, count // len(picks))
-    for p in picks:
-        flat = p.detach().flatten()
+    for name, param in picks:
+        backup = model.backup.get(f"diffusion_model.{name}")
+        flat = (backup.weight if backup is not None else param).detach().flatten()
         idx = torch.linspace(0, flat.numel() - 1, steps=min(per, flat.numel())).long()
         values.extend(float(v) for v in flat[idx].float().cpu())
     return values
