@@ -24,6 +24,10 @@ def _configure_comfy() -> None:
         args.cpu = True
         # On CPU plain PyTorch attention is faster than the default sub-quadratic one.
         args.use_pytorch_cross_attention = True
+    # ComfyUI's own `nodes` module and this pack's `nodes/` package share a name; bind the
+    # name to ComfyUI's module now, while ComfyUI's root is first on sys.path, so a later
+    # `import nodes` in a test never picks up the pack folder.
+    import nodes  # noqa: F401
 
 
 if COMFYUI_ROOT is not None:
