@@ -108,23 +108,29 @@ def exact_top(kb: KnowledgeBase, queries: np.ndarray, h: int) -> np.ndarray:
 
 
 OPEN_PROBE = r"""
-import json, resource, sys, time
+import json, sys, time
 sys.path.insert(0, sys.argv[2])
 import numpy as np
-t0 = time.perf_counter()
+
+
+def mem_mb(field):
+    # /proc, not getrusage: ru_maxrss survives exec and would report the parent's peak.
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+
+
 from kb_tools.kb import KnowledgeBase
-t_import = time.perf_counter() - t0
 t = time.perf_counter()
 kb = KnowledgeBase.open(sys.argv[1])
 t_open = time.perf_counter() - t
-rss_open = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+rss_open, peak_open = mem_mb("VmRSS"), mem_mb("VmHWM")
 q = np.asarray(kb.latents(%d, [0]), np.float32)
 t = time.perf_counter()
 kb.search(%d, q, 3)
 t_first = time.perf_counter() - t
-rss_search = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-print(json.dumps({"open_s": t_open, "first_search_s": t_first, "rss_mb_after_open": rss_open,
-                  "rss_mb_after_first_search": rss_search, "import_s": t_import}))
+print(json.dumps({"open_s": t_open, "first_search_s": t_first, "rss_mb_after_open": rss_open, "peak_rss_mb_during_open": peak_open,
+                  "rss_mb_after_first_search": mem_mb("VmRSS"), "peak_rss_mb_after_first_search": mem_mb("VmHWM")}))
 """ % (KEY, KEY)
 
 

@@ -833,12 +833,13 @@ class KnowledgeBase:
             raise KBError(f"the index of step {step} returned fewer than {h} candidates. Repair it with "
                           "rebuild_indexes().")
         uniq = np.unique(cand[cand >= 0])
-        full = self._gather(step, uniq).reshape(len(uniq), -1).astype(np.float64)
+        full = self._gather(step, uniq).reshape(len(uniq), -1)
         ids = np.empty((len(q), h), np.int64)
         dist = np.empty((len(q), h), np.float32)
         for b in range(len(q)):
             rows = np.searchsorted(uniq, np.unique(cand[b][cand[b] >= 0]))  # sorted ids: ties -> lower id
-            d2 = ((full[rows] - q[b].astype(np.float64)) ** 2).sum(axis=1)
+            diff = full[rows] - q[b]  # float32 differences are exact enough to rank; squares summed in float64
+            d2 = np.einsum("ij,ij->i", diff, diff, dtype=np.float64)
             top = np.argsort(d2, kind="stable")[:h]
             ids[b], dist[b] = uniq[rows[top]], np.sqrt(d2[top])
         return ids, dist
