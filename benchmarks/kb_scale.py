@@ -203,6 +203,7 @@ def main() -> int:
     root = Path(args.workdir or tempfile.mkdtemp(prefix="kb_scale-"))
     root.mkdir(parents=True, exist_ok=True)
     rows, skipped, exact = [], [], {}
+    load_before = os.getloadavg()
     for n in sizes:
         need = n * 70 * 1024 * 1.2
         free = shutil.disk_usage(root).free
@@ -217,7 +218,9 @@ def main() -> int:
     shutil.rmtree(root, ignore_errors=True)
     result = {
         "benchmark": "kb_scale",
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+                    # other work on the machine inflates latencies; recorded so readers can judge
+                    "loadavg_1_5_15_before": load_before, "loadavg_1_5_15_after": os.getloadavg()},
         "latent_shape": list(SHAPE), "stored_steps": [KEY, VALUE], "dtype": "float16", "h": 3,
         "data": "synthetic fixed-seed trajectories (see benchmarks/kb_scale.py docstring)",
         "queries": args.queries, "rows": rows, "skipped": skipped, "targets": targets(rows),

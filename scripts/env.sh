@@ -21,6 +21,11 @@ _redi_py="${REDI_BASE_PYTHON:-python3}"
 
 _redi_log() { printf '[redi env] %s\n' "$*" >&2; }
 
+mkdir -p "$_redi_cache"
+# One builder at a time: a second shell waits here instead of deleting a half-built tree.
+exec 9>"$_redi_cache/.env.lock"
+flock 9
+
 # 1. ComfyUI
 if [ -n "${COMFYUI_PATH:-}" ]; then
   [ -f "$COMFYUI_PATH/comfy/samplers.py" ] || { _redi_log "COMFYUI_PATH=$COMFYUI_PATH is not a ComfyUI root (no comfy/samplers.py). Point it at the folder that holds main.py."; exit 2; }
@@ -73,5 +78,6 @@ if [ ! -f "$_redi_venv/.complete" ]; then
   printf 'import _redi_torchvision_cpu_shim\n' > "$_redi_site/_redi_torchvision_cpu_shim.pth"
   touch "$_redi_venv/.complete"
 fi
+exec 9>&-
 REDI_PYTHON="$_redi_venv/bin/python"
 export REDI_PYTHON
