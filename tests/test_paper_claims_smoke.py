@@ -1,0 +1,111 @@
+"""The paper-claims benchmark runs end to end at tiny sizes and writes a well-formed JSON.
+
+Runs `python benchmarks/paper_claims.py --smoke --out <tmp>` in a subprocess with this
+interpreter and environment (scripts/test.sh provides ComfyUI), then checks the structure
+and that every number is finite. The numbers themselves mean nothing at this size.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+PACK = Path(__file__).resolve().parent.parent
+SCRIPT = PACK / "benchmarks" / "paper_claims.py"
+WEIGHTS = PACK / "embedded" / "weights"
+
+pytestmark = [pytest.mark.comfy, pytest.mark.slow]
+
+
+def _numbers(x, path="$"):
+    """Every (path, number) in a JSON value."""
+    if isinstance(x, bool) or x is None or isinstance(x, str):
+        return
+    if isinstance(x, (int, float)):
+        yield path, x
+    elif isinstance(x, dict):
+        for k, v in x.items():
+            yield from _numbers(v, f"{path}.{k}")
+    elif isinstance(x, list):
+        for i, v in enumerate(x):
+            yield from _numbers(v, f"{path}[{i}]")
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory, comfy_root):
+    if not (WEIGHTS / "digits_large.safetensors").is_file() or not (WEIGHTS / "digits_small.safetensors").is_file():
+        pytest.skip("embedded digits weights missing (python -m embedded.train)")
+    out = tmp_path_factory.mktemp("paper_claims") / "smoke.json"
+    scratch = out.parent / "scratch"
+    env = dict(os.environ, COMFYUI_PATH=str(comfy_root))
+    t = time.perf_counter()
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--out", str(out), "--scratch", str(scratch)],
+                          cwd=PACK, env=env, capture_output=True, text=True, timeout=300)
+    seconds = time.perf_counter() - t
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(out.read_text()), seconds
+
+
+def test_smoke_structure(smoke):
+    res, _ = smoke
+    assert res["smoke"] is True
+    for key in ("setting", "kb", "experiments", "goals", "skipped", "wall_seconds", "machine", "sampling_cost"):
+        assert key in res, key
+    s = res["setting"]
+    for key in ("conditions", "protocols", "schedule", "judge", "noise_floor", "precision", "torch_threads"):
+        assert key in s, key
+    assert set(s["protocols"]) == {"fixed", "foreign"}
+    assert len(res["machine"]["loadavg_before"]) == 3 and len(res["machine"]["loadavg_after"]) == 3
+    ex = res["experiments"]
+    for key in ("condition_check", "equal_nfe", "condition_key", "ablations", "stylization", "tstitch", "guard",
+                "wallclock", "regime_map"):
+        assert key in ex, key
+    assert ex["stylization"]["status"] == "skipped" and ex["stylization"]["reason"]
+    assert any(x["experiment"].startswith("4.") for x in res["skipped"])
+    rows = ex["equal_nfe"]["rows"]
+    assert {r["method"] for r in rows} == {"plain", "redi"}
+    assert {r["h"] for r in rows if r["method"] == "redi"} >= {1, 3}
+    for r in rows:
+        for metric in ("fd", "fd_sd", "acc", "mse_mean", "mse_p95"):
+            assert metric in r, (metric, r)
+    for r in rows:
+        if r["method"] == "redi":
+            assert r["nfe"] == r["k"] + s["schedule"]["steps_T"] - r["v"]
+            assert "d_xv_mean" in r and "residual_centered_mean" in r
+    for name in ("equal_nfe_fd_acc_2_of_3", "half_nfe_vs_full_fd", "trajectory_vs_condition_keys", "guard_never_worse"):
+        assert name in res["goals"] and "met" in res["goals"][name], name
+    assert {r["protocol"] for r in ex["regime_map"]} == {"fixed", "foreign"}
+    assert [r["small_fraction"] for r in ex["tstitch"]["rows"]][0] == 0.0
+    assert ex["tstitch"]["rows"][0]["mse_mean"] == 0.0  # fraction 0 is the large-only reference itself
+
+
+def test_smoke_numbers_finite(smoke):
+    res, _ = smoke
+    bad = [(p, v) for p, v in _numbers(res) if not math.isfinite(v)]
+    assert not bad, bad[:10]
+    nulls = [p for p, v in _walk_nulls(res)]
+    # None only where the JSON writer replaced a non-finite float: there must be none
+    assert not [p for p in nulls if ".rows[" in p and p.rsplit(".", 1)[-1] in ("fd", "acc", "mse_mean")], nulls[:10]
+
+
+def _walk_nulls(x, path="$"):
+    if x is None:
+        yield path, x
+    elif isinstance(x, dict):
+        for k, v in x.items():
+            yield from _walk_nulls(v, f"{path}.{k}")
+    elif isinstance(x, list):
+        for i, v in enumerate(x):
+            yield from _walk_nulls(v, f"{path}[{i}]")
+
+
+def test_smoke_is_fast(smoke):
+    res, seconds = smoke
+    assert res["wall_seconds"] < 60, res["wall_seconds"]
+    assert seconds < 90, seconds  # includes interpreter start-up and imports
