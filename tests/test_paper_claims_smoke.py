@@ -64,7 +64,7 @@ def test_smoke_structure(smoke):
     assert len(res["machine"]["loadavg_before"]) == 3 and len(res["machine"]["loadavg_after"]) == 3
     ex = res["experiments"]
     for key in ("condition_check", "equal_nfe", "condition_key", "ablations", "stylization", "tstitch", "guard",
-                "wallclock", "regime_map"):
+                "wallclock", "regime_map", "condition_spread"):
         assert key in ex, key
     assert ex["stylization"]["status"] == "skipped" and ex["stylization"]["reason"]
     assert any(x["experiment"].startswith("4.") for x in res["skipped"])
