@@ -137,6 +137,7 @@ def build_knowledge_base(kb_path: str, model, encode: Callable[[str], list], spe
     key_encode = key_encode or encode
     key_negative = key_encode(spec.negative_prompt) if key_model is not None else None
     c, h, w = settings.latent_shape
+    stop = max(settings.stored_steps) + 1  # the sampler evaluates the model at every stored step
     pending: dict[str, list] = {"latents": [], "prompts": [], "seeds": []}
     evaluations = key_evaluations = done = 0
 
@@ -157,10 +158,11 @@ def build_knowledge_base(kb_path: str, model, encode: Callable[[str], list], spe
             if not groups[0][1]:  # prompts of different token lengths: one at a time
                 groups = [([pair], cond) for pair, cond in zip(chunk, conds)]
             for group, positive in groups:
-                segments = [cs.Segment(model, positive, negative, spec.stitch_step, spec.steps)]
+                # Sample only as far as the last stored step: the rest of the trajectory is never stored.
+                segments = [cs.Segment(model, positive, negative, min(spec.stitch_step, stop), stop)]
                 if spec.stitch_step:
                     key_positive = batch_conditioning([key_encode(p) for p, _ in group])
-                    segments.insert(0, cs.Segment(key_model, key_positive, key_negative, 0, spec.stitch_step))
+                    segments.insert(0, cs.Segment(key_model, key_positive, key_negative, 0, min(spec.stitch_step, stop)))
                 latent = torch.zeros((len(group), c, h, w))
                 _, records, evals = cs.sample_stitched(
                     segments, latent=latent, noise=cs.seeded_noise(latent, [s for _, s in group]), cfg=spec.cfg,

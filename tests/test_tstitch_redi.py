@@ -35,9 +35,9 @@ def test_kb_records_the_key_model_and_its_build_counts_both_models(pack, models,
     assert settings.key_model_fingerprint is not None
     assert settings.key_model_fingerprint["arch_sha256"] != settings.model_fingerprint["arch_sha256"]
     assert settings.extra["stitch_step"] == STITCH
-    # One evaluation per step and trajectory: 4 small, 6 large, for 2 trajectories.
+    # One evaluation per step and trajectory up to the last stored step (8): 4 small, 5 large, for 2 trajectories.
     assert report.key_model_evaluations == 2 * STITCH
-    assert report.evaluations == 2 * (STEPS - STITCH)
+    assert report.evaluations == 2 * (8 + 1 - STITCH)
 
 
 def test_redi_with_small_model_keys_counts_large_model_calls(pack, models, tmp_path):
