@@ -1,25 +1,26 @@
-"""ReDi and T-Stitch on the embedded digits models: build a knowledge base, query it, compare.
+"""ReDi and T-Stitch on the embedded crops models: build a knowledge base, query it, compare.
 
     bash scripts/demo.sh                 # full demo (a few minutes on 2 CPU cores)
     bash scripts/demo.sh --fresh         # rebuild the knowledge base from scratch
-    bash scripts/demo.sh --prompts 3 --seeds 4 --queries 2 --output /tmp/x   # tiny run
+    bash scripts/demo.sh --captions 12 --seeds 2 --queries 2 --output /tmp/x   # tiny run
 
 1. Builds (or resumes) a knowledge base in OUTPUT/demo_kb with the shipped large model through
-   `kb_tools.redi.build_knowledge_base`, the code path of the BuildKnowledgeBase node: prompts
-   "digit 0".."digit P-1" x seeds 0..S-1, euler, normal schedule, 20 steps, cfg 2.5.
-2. Queries a batch with ReDi (partial_sample -> retrieve_neighbours -> blend_value -> resume_sample:
-   key step 5, value step 10, H=3, lstsq, automatic guard) and samples the same noise with the
-   plain sampler at full steps, with the plain sampler at ReDi's NFE, and with T-Stitch (small
-   model for the first 40% of the steps), all through ComfyUI's sampling code. Two protocols:
-   - "KB seed": item i is "digit (i mod P)" with seed i. The seed IS in the knowledge base (its
-     trajectories for the other digits are stored) but the pair itself is held out of the build,
-     so no query finds its own trajectory;
+   `kb_tools.redi.build_knowledge_base`, the code path of the BuildKnowledgeBase node: C train
+   captions ("cat at 0.40 0.62 size 0.35 sepia 0.80", ...) x seeds 0..S-1, euler, normal
+   schedule, 20 steps, cfg 3.
+2. Queries held-out captions with ReDi (partial_sample -> retrieve_neighbours -> blend_value ->
+   resume_sample: key step 4, value step 10, H=3, lstsq, automatic guard) and samples the same
+   noise with the plain sampler at full steps, with the plain sampler at ReDi's NFE, and with
+   T-Stitch (small model for the first 40% of the steps), all through ComfyUI's sampling code.
+   Two protocols:
+   - "KB seed": query i starts from seed i mod S, a seed whose trajectories (for other,
+     train captions) are in the knowledge base, as in the official ReDi setup;
    - "foreign seed": seeds the knowledge base never saw (expected: no usable neighbour, so the
      guard should send the items back to plain sampling).
-3. Prints NFE, wall time, MSE to the full-step plain output from the same noise and the judge
-   classifier's accuracy per method, and ReDi's summary line; writes OUTPUT/demo_results.json.
+3. Prints NFE, wall time, MSE to the full-step plain output from the same noise and the judge's
+   source accuracy per method, and ReDi's summary line; writes OUTPUT/demo_results.json.
 4. Writes OUTPUT/demo_grid.png: one row per KB-seed query, columns = plain full steps | ReDi |
-   plain at ReDi's NFE | T-Stitch | the H retrieved neighbours' final images (their digit and
+   plain at ReDi's NFE | T-Stitch | the H retrieved neighbours' final images (their source and
    blend weight in the corner). A red frame marks a ReDi item the guard sent back.
 """
 from __future__ import annotations
@@ -31,7 +32,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import digits as D
+from . import crops as D
 
 SAMPLER = "euler"
 SCHEDULER = "normal"
@@ -44,15 +45,15 @@ def parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output", type=Path, default=D.PACK_DIR / "output", help="folder for demo_kb/, demo_grid.png, demo_results.json")
     p.add_argument("--fresh", action="store_true", help="delete the knowledge base first")
-    p.add_argument("--prompts", type=int, default=10, help="digits 0..N-1 in the knowledge base (1..10)")
-    p.add_argument("--seeds", type=int, default=24, help="seeds per digit in the knowledge base (seeds 0..N-1)")
-    p.add_argument("--queries", type=int, default=16, help="query batch size (1..--seeds)")
+    p.add_argument("--captions", type=int, default=400, help="train captions in the knowledge base")
+    p.add_argument("--seeds", type=int, default=2, help="seeds per caption in the knowledge base (seeds 0..N-1)")
+    p.add_argument("--queries", type=int, default=12, help="held-out captions queried (one batch)")
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--cfg", type=float, default=2.5)
-    p.add_argument("--key", type=int, default=5, help="ReDi key step")
+    p.add_argument("--cfg", type=float, default=3.0)
+    p.add_argument("--key", type=int, default=4, help="ReDi key step")
     p.add_argument("--value", type=int, default=10, help="ReDi value step")
     p.add_argument("--h", type=int, default=3, help="neighbours blended per query")
-    p.add_argument("--store-steps", default="3-14", help="steps stored in the knowledge base, e.g. '3-14'")
+    p.add_argument("--store-steps", default="2-12", help="steps stored in the knowledge base, e.g. '2-12'")
     p.add_argument("--small-fraction", type=float, default=0.4, help="T-Stitch: share of the steps run by the small model")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                    help="bf16 runs both UNets under bfloat16 autocast: about 2x faster on CPUs with AMX / AVX512-BF16, "
@@ -94,16 +95,16 @@ def _text_width(draw, text, font) -> int:
 
 def write_grid(path: Path, columns: list[tuple[str, list]], row_labels: list[str], *, corner: dict | None = None,
                frames: dict | None = None) -> None:
-    """A PNG grid: a header row of column labels, then one row per item; cells are upscaled digits.
+    """A PNG grid: a header row of column labels, then one row per item; cells are upscaled crops.
 
-    columns: (label, [latent [1, 16, 16] per row]); corner: {(row, col): text} drawn in a cell's
+    columns: (label, [latent [3, 16, 16] per row]); corner: {(row, col): text} drawn in a cell's
     corner; frames: {(row, col): colour} drawn as a border.
     """
     from PIL import Image, ImageDraw, ImageFont
 
     font = ImageFont.load_default()
     cell = D.IMAGE_SIZE * CELL_SCALE
-    gap, header, left = 4, 18, 60
+    gap, header, left = 4, 18, 72
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     widths = [max(cell, _text_width(probe, label, font) + 4) for label, _ in columns]
     width = left + sum(w + gap for w in widths)
@@ -134,13 +135,11 @@ def write_grid(path: Path, columns: list[tuple[str, list]], row_labels: list[str
 
 def main(argv: list[str] | None = None) -> dict:
     a = parser().parse_args(argv)
-    if not 1 <= a.prompts <= 10:
-        raise SystemExit("--prompts must be 1..10 (the models know digits 0..9)")
-    if not 1 <= a.queries <= a.seeds:
-        raise SystemExit("--queries must be 1..--seeds: query i uses KB seed i, with its own (digit, seed) pair held out")
-    if a.prompts * a.seeds - a.queries < a.h + 1:
-        raise SystemExit(f"the knowledge base would hold {a.prompts * a.seeds - a.queries} trajectories; "
-                         f"H={a.h} needs at least {a.h + 1}: raise --seeds or --prompts")
+    if a.captions < 1 or a.seeds < 1 or a.queries < 1:
+        raise SystemExit("--captions, --seeds and --queries must be at least 1")
+    if a.captions < a.h + 1:
+        raise SystemExit(f"the knowledge base would hold {a.captions} trajectories per seed; "
+                         f"H={a.h} needs at least {a.h + 1}: raise --captions")
     t_start = time.perf_counter()
     D.setup_comfy(a.threads)
     import numpy as np
@@ -168,47 +167,34 @@ def main(argv: list[str] | None = None) -> dict:
         small.set_model_unet_function_wrapper(_bf16_wrapper)
     n_large = sum(p.numel() for p in large.model.diffusion_model.parameters())
     n_small = sum(p.numel() for p in small.model.diffusion_model.parameters())
-    print(f"embedded digits models: large {n_large:,} / small {n_small:,} UNet parameters, {a.precision}, "
+    print(f"embedded crops models: large {n_large:,} / small {n_small:,} UNet parameters, {a.precision}, "
           f"{torch.get_num_threads()} threads", flush=True)
 
     # ------------------------------------------------------------------ 1. knowledge base
-    query_digits = [i % a.prompts for i in range(a.queries)]
-    held_out = {(f"digit {d}", i) for i, d in enumerate(query_digits)}
+    kb_prompts = [c.prompt() for c in D.sample_captions(a.captions, "train")]
+    queries = D.sample_captions(a.queries, "heldout")
+    query_prompts = [c.prompt() for c in queries]
     store_steps = parse_steps(a.store_steps, a.steps)
     t0 = time.perf_counter()
-    added = 0
-    report = None
-    with tqdm(total=a.prompts * a.seeds - len(held_out), desc="knowledge base", unit="traj") as bar:
-        for d in range(a.prompts):
-            prompt = f"digit {d}"
-            seeds = [s for s in range(a.seeds) if (prompt, s) not in held_out]
-            if not seeds:
-                continue
-            spec = redi.BuildSpec(prompts=[prompt], seeds=seeds, sampler=SAMPLER, scheduler=SCHEDULER, steps=a.steps,
-                                  cfg=a.cfg, store_steps=store_steps, latent_shape=D.LATENT_SHAPE, batch_size=40,
-                                  dtype="float32", commit_every=40)
-            base = bar.n
-
-            def progress(done, _total, base=base):
-                bar.n = base + done
-                bar.refresh()
-
-            report = redi.build_knowledge_base(str(kb_path), large, encode, spec, progress=progress)
-            added += report.added
-            bar.n = base + len(seeds)
+    spec = redi.BuildSpec(prompts=kb_prompts, seeds=list(range(a.seeds)), sampler=SAMPLER, scheduler=SCHEDULER,
+                          steps=a.steps, cfg=a.cfg, store_steps=store_steps, latent_shape=D.LATENT_SHAPE, batch_size=50,
+                          dtype="float32", commit_every=100)
+    with tqdm(total=a.captions * a.seeds, desc="knowledge base", unit="traj") as bar:
+        def progress(done, todo):  # trajectories sampled so far of those not yet in the KB
+            bar.total = todo
+            bar.n = done
             bar.refresh()
+
+        report = redi.build_knowledge_base(str(kb_path), large, encode, spec, progress=progress)
+    added = report.added
     kb = report.kb
     build_seconds = time.perf_counter() - t0
-    leaked = sorted(p for p in held_out if kb.has_entry(*p))
-    if leaked:
-        raise SystemExit(f"the knowledge base at {kb_path} holds query pairs {leaked[:3]} (it was built with other "
-                         "--queries); rerun with --fresh so that no query can find its own trajectory.")
     print(f"ReDi KB {kb_path}: {len(kb)} trajectories ({added} added by this run) in {build_seconds:.1f} s", flush=True)
 
     # ------------------------------------------------------------------ 2. queries
     n = a.queries
-    labels = np.array(query_digits)
-    positive = redi.batch_conditioning([encode(f"digit {d}") for d in query_digits])
+    labels = np.array([c.source for c in queries])
+    positive = redi.batch_conditioning([encode(p) for p in query_prompts])
     negative = redi.batch_conditioning([encode("")] * n)
     zeros = torch.zeros((n, *D.LATENT_SHAPE))
     full_sigmas = cs.schedule_sigmas(large, SAMPLER, SCHEDULER, a.steps)
@@ -226,7 +212,8 @@ def main(argv: list[str] | None = None) -> dict:
     for model in (large, small):
         plain(model, [0], 2, encode("digit 0"), encode(""))
 
-    protocols = [("KB seed", *redi.query_seeds(kb, n, "custom", 0)),
+    kb_seeds = [i % a.seeds for i in range(n)]
+    protocols = [("KB seed", kb_seeds, []),
                  ("foreign seed", *redi.query_seeds(kb, n, "custom", FOREIGN_SEED_BASE))]
     rows, results = [], {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
                          "kb": {"path": str(kb_path), "entries": len(kb), "build_seconds": round(build_seconds, 1),
@@ -266,7 +253,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "methods": {}}
         for method, lat, (sec, cpu), nfe in methods:
             mse = float(((lat.float() - ref.float()) ** 2).mean())
-            acc = float((D.classify(lat) == labels).mean())
+            acc = float((D.judge_outputs(lat)["source"] == labels).mean())
             rows.append((name, method, nfe, sec, cpu, 1000 * sec / n, mse, acc))
             info["methods"][method] = {"nfe": nfe, "seconds": round(sec, 3), "cpu_seconds": round(cpu, 3),
                                        "mse_to_full": mse, "accuracy": acc, "finite": bool(torch.isfinite(lat).all())}
@@ -282,7 +269,7 @@ def main(argv: list[str] | None = None) -> dict:
           f"{a.cfg:g}; T-Stitch: s = small-model steps, L = large-model steps. wall s / ms/img: wall time of the "
           "batch / per image; CPU s: this process's CPU time (steadier on a shared machine). MSE to the plain "
           f"{a.steps}-step "
-          "output from the same noise; accuracy = judge classifier says the prompted digit.)")
+          "output from the same noise; accuracy = the judge CNN names the caption's source picture.)")
     for name, info in results["protocols"].items():
         print(f"[{name}] {info['redi_summary']}")
     print(f"[T-Stitch] {results['protocols']['KB seed']['tstitch_summary']}")
@@ -292,7 +279,7 @@ def main(argv: list[str] | None = None) -> dict:
     ids = state.neighbours.ids
     entries = kb.entries
     nb_pairs = [entries[int(i)] for i in ids.reshape(-1)]
-    nb_digits = [D.parse_prompt(p) for p, _ in nb_pairs]
+    nb_names = [D.parse_prompt(p).name.replace("digit ", "") for p, _ in nb_pairs]
     nb_final, _ = plain(large, [s for _, s in nb_pairs], a.steps,
                         redi.batch_conditioning([encode(p) for p, _ in nb_pairs]),
                         redi.batch_conditioning([encode("")] * len(nb_pairs)))
@@ -300,11 +287,12 @@ def main(argv: list[str] | None = None) -> dict:
     short = [f"plain {a.steps}", "ReDi", f"plain {redi_nfe}", "T-Stitch"]
     columns = [(label, [lat[r] for r in range(n)]) for label, lat in zip(short, lats)]
     columns += [(f"nb {j + 1}", [nb_final[r, j] for r in range(n)]) for j in range(a.h)]
-    corner = {(r, 4 + j): f"{nb_digits[r * a.h + j]} w{state.neighbours.weights[r, j]:+.2f}"
+    corner = {(r, 4 + j): f"{nb_names[r * a.h + j][:5]} {state.neighbours.weights[r, j]:+.1f}"
               for r in range(n) for j in range(a.h)}
     frames = {(r, 1): (220, 40, 40) for r in range(n) if not rep.accepted[r]}
     grid_path = out_dir / "demo_grid.png"
-    write_grid(grid_path, columns, [f"{d} s{s}" for d, s in zip(query_digits, seeds)], corner=corner, frames=frames)
+    row_labels = [f"{c.name.replace('digit ', 'digit')[:8]} s{s}" for c, s in zip(queries, seeds)]
+    write_grid(grid_path, columns, row_labels, corner=corner, frames=frames)
     results["grid"] = str(grid_path)
     results["seconds"] = round(time.perf_counter() - t_start, 1)
     (out_dir / "demo_results.json").write_text(json.dumps(results, indent=1))

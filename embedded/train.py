@@ -1,8 +1,9 @@
-"""Train one of the embedded digits models on CPU, by wall-clock budget.
+"""Train the embedded crops models on CPU, by wall-clock budget.
 
-    python -m embedded.train --model large --minutes 10 --out embedded/weights/digits_large.safetensors
-    python -m embedded.train --model small --minutes 5  --out embedded/weights/digits_small.safetensors
-    python -m embedded.train --evaluate      # judge accuracy of the shipped pair (model card numbers)
+    python -m embedded.train --model large            # 20 min -> embedded/weights/crops_large.safetensors
+    python -m embedded.train --model small            # 8 min  -> embedded/weights/crops_small.safetensors
+    python -m embedded.train --judge                  # 3 min  -> embedded/weights/crops_judge.safetensors
+    python -m embedded.train --evaluate               # judge readings of the shipped pair (model card numbers)
 
 Objective: v-prediction in ComfyUI's own parameterisation. With x_t = x0 + sigma * eps (ComfyUI's
 EPS-style noise scaling, sigma from `model.model_sampling.sigmas`, timestep index uniform), the
@@ -10,10 +11,11 @@ network sees `model_sampling.calculate_input(sigma, x_t)` and timestep `model_sa
 and is trained towards v = (eps - sigma * x0) / sqrt(sigma^2 + sigma_data^2) * sigma_data, the one
 output for which `V_PREDICTION.calculate_denoised(sigma, v, x_t) == x0` (checked by `check_target`).
 
-The large model learns the text table (class embeddings + positional tokens); the small one is
-trained against the large model's table, frozen, so one `encode` feeds both (train large first).
-Forward passes run under bfloat16 autocast (fast on CPUs with AMX/AVX512-BF16); master weights,
-Adam state and the EMA are float32. The EMA weights are saved, in float16 unless --fp32.
+Every batch draws fresh captions from the training distribution and renders their crops
+(`embedded.crops.render`, train digits only). The text encoder is fixed, so the two models
+train independently. Forward passes run under bfloat16 autocast (fast on CPUs with
+AMX/AVX512-BF16); master weights, Adam state and the EMA are float32. The EMA weights are
+saved, in float16 unless --fp32.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import digits as D
+from . import crops as C
 
 
 def v_target(model_sampling, sigma, x0, eps):
@@ -39,8 +41,8 @@ def check_target(model_sampling, atol: float = 1e-4) -> float:
     import torch
 
     gen = torch.Generator().manual_seed(0)
-    x0 = torch.rand((64, 1, 4, 4), generator=gen) * 2 - 1
-    eps = torch.randn((64, 1, 4, 4), generator=gen)
+    x0 = torch.rand((64, 3, 4, 4), generator=gen) * 2 - 1
+    eps = torch.randn((64, 3, 4, 4), generator=gen)
     idx = torch.linspace(0, len(model_sampling.sigmas) - 1, 64).long()
     sigma = model_sampling.sigmas[idx].float()
     x_t = x0 + sigma.reshape(-1, 1, 1, 1) * eps
@@ -59,65 +61,40 @@ def _ema_update(ema: dict, params: dict, decay: float) -> None:
             ema[k].mul_(decay).add_(p.detach(), alpha=1.0 - decay)
 
 
-def train(size: str, minutes: float, out: Path, *, batch: int = 128, lr: float = 1e-3, drop: float = 0.12,
-          ema_max: float = 0.999, seed: int = 0, fp32: bool = False, text_from: Path | None = None,
-          log_every: int = 10, threads: int = 2, init_from: Path | None = None,
-          freeze_text: bool = False) -> dict:
-    D.setup_comfy(threads)
+def train(size: str, minutes: float, out: Path, *, batch: int = 128, lr: float = 1e-3, drop: float = 0.1,
+          ema_max: float = 0.999, seed: int = 0, fp32: bool = False, log_every: int = 10, threads: int = 2,
+          init_from: Path | None = None) -> dict:
+    """Train the large or small crops UNet for `minutes` of wall clock and save its EMA weights to `out`."""
+    C.setup_comfy(threads)
     import torch
     from safetensors.torch import save_file
 
     torch.manual_seed(seed)
-    patcher = D.build_model(size, seed=seed)
+    patcher = C.build_model(size, seed=seed)
     model = patcher.model
     net = model.diffusion_model
     ms = model.model_sampling
     print(f"v-target check: max |calculate_denoised(sigma, v, x_t) - x0| = {check_target(ms):.2e}", flush=True)
 
-    images, labels = D.digits_8x8("train")
-    x_all = D.to_model_space(images)
-    y_all = torch.as_tensor(labels)
-    n = len(x_all)
-
-    if size == "large":
-        class_embedding = torch.nn.Parameter(torch.randn(D.NUM_CLASSES + 1, D.CONTEXT_DIM))
-        positional = torch.nn.Parameter(torch.randn(D.CONTEXT_TOKENS - 1, D.CONTEXT_DIM))
-        text_params = [class_embedding, positional]
-    else:
-        tensors, _ = D.read_weights("large", text_from)
-        class_embedding = tensors["text.class_embedding"].float()
-        positional = tensors["text.positional"].float()
-        text_params = []
-
     previous = {}
     if init_from is not None:  # continue an earlier run (its float32 EMA weights)
-        tensors, meta = D.read_weights(size, init_from)
-        D.load_into(patcher, tensors, size, init_from)
-        previous = json.loads(meta.get("embedded_digits", "{}"))
-        if text_params:
-            with torch.no_grad():
-                class_embedding.copy_(tensors["text.class_embedding"].float())
-                positional.copy_(tensors["text.positional"].float())
-        if freeze_text:  # the small model was trained against this table: keep it
-            class_embedding.requires_grad_(False)
-            positional.requires_grad_(False)
-            text_params = []
+        tensors, meta = C.read_weights(size, init_from)
+        C.load_into(net, tensors, size, init_from)
+        previous = json.loads(meta.get("embedded_crops", "{}"))
         print(f"continuing from {init_from}: {previous.get('iterations')} iterations, {previous.get('seconds')} s", flush=True)
 
     params = {f"diffusion_model.{k}": p for k, p in net.named_parameters()}
-    if text_params:
-        params["text.class_embedding"], params["text.positional"] = class_embedding, positional
     ema = {k: p.detach().clone().float() for k, p in params.items()}
     opt = torch.optim.Adam(list(params.values()), lr=lr)
     sigmas = ms.sigmas.float()
     n_params = sum(p.numel() for p in net.parameters())
-    print(f"training {size}: {n_params:,} UNet parameters, {n} images, batch {batch}, {minutes} min budget", flush=True)
+    print(f"training {size}: {n_params:,} UNet parameters, captions drawn fresh every batch, batch {batch}, "
+          f"{minutes} min budget", flush=True)
 
     budget = minutes * 60.0
     start = time.perf_counter()
     it = 0
     running = None
-    history = []
     net.train()
     gen = torch.Generator().manual_seed(seed + 1)
     while True:
@@ -128,14 +105,15 @@ def train(size: str, minutes: float, out: Path, *, batch: int = 128, lr: float =
         cur_lr = lr * min(1.0, (it + 1) / 20) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
         for g in opt.param_groups:
             g["lr"] = cur_lr
-        pick = torch.randint(0, n, (batch,), generator=gen)
-        x0, y = x_all[pick], y_all[pick].clone()
-        y[torch.rand(batch, generator=gen) < drop] = D.NULL_CLASS
+        captions = C.random_training_captions(batch, gen)
+        x0, _ = C.render(captions, gen, "train")
+        # Classifier-free guidance: the condition is dropped to the unconditional context `drop` of the time.
+        keep = torch.rand(batch, generator=gen) >= drop
+        context = C.context([c if k else None for c, k in zip(captions, keep.tolist())])
         idx = torch.randint(0, len(sigmas), (batch,), generator=gen)
         sigma = sigmas[idx]
         eps = torch.randn(x0.shape, generator=gen)
         x_t = x0 + sigma.reshape(-1, 1, 1, 1) * eps
-        context = torch.cat([class_embedding[y].unsqueeze(1), positional.unsqueeze(0).expand(batch, -1, -1)], dim=1)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=not fp32):
             pred = net(ms.calculate_input(sigma, x_t), ms.timestep(sigma).float(), context=context)
         loss = torch.nn.functional.mse_loss(pred.float(), v_target(ms, sigma, x0, eps))
@@ -146,70 +124,131 @@ def train(size: str, minutes: float, out: Path, *, batch: int = 128, lr: float =
         it += 1
         _ema_update(ema, params, min(ema_max, (1 + it) / (10 + it)))
         value = float(loss.detach())
-        running = value if running is None else 0.95 * running + 0.05 * value
+        running = value if running is None else 0.98 * running + 0.02 * value
         if it % log_every == 0:
-            history.append((it, round(elapsed, 1), running))
             print(f"it {it:5d}  {elapsed:6.1f} s  loss {value:.4f}  avg {running:.4f}  lr {cur_lr:.2e}", flush=True)
 
     seconds = time.perf_counter() - start
     dtype = torch.float32 if fp32 else torch.float16
-    state = {k: v.to(dtype).contiguous() for k, v in ema.items()}
-    if not text_params:
-        state["text.class_embedding"] = class_embedding.detach().to(dtype).contiguous()
-        state["text.positional"] = positional.detach().to(dtype).contiguous()
-    earlier = previous.get("sessions") or ([{k: previous.get(k) for k in ("iterations", "seconds", "lr", "batch")}]
-                                           if previous.get("iterations") else [])
+    earlier = previous.get("sessions", [])
     sessions = earlier + [{"iterations": it, "seconds": round(seconds, 1), "lr": lr, "batch": batch}]
     info = {"model": size, "unet_parameters": n_params, "iterations": sum(x["iterations"] for x in sessions),
             "seconds": round(sum(x["seconds"] for x in sessions), 1), "sessions": sessions,
             "final_loss_ema": round(float(running), 5), "batch": batch, "lr": lr, "cfg_drop": drop,
-            "ema_max": ema_max, "dtype": str(dtype).replace("torch.", ""), "unet_config": D.unet_config(size),
+            "ema_max": ema_max, "dtype": str(dtype).replace("torch.", ""), "unet_config": C.unet_config(size),
             "objective": "v-prediction, ComfyUI ModelSamplingDiscrete (SD schedule)"}
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(out), metadata={"embedded_digits": json.dumps(info)})
-    # A float32 copy next to the output lets the float16 export be checked against it.
+    meta = {"embedded_crops": json.dumps(info)}
+    save_file({k: v.to(dtype).contiguous() for k, v in ema.items()}, str(out), metadata=meta)
+    # A float32 copy next to the output lets the float16 export be checked against it (and training continue).
     if not fp32:
-        save_file({k: v.float().contiguous() for k, v in ema.items()} | (
-            {} if text_params else {"text.class_embedding": class_embedding.detach().float(), "text.positional": positional.detach().float()}),
-            str(out.with_suffix(".fp32.safetensors")), metadata={"embedded_digits": json.dumps(info)})
-    print(f"saved {out} ({out.stat().st_size / 1e6:.1f} MB): {it} iterations in {seconds:.0f} s, final loss (EMA of batches) {running:.4f}", flush=True)
+        save_file({k: v.float().contiguous() for k, v in ema.items()}, str(out.with_suffix(".fp32.safetensors")),
+                  metadata=meta)
+    print(f"saved {out} ({out.stat().st_size / 1e6:.1f} MB): {it} iterations in {seconds:.0f} s, "
+          f"final loss (EMA of batches) {running:.4f}", flush=True)
     return info
 
 
-def generate(model, encode, digits, seeds, *, cfg: float = 2.5, steps: int = 20, sampler: str = "euler"):
-    """Plain ComfyUI sampling of 'digit N' prompts, one seed per item: latents [B, 1, 16, 16]."""
+def train_judge(minutes: float, out: Path, *, batch: int = 256, lr: float = 2e-3, seed: int = 0,
+                threads: int = 2) -> dict:
+    """Train the judge CNN on rendered real crops (train digits): source, geometry and sepia heads."""
+    import torch
+    import torch.nn.functional as F
+    from safetensors.torch import save_file
+
+    torch.set_num_threads(threads)
+    net = C.judge_net()
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    gen = torch.Generator().manual_seed(seed + 7)
+    budget, start, it, running = minutes * 60.0, time.perf_counter(), 0, None
+    while time.perf_counter() - start < budget:
+        frac = (time.perf_counter() - start) / budget
+        for g in opt.param_groups:
+            g["lr"] = lr * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * frac)))
+        captions = C.random_training_captions(batch, gen)
+        x, geo = C.render(captions, gen, "train")
+        x = (x + 0.03 * torch.randn(x.shape, generator=gen)).clamp(-1, 1)  # robust to sampler residue
+        src = torch.tensor([c.source for c in captions])
+        sep = torch.tensor([c.sepia for c in captions])
+        _, logits, geo_hat, sep_hat = net(x)
+        loss = (F.cross_entropy(logits, src) + 4.0 * F.mse_loss(geo_hat, torch.from_numpy(C.geometry_target(geo)))
+                + 4.0 * F.mse_loss(sep_hat, sep))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        it += 1
+        running = float(loss) if running is None else 0.98 * running + 0.02 * float(loss)
+        if it % 50 == 0:
+            print(f"judge it {it:5d}  loss {running:.4f}", flush=True)
+    net.eval()
+    quality = judge_quality(net)
+    info = {"iterations": it, "seconds": round(time.perf_counter() - start, 1), "batch": batch,
+            "final_loss_ema": round(running, 5), "heldout": quality}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file({f"judge.{k}": v.to(torch.float16).contiguous() for k, v in net.state_dict().items()}, str(out),
+              metadata={"embedded_crops_judge": json.dumps(info)})
+    print(f"saved {out}: {json.dumps(info)}", flush=True)
+    return info
+
+
+def judge_quality(net=None, count: int = 2000) -> dict:
+    """Judge accuracy / errors on real crops of held-out captions and held-out digits."""
+    import numpy as np
+    import torch
+
+    gen = torch.Generator().manual_seed(99)
+    captions = C.sample_captions(count, "heldout")
+    x, geo = C.render(captions, gen, "heldout")
+    if net is None:
+        out = C.judge_outputs(x)
+        src, geo_hat, sep_hat = out["source"], out["geometry"], out["sepia"]
+    else:
+        with torch.no_grad():
+            _, logits, geo_hat, sep_hat = net(x)
+        src, geo_hat, sep_hat = logits.argmax(-1).numpy(), geo_hat.numpy(), sep_hat.numpy()
+    truth = np.array([c.source for c in captions])
+    err = np.abs(geo_hat - C.geometry_target(geo))
+    return {"count": count, "source_accuracy": round(float((src == truth).mean()), 4),
+            "digit_accuracy": round(float((src == truth)[truth < 10].mean()), 4),
+            "cx_cy_mae": round(float(err[:, :2].mean()), 4), "log_size_mae": round(float(err[:, 2].mean()), 4),
+            "sepia_mae": round(float(np.abs(sep_hat - np.array([c.sepia for c in captions])).mean()), 4)}
+
+
+def generate(model, prompts, seeds, *, cfg: float = 3.0, steps: int = 20, sampler: str = "euler"):
+    """Plain ComfyUI sampling of caption prompts, one seed per item: latents [B, 3, 16, 16]."""
     import torch
 
     from kb_tools import comfy_sampling as cs
     from kb_tools.redi import batch_conditioning
 
-    positive = batch_conditioning([encode(f"digit {d}") for d in digits])
-    negative = encode("")
-    latent = torch.zeros((len(digits), *D.LATENT_SHAPE))
+    positive = batch_conditioning([C.encode(p) for p in prompts])
+    negative = C.encode("")
+    latent = torch.zeros((len(prompts), *C.LATENT_SHAPE))
     sigmas = cs.schedule_sigmas(model, sampler, "normal", steps)
     return cs.sample_sigmas(model, latent=latent, noise=cs.seeded_noise(latent, seeds), positive=positive,
                             negative=negative, cfg=cfg, sampler_name=sampler, sigmas=sigmas, seed=int(seeds[0]))
 
 
-def evaluate(large_path=None, small_path=None, count: int = 200, cfg: float = 2.5, steps: int = 20) -> dict:
-    """Judge accuracy of `count` samples (digits cycling 0..9, seeds 10000+) per model."""
-    D.setup_comfy(2)
+def evaluate(large_path=None, small_path=None, count: int = 200, cfg: float = 3.0, steps: int = 20) -> dict:
+    """Judge readings of `count` samples of held-out captions (seeds 10000+) per model, beside real crops."""
+    C.setup_comfy(2)
     import numpy as np
 
-    large, small, encode = D.load_models(large_path, small_path)
-    images, labels = D.digits_8x8("test")
-    ref = float((D.classify(D.to_model_space(images)) == labels).mean())
-    out = {"judge_test_accuracy_on_real_digits": round(ref, 4), "count": count, "cfg": cfg, "steps": steps}
-    digits = [i % 10 for i in range(count)]
+    large, small, _ = C.load_models(large_path, small_path)
+    out = {"judge_on_real_heldout": judge_quality(), "count": count, "cfg": cfg, "steps": steps}
+    captions = C.sample_captions(count, "heldout")
     seeds = [10000 + i for i in range(count)]
+    truth = np.array([c.source for c in captions])
     for name, model in (("large", large), ("small", small)):
         t0 = time.perf_counter()
-        lat = generate(model, encode, digits, seeds, cfg=cfg, steps=steps)
-        acc = float((D.classify(lat) == np.array(digits)).mean())
-        out[f"{name}_accuracy"] = round(acc, 4)
-        out[f"{name}_seconds"] = round(time.perf_counter() - t0, 1)
-        out[f"{name}_finite"] = bool(np.isfinite(lat.numpy()).all())
-        print(f"{name}: judge accuracy {acc:.3f} on {count} samples ({out[f'{name}_seconds']} s)", flush=True)
+        lat = generate(model, [c.prompt() for c in captions], seeds, cfg=cfg, steps=steps)
+        j = C.judge_outputs(lat)
+        err = np.abs(j["geometry"] - C.geometry_target(captions))
+        out[name] = {"source_accuracy": round(float((j["source"] == truth).mean()), 4),
+                     "cx_cy_mae": round(float(err[:, :2].mean()), 4), "log_size_mae": round(float(err[:, 2].mean()), 4),
+                     "sepia_mae": round(float(np.abs(j["sepia"] - np.array([c.sepia for c in captions])).mean()), 4),
+                     "seconds": round(time.perf_counter() - t0, 1), "finite": bool(np.isfinite(lat.numpy()).all())}
+        print(f"{name}: {out[name]}", flush=True)
     print(json.dumps(out), flush=True)
     return out
 
@@ -217,19 +256,17 @@ def evaluate(large_path=None, small_path=None, count: int = 200, cfg: float = 2.
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=["large", "small"])
-    p.add_argument("--minutes", type=float, default=10.0)
+    p.add_argument("--judge", action="store_true", help="train the judge CNN instead of a diffusion model")
+    p.add_argument("--minutes", type=float, default=None, help="wall-clock budget (default 20 large, 8 small, 3 judge)")
     p.add_argument("--out", type=Path)
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fp32", action="store_true", help="save float32 weights and train without bf16 autocast")
-    p.add_argument("--text-from", type=Path, default=None, help="large weights file with the text table (small model)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--init-from", type=Path, default=None,
                    help="continue from an earlier run's float32 file (<out>.fp32.safetensors)")
-    p.add_argument("--freeze-text", action="store_true",
-                   help="with --init-from on the large model: keep its text table (the small model uses it)")
-    p.add_argument("--evaluate", action="store_true", help="judge accuracy of the shipped (or given) pair")
+    p.add_argument("--evaluate", action="store_true", help="judge readings of the shipped (or given) pair")
     p.add_argument("--large", type=Path, default=None)
     p.add_argument("--small", type=Path, default=None)
     p.add_argument("--count", type=int, default=200)
@@ -237,11 +274,14 @@ def main(argv=None) -> int:
     if a.evaluate:
         evaluate(a.large, a.small, a.count)
         return 0
+    if a.judge:
+        train_judge(a.minutes or 3.0, a.out or C.WEIGHT_FILES["judge"], threads=a.threads)
+        return 0
     if a.model is None:
-        p.error("--model large|small is required (or --evaluate)")
-    out = a.out or D.WEIGHT_FILES[a.model]
-    train(a.model, a.minutes, out, batch=a.batch, lr=a.lr, seed=a.seed, fp32=a.fp32, text_from=a.text_from,
-          threads=a.threads, init_from=a.init_from, freeze_text=a.freeze_text)
+        p.error("--model large|small, --judge or --evaluate is required")
+    minutes = a.minutes or {"large": 20.0, "small": 8.0}[a.model]
+    train(a.model, minutes, a.out or C.WEIGHT_FILES[a.model], batch=a.batch, lr=a.lr, seed=a.seed, fp32=a.fp32,
+          threads=a.threads, init_from=a.init_from)
     return 0
 
 

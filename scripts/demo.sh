@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# ReDi and T-Stitch demo on the embedded digits models (no downloads beyond the package registries).
+# ReDi and T-Stitch demo on the embedded crops models (no downloads beyond the package registries).
 # Usage: bash scripts/demo.sh [--fresh] [--prompts N --seeds S --queries Q] [--output DIR] ...
 #        bash scripts/demo.sh --help
 set -euo pipefail
