@@ -493,24 +493,24 @@ class Bench:
 
 # =========================================================================== experiments
 
-def exp_setting(b: Bench) -> dict:
-    """Is the question real? Plain euler at the reduced budgets, at T and beyond, against the FD noise floor."""
+def exp_setting(b: Bench, sampler: str) -> dict:
+    """Is the question real? The plain sampler at the reduced budgets, at T and beyond, against the FD noise floor."""
     c = b.cfg
     steps = sorted(set(c.budgets) | {c.steps} | set(c.setting_extra_steps))
-    out: dict = {"sampler": "euler", "protocol": "foreign", "rows": []}
-    b.afford(c.queries * sum(steps), "setting check")
-    ref = b.reference("euler", "foreign")
+    out: dict = {"sampler": sampler, "protocol": "foreign", "rows": []}
+    b.afford(c.queries * sum(steps), f"setting check {sampler}")
+    ref = b.reference(sampler, "foreign")
     longest = max(steps)
     runs = {}
     for n in steps:
-        lat = ref["out"] if n == c.steps else b.plain("euler", n, ref["prompts"], ref["seeds"])[0]
+        lat = ref["out"] if n == c.steps else b.plain(sampler, n, ref["prompts"], ref["seeds"])[0]
         runs[n] = np.asarray(lat, np.float32)
     for n in steps:
         row = {"steps": n}
         row.update(b.metrics(runs[n], ref["captions"], runs[longest]))
         out["rows"].append(row)
     # How far apart two seeds of one caption are (the diversity a caption leaves open).
-    fixed = b.reference("euler", "fixed")["out"]
+    fixed = b.reference(sampler, "fixed")["out"]
     out["mse_between_seeds_same_caption"] = float(per_sample_mse(fixed, runs[c.steps]).mean())
     low = next(r for r in out["rows"] if r["steps"] == min(c.budgets))
     full = next(r for r in out["rows"] if r["steps"] == c.steps)
@@ -764,29 +764,38 @@ def exp_guard(b: Bench, sampler: str, have_fixed: list[dict]) -> dict:
     return out
 
 
-def exp_wallclock(b: Bench, rows: list[dict], sampler: str) -> dict:
-    """ReDi time (partial + retrieve + blend + resume) vs the plain sampler at matched MSE-to-full."""
+def exp_wallclock(b: Bench, rows: list[dict], samplers) -> dict:
+    """ReDi time (partial + retrieve + blend + resume) vs the cheapest plain run of matched quality, per sampler.
+
+    Matched on MSE-to-full (plain MSE <= ReDi MSE) and on FD (plain FD not worse than ReDi's
+    beyond 2 combined sd, which favours the plain sampler); the T-step run when nothing cheaper matches.
+    """
     c = b.cfg
-    plains = sorted([r for r in rows if r["method"] == "plain" and r["sampler"] == sampler and r["protocol"] == "fixed"],
-                    key=lambda r: r["nfe"])
-    out = {"sampler": sampler, "protocol": "fixed", "h": c.h_claim, "quality": "mean per-sample MSE to the "
-           f"plain {c.steps}-step output (FD and accuracy do not separate the step counts here)", "rows": []}
-    for n in c.budgets:
-        r = find_row(rows, method="redi", sampler=sampler, protocol="fixed", k=c.key_step, v=c.value_step(n),
-                     h=c.h_claim, tag="equal_nfe")
-        if r is None:
+    out = {"protocol": "fixed", "h": c.h_claim, "rows": []}
+    for sampler in samplers:
+        plains = sorted([r for r in rows if r["method"] == "plain" and r["sampler"] == sampler and r["protocol"] == "fixed"],
+                        key=lambda r: r["nfe"])
+        if not plains:
             continue
-        match = next((p for p in plains if p["mse_mean"] <= r["mse_mean"]), plains[-1])
-        s = r["seconds"]
-        out["rows"].append({
-            "redi_nfe": n, "redi_mse": r["mse_mean"], "redi_seconds": s["total"],
-            "redi_seconds_split": {k: s[k] for k in ("partial", "retrieve", "blend", "resume")},
-            "retrieval_blend_share": (s["retrieve"] + s["blend"]) / s["total"],
-            "plain_nfe_matching": match["nfe"], "plain_mse": match["mse_mean"], "plain_seconds": match["seconds"]["total"],
-            "speedup_at_matched_quality": match["seconds"]["total"] / s["total"],
-            "plain_full_seconds": plains[-1]["seconds"]["total"],
-            "speedup_vs_full": plains[-1]["seconds"]["total"] / s["total"],
-        })
+        for n in c.budgets:
+            r = find_row(rows, method="redi", sampler=sampler, protocol="fixed", k=c.key_step, v=c.value_step(n),
+                         h=c.h_claim, tag="equal_nfe")
+            if r is None:
+                continue
+            by_mse = next((p for p in plains if p["mse_mean"] <= r["mse_mean"]), plains[-1])
+            by_fd = next((p for p in plains if not_worse_fd(p, r)), plains[-1])
+            s = r["seconds"]
+            out["rows"].append({
+                "sampler": sampler, "redi_nfe": n, "redi_mse": r["mse_mean"], "redi_fd": r["fd"], "redi_seconds": s["total"],
+                "redi_seconds_split": {k: s[k] for k in ("partial", "retrieve", "blend", "resume")},
+                "retrieval_blend_share": (s["retrieve"] + s["blend"]) / s["total"],
+                "plain_nfe_matching": by_mse["nfe"], "plain_mse": by_mse["mse_mean"], "plain_seconds": by_mse["seconds"]["total"],
+                "speedup_at_matched_quality": by_mse["seconds"]["total"] / s["total"],
+                "plain_nfe_matching_fd": by_fd["nfe"], "plain_fd": by_fd["fd"],
+                "speedup_at_matched_fd": by_fd["seconds"]["total"] / s["total"],
+                "plain_full_seconds": plains[-1]["seconds"]["total"],
+                "speedup_vs_full": plains[-1]["seconds"]["total"] / s["total"],
+            })
     return out
 
 
@@ -1068,7 +1077,11 @@ def main(argv=None) -> dict:
             return None
 
     # 0. is the question real: plain quality against steps
-    exps["setting_check"] = attempt("0. setting check", lambda: exp_setting(b))
+    exps["setting_check"] = {"per_sampler": {}}
+    for sampler in cfg.samplers:
+        got = attempt(f"0. setting check {sampler}", lambda s=sampler: exp_setting(b, s))
+        if got:
+            exps["setting_check"]["per_sampler"][sampler] = got
     # 1. equal NFE, fixed seed, per sampler (KB first)
     kb_info = {}
     for sampler in cfg.samplers:
@@ -1108,7 +1121,7 @@ def main(argv=None) -> dict:
             rows.extend(got)
             return exp_guard(b, s, rows)
         guard = attempt("6. guard (+ foreign-seed equal NFE)", run6)
-        exps["wallclock"] = exp_wallclock(b, rows, cfg.samplers[0])
+        exps["wallclock"] = exp_wallclock(b, rows, [x for x in cfg.samplers if x in b.kbs])
     exps["guard"] = guard
     # 7. regime map: foreign protocol for the other samplers
     for sampler in cfg.samplers[1:]:
@@ -1204,10 +1217,17 @@ def payoff_paragraph(res: dict) -> str:
                      f"(NFE {w['fixed']['nfe_auto']:.3g}), so it turns ReDi off exactly where it would produce a different sample.")
     wc = (res["experiments"].get("wallclock") or {}).get("rows") or []
     if wc:
-        best = max(wc, key=lambda r: r["speedup_at_matched_quality"])
-        lines.append(f"Wall clock at matched fidelity, retrieval and blending included: best {best['speedup_at_matched_quality']:.2f}x "
-                     f"(ReDi NFE {best['redi_nfe']} vs plain NFE {best['plain_nfe_matching']:g}); retrieval + blend took "
-                     f"{best['retrieval_blend_share']:.0%} of ReDi's time.")
+        parts = []
+        for sampler in dict.fromkeys(r["sampler"] for r in wc):
+            rs = [r for r in wc if r["sampler"] == sampler]
+            bm = max(rs, key=lambda r: r["speedup_at_matched_quality"])
+            bf = max(rs, key=lambda r: r["speedup_at_matched_fd"])
+            parts.append(f"{sampler} {bm['speedup_at_matched_quality']:.2f}x on MSE-to-full (ReDi NFE {bm['redi_nfe']} vs plain "
+                         f"{bm['plain_nfe_matching']:g}), {bf['speedup_at_matched_fd']:.2f}x on FD (ReDi NFE {bf['redi_nfe']} vs "
+                         f"plain {bf['plain_nfe_matching_fd']:g})")
+        share = max(r["retrieval_blend_share"] for r in wc)
+        lines.append("Wall clock at matched quality, retrieval and blending included (best budget per sampler): "
+                     + "; ".join(parts) + f"; retrieval + blend took at most {share:.0%} of ReDi's time.")
     kb = ((res["experiments"].get("ablations") or {}).get("kb_size") or {}).get("fit", {})
     if kb.get("mse_mean"):
         lines.append(f"The error falls with KB size as N^-{kb['mse_mean']['b']:.2f}; {_parity_text(kb)}.")
@@ -1268,17 +1288,22 @@ def write_markdown(res: dict, path: Path) -> None:
          f"geometry error (mean |error| of cx, cy, log size) and sepia error; on real held-out crops the judge reads "
          f"source accuracy {_fmt(jq.get('source_accuracy'))}, cx/cy error {_fmt(jq.get('cx_cy_mae'))}, log-size error "
          f"{_fmt(jq.get('log_size_mae'))}, sepia error {_fmt(jq.get('sepia_mae'))}. " + s["noise_floor"]["decision_rule"] + ".", ""]
-    sc = ex.get("setting_check")
-    if sc:
-        L += [f"**Is the question real?** Plain euler on the {s['queries_per_set']} "
-              "held-out captions (foreign seeds) at each step count; MSE is to the longest run:", "",
-              "| steps | FD | source acc | geometry err | sepia err | MSE to longest |", "|---|---|---|---|---|---|"]
-        for r in sc["rows"]:
-            L.append(f"| {r['steps']} | {_fmt(r['fd'])} +- {_fmt(r['fd_sd'])} | {_fmt(r['acc'])} | {_fmt(r['geo_err'])} | "
-                     f"{_fmt(r['sepia_err'])} | {_fmt(r.get('mse_mean'))} |")
-        L += ["", f"The lowest budget's FD is {sc['lowest_budget_fd_gap_in_sd']:.1f} combined sd from the T-step FD "
-              f"({'measurably worse' if sc['lowest_budget_worse_fd'] else 'NOT measurably worse'}). Two seeds of one caption "
-              f"differ by MSE {_fmt(sc['mse_between_seeds_same_caption'])} at T steps.", ""]
+    per = (ex.get("setting_check") or {}).get("per_sampler") or {}
+    if per:
+        L += [f"**Is the question real?** The plain sampler on the {s['queries_per_set']} held-out captions (foreign seeds) "
+              "at each step count; FD +- bootstrap sd, MSE to the sampler's longest run:", "",
+              "| sampler | steps | FD | source acc | geometry err | sepia err | MSE to longest |", "|---|---|---|---|---|---|---|"]
+        for name, sc in per.items():
+            for r in sc["rows"]:
+                L.append(f"| {name} | {r['steps']} | {_fmt(r['fd'])} +- {_fmt(r['fd_sd'])} | {_fmt(r['acc'])} | "
+                         f"{_fmt(r['geo_err'])} | {_fmt(r['sepia_err'])} | {_fmt(r.get('mse_mean'))} |")
+        L.append("")
+        L.append("At the lowest budget against T steps: " + "; ".join(
+            f"{name} FD {sc['lowest_budget_fd_gap_in_sd']:+.1f} combined sd "
+            f"({'measurably worse' if sc['lowest_budget_worse_fd'] else 'NOT measurably worse'})" for name, sc in per.items())
+            + ". Two seeds of one caption differ by MSE " + ", ".join(
+            f"{_fmt(sc['mse_between_seeds_same_caption'])} ({name})" for name, sc in per.items()) + " at T steps.")
+        L.append("")
     for k, v in res["kb"].items():
         L.append(f"KB `{k}`: {v['entries']} trajectories, built in {v['build_seconds_total']:.0f} s "
                  f"({v['ms_per_trajectory']:.0f} ms / trajectory){' (from cache)' if v['cached'] else ''}.")
@@ -1370,11 +1395,16 @@ def write_markdown(res: dict, path: Path) -> None:
                      f"{_fmt(r['seconds']['total'])} | {_fmt(r['time_vs_large_only'])} |")
     wc = ex.get("wallclock")
     if wc and wc["rows"]:
-        L += ["", "## Wall clock at matched fidelity (euler, fixed seed)", "",
-              "| ReDi NFE | ReDi s (retrieve+blend share) | ReDi MSE | plain NFE matching | plain s | speed-up | vs plain full |", "|---|---|---|---|---|---|---|"]
+        L += ["", "## Wall clock at matched quality (fixed seed, H = " + str(wc["h"]) + ", retrieval and blending included)", "",
+              "| sampler | ReDi NFE | ReDi s (retrieve+blend share) | ReDi MSE / FD | plain NFE matching MSE | speed-up | "
+              "plain NFE matching FD | speed-up | vs plain full |", "|---|---|---|---|---|---|---|---|---|"]
         for r in wc["rows"]:
-            L.append(f"| {r['redi_nfe']} | {_fmt(r['redi_seconds'])} ({r['retrieval_blend_share']:.0%}) | {_fmt(r['redi_mse'])} | "
-                     f"{r['plain_nfe_matching']:g} | {_fmt(r['plain_seconds'])} | {_fmt(r['speedup_at_matched_quality'])}x | {_fmt(r['speedup_vs_full'])}x |")
+            L.append(f"| {r['sampler']} | {r['redi_nfe']} | {_fmt(r['redi_seconds'])} ({r['retrieval_blend_share']:.0%}) | "
+                     f"{_fmt(r['redi_mse'])} / {_fmt(r['redi_fd'])} | {r['plain_nfe_matching']:g} | "
+                     f"{_fmt(r['speedup_at_matched_quality'])}x | {r['plain_nfe_matching_fd']:g} | {_fmt(r['speedup_at_matched_fd'])}x | "
+                     f"{_fmt(r['speedup_vs_full'])}x |")
+        L += ["", "Matched = the cheapest plain run (same protocol, NFE up to T) whose MSE-to-full is at most ReDi's, or "
+              "whose FD is not worse than ReDi's beyond 2 combined sd (lenient to the plain sampler); T steps when none is cheaper."]
     gd = ex.get("guard")
     if gd:
         L += ["", "## Guard (euler, half NFE, H = " + str(gd["h"]) + "): worst 5% per-sample MSE to full", "",
@@ -1498,20 +1528,22 @@ def write_plots(res: dict, folder: Path) -> None:
         fig.savefig(folder / "paper_claims_tstitch.png", dpi=90)
         plt.close(fig)
     # --- setting check and stylization
-    sc, st = ex.get("setting_check"), ex.get("stylization")
-    if sc or st:
+    per, st = (ex.get("setting_check") or {}).get("per_sampler") or {}, ex.get("stylization")
+    if per or st:
         fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-        if sc:
+        for name, sc in per.items():
             xs = [r["steps"] for r in sc["rows"]]
             axes[0].errorbar(xs, [r["fd"] for r in sc["rows"]], yerr=[2 * r["fd_sd"] for r in sc["rows"]], fmt="o-", capsize=3,
-                             label="plain euler (foreign seeds)")
+                             label=f"plain {name} (foreign seeds)")
+        if per:
             axes[0].axhspan(floor["mean"] - 2 * floor["sd"], floor["mean"] + 2 * floor["sd"], color="gold", alpha=0.3,
                             label="real-vs-real floor +-2sd")
             axes[0].set_xscale("log")
+            axes[0].set_yscale("log")
             axes[0].set_xticks(xs)
             axes[0].set_xticklabels([str(x) for x in xs])
             axes[0].set_xlabel("steps")
-            axes[0].set_ylabel("FD")
+            axes[0].set_ylabel("FD (log)")
             axes[0].set_title("Is the question real? FD against steps")
             axes[0].legend(fontsize=7)
             axes[0].grid(alpha=0.3)

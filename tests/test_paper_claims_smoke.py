@@ -73,7 +73,8 @@ def test_smoke_structure(smoke):
     assert any(r["method"].startswith("ReDi") for r in st["rows"])
     for r in st["rows"]:
         assert -1.0 <= r["layout_similarity"] <= 1.0 and r["sepia_err"] >= 0
-    assert ex["setting_check"]["rows"][-1]["mse_mean"] == 0.0  # the longest run is its own reference
+    assert ex["setting_check"]["per_sampler"]["euler"]["rows"][-1]["mse_mean"] == 0.0  # the longest run is its own reference
+    assert {r["sampler"] for r in ex["wallclock"]["rows"]} == {"euler"}
     rows = ex["equal_nfe"]["rows"]
     assert {r["method"] for r in rows} == {"plain", "redi"}
     assert {r["h"] for r in rows if r["method"] == "redi"} >= {1, 3}
