@@ -1018,6 +1018,7 @@ def main(argv=None) -> dict:
     if a.render is not None:
         res = json.loads(a.render.read_text())
         write_markdown(res, RESULTS / "paper_claims.md")
+        update_readme(RESULTS / "paper_claims.md", PACK / "README.md")
         write_plots(res, RESULTS)
         return res
     t_start = time.perf_counter()
@@ -1144,6 +1145,7 @@ def main(argv=None) -> dict:
     out_path.write_text(json.dumps(clean, indent=1))
     if not a.smoke:
         write_markdown(clean, RESULTS / "paper_claims.md")
+        update_readme(RESULTS / "paper_claims.md", PACK / "README.md")
         write_plots(clean, RESULTS)
     log(f"wrote {out_path} in {res['wall_seconds']:.0f} s", flush=True)
     return clean
@@ -1241,14 +1243,34 @@ def payoff_paragraph(res: dict) -> str:
                          f"{r['layout_similarity']:.3f} vs {direct['layout_similarity']:.3f} when the styled caption is "
                          f"generated directly, sepia error {r['sepia_err']:.3f} vs {direct['sepia_err']:.3f}, at "
                          f"{r['nfe']:g} vs {direct['nfe']:g} NFE.")
+    per = (res["experiments"].get("setting_check") or {}).get("per_sampler") or {}
+    fixed_rm = [r for r in rm if r["protocol"] == "fixed"]
+    if per and fixed_rm:
+        def fd_wins(names):
+            rs = [r for r in fixed_rm if r["sampler"] in names]
+            return f"{sum(r['fd'] == 'win' for r in rs)} of {len(rs)}"
+        worse = [n for n, sc in per.items() if sc["lowest_budget_worse_fd"]]
+        flat = [n for n, sc in per.items() if not sc["lowest_budget_worse_fd"]]
+        if worse:
+            lines.append(f"Where the plain sampler degrades at few steps ({', '.join(worse)}: FD measurably worse at the lowest "
+                         f"budget than at T), ReDi won FD in {fd_wins(worse)} fixed-seed budgets"
+                         + (f"; where it does not ({', '.join(flat)}), ReDi won FD in {fd_wins(flat)}." if flat else "."))
+    gv = (res.get("goals", {}).get("guard_never_worse") or {}).get("verdicts") or {}
+    if gv.get("fixed"):
+        losses = [m for m, v in gv["fixed"].items() if v == "loss"]
+        if losses:
+            lines.append(f"The automatic guard does not protect against a KB that is merely too sparse: with the fixed seed it "
+                         f"accepted blends that lost to plain at the same NFE on {', '.join(losses)}.")
     lines.append(RULE_OF_THUMB)
     return " ".join(lines)
 
 
 RULE_OF_THUMB = (
     "So expect ReDi to pay off when (1) generations reuse the seed(s) the KB was built with, (2) the KB covers the "
-    "conditions densely, and (3) what matters is reproducing the full-step result at fewer steps; do not expect it with "
-    "fresh random seeds: there the guard should send the query to the plain sampler.")
+    "conditions densely (the error still fell with every doubling of the KB here), and (3) the sampler loses quality at "
+    "the step count you want to afford (multistep solvers at very few steps); do not expect it with fresh random "
+    "seeds (there the guard sends the query to the plain sampler), and with a sampler that is already good at few "
+    "steps expect ties on distribution quality rather than gains.")
 
 
 def _parity_text(fit: dict) -> str:
@@ -1416,6 +1438,24 @@ def write_markdown(res: dict, path: Path) -> None:
     L += ["", "## Skipped", ""] + [f"- **{x['experiment']}**: {x['reason']}" for x in res["skipped"]]
     L += ["", "## When should a user expect ReDi to pay off?", "", payoff_paragraph(res), ""]
     path.write_text("\n".join(L))
+
+
+README_START = "<!-- paper_claims:start (written by benchmarks/paper_claims.py) -->"
+README_END = "<!-- paper_claims:end -->"
+
+
+def update_readme(markdown: Path, readme: Path) -> None:
+    """Copy the goals table and the pay-off paragraph of the results markdown into README's marked block."""
+    md = markdown.read_text()
+    goals = md[md.index("## Goals"):md.index("## ReDi vs plain at equal NFE")].replace("## Goals", "").strip()
+    payoff = md[md.index("## When should a user expect ReDi to pay off?"):].split("\n", 1)[1].strip()
+    text = readme.read_text()
+    if README_START not in text or README_END not in text:
+        return
+    head, rest = text.split(README_START, 1)
+    tail = rest.split(README_END, 1)[1]
+    block = f"{README_START}\n{goals}\n\n**When should a user expect ReDi to pay off?** {payoff}\n{README_END}"
+    readme.write_text(head + block + tail)
 
 
 def write_plots(res: dict, folder: Path) -> None:

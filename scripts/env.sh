@@ -21,6 +21,12 @@ _redi_py="${REDI_BASE_PYTHON:-python3}"
 
 _redi_log() { printf '[redi env] %s\n' "$*" >&2; }
 
+# The pinned test and demo environment (scikit-image 0.26, ...) needs Python 3.11 or newer.
+if ! "$_redi_py" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+  _redi_log "$_redi_py is missing or older than Python 3.11, which the pinned test/demo environment needs. Install Python 3.11+ or point REDI_BASE_PYTHON at one (REDI_BASE_PYTHON=python3.12 bash scripts/test.sh)."
+  return 2 2>/dev/null || exit 2
+fi
+
 mkdir -p "$_redi_cache"
 # One builder at a time: a second shell waits here instead of deleting a half-built tree.
 exec 9>"$_redi_cache/.env.lock"
