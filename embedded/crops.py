@@ -92,6 +92,10 @@ class PromptError(ValueError):
     """A prompt the toy text encoder cannot read."""
 
 
+class DataError(FileNotFoundError):
+    """The photographs the crops are rendered from are not installed."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Caption:
     """What a caption asks for: a source picture, a crop window (cx, cy in [0, 1], size z) and a sepia strength."""
@@ -225,9 +229,10 @@ def condition_embedding(prompts) -> "np.ndarray":  # noqa: F821
 def _package_file(package: str, rel: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        pip = {"skimage": "scikit-image", "sklearn": "scikit-learn"}[package]
-        raise PromptError(f"the crops data needs the photographs shipped with {pip}; install it (pip install {pip}) "
-                          "or run through scripts/env.sh, whose environment has it.")
+        dist = {"skimage": "scikit-image", "sklearn": "scikit-learn"}[package]
+        raise DataError(f"the crops data needs the photographs that ship inside the {dist} package, which this Python "
+                          f"does not have: add {dist} to the environment (scripts/requirements-test.txt pins it) or run "
+                          "through scripts/env.sh, whose environment has it.")
     return Path(spec.submodule_search_locations[0]) / rel
 
 

@@ -152,3 +152,23 @@ def test_demo_runs_end_to_end(crops, tmp_path, capsys):
     assert results["kb"]["added"] == 12
     # a second run resumes: nothing to add
     assert demo.main(tiny)["kb"]["added"] == 0
+
+
+def test_shipped_files_stay_small_and_documented():
+    """The issue's budget: at most 20 MB of weights in the repo, each file named in the model card."""
+    from pathlib import Path
+
+    weights = Path(__file__).resolve().parent.parent / "embedded" / "weights"
+    shipped = sorted(p for p in weights.glob("*.safetensors") if not p.name.endswith(".fp32.safetensors"))
+    assert {p.name for p in shipped} == {"crops_large.safetensors", "crops_small.safetensors", "crops_judge.safetensors"}
+    assert sum(p.stat().st_size for p in shipped) <= 20e6
+    card = (weights.parent / "MODEL_CARD.md").read_text()
+    assert all(f"weights/{p.name}" in card for p in shipped)
+
+
+def test_missing_photo_package_names_the_package_and_the_fix(crops, monkeypatch):
+    import importlib.util
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    with pytest.raises(crops.DataError, match=r"scikit-image package.*scripts/env\.sh"):
+        crops._package_file("skimage", "data/astronaut.png")
