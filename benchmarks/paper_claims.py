@@ -1,7 +1,7 @@
 """Evidence benchmark: which claims of the ReDi and T-Stitch papers hold on the embedded crops models.
 
     source scripts/env.sh
-    $REDI_PYTHON benchmarks/paper_claims.py              # full run (about 40 min on 2 CPU cores)
+    $REDI_PYTHON benchmarks/paper_claims.py              # full run (about 45 min on 2 CPU cores)
     $REDI_PYTHON benchmarks/paper_claims.py --smoke --out /tmp/pc.json   # ~1-2 min structure check
 
 Writes benchmarks/results/paper_claims.json, paper_claims.md and paper_claims_*.png (full run).
@@ -202,7 +202,7 @@ class Config:
     cfg: float = 3.0
     scheduler: str = "normal"
     samplers: tuple = ("euler", "dpmpp_2m", "ipndm")
-    kb_sizes: dict = dataclasses.field(default_factory=lambda: {"euler": 6000, "dpmpp_2m": 2000, "ipndm": 2000})
+    kb_sizes: dict = dataclasses.field(default_factory=lambda: {"euler": 20000, "dpmpp_2m": 2000, "ipndm": 2000})
     queries: int = 200
     key_step: int = 2
     budgets: tuple = (3, 4, 5, 6)        # ReDi NFE = k + T - v -> v = k + T - NFE
@@ -215,7 +215,7 @@ class Config:
     foreign_seed_base: int = 1_000_000
     reference_renders: int = 5           # real renderings per query caption in the FD reference
     setting_extra_steps: tuple = (20, 40)  # plain euler beyond T: is T converged?
-    kb_size_ablation: tuple = (375, 750, 1500, 3000, 6000)
+    kb_size_ablation: tuple = (625, 1250, 2500, 5000, 10000, 20000)
     gap_values: tuple = (2, 3, 4, 5, 6, 7, 8, 9)   # v for the k-v ablation (k = key_step)
     key_values: tuple = (1, 2, 3, 4, 5)            # k for the key-step ablation at fixed gap
     key_gap: int = 4
@@ -223,7 +223,7 @@ class Config:
     style_queries: int = 100
     style_value_steps: tuple = (3, 5)    # v for stylization (k = key_step); the prompt switches at v
     tstitch_fractions: tuple = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
-    soft_budget_s: float = 45 * 60       # stop adding experiments when the next would exceed this
+    soft_budget_s: float = 50 * 60       # stop adding experiments when the next would exceed this
     smoke: bool = False
 
     @classmethod
