@@ -1007,7 +1007,7 @@ def parser() -> argparse.ArgumentParser:
                    help="bf16: both UNets under bfloat16 autocast (embedded/demo.py's wrapper), ~2.5x faster here")
     p.add_argument("--scratch", type=Path, default=SCRATCH, help="cache folder for knowledge bases (gitignored)")
     p.add_argument("--fresh", action="store_true", help="delete the cached knowledge bases first (honest build times)")
-    p.add_argument("--budget-min", type=float, default=None, help="soft time budget in minutes (default 45; smoke 2.5)")
+    p.add_argument("--budget-min", type=float, default=None, help="soft time budget in minutes (default 50; smoke 2.5)")
     p.add_argument("--render", type=Path, default=None, metavar="JSON",
                    help="only rewrite paper_claims.md and the plots from an existing results JSON")
     return p
