@@ -568,7 +568,7 @@ def judge(path=None):
     tensors, _ = read_weights("judge", path)
     net = judge_net()
     load_into(net, tensors, "judge", path or WEIGHT_FILES["judge"], prefix="judge.")
-    return net.eval()
+    return net.train(False)  # inference mode
 
 
 def judge_outputs(latents, batch: int = 500) -> dict:

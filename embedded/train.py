@@ -180,7 +180,7 @@ def train_judge(minutes: float, out: Path, *, batch: int = 256, lr: float = 2e-3
         running = float(loss) if running is None else 0.98 * running + 0.02 * float(loss)
         if it % 50 == 0:
             print(f"judge it {it:5d}  loss {running:.4f}", flush=True)
-    net.eval()
+    net.train(False)
     quality = judge_quality(net)
     info = {"iterations": it, "seconds": round(time.perf_counter() - start, 1), "batch": batch,
             "final_loss_ema": round(running, 5), "heldout": quality}
