@@ -208,7 +208,7 @@ def context(captions) -> "torch.Tensor":  # noqa: F821
             continue
         geo = torch.tensor([[cap.cx, cap.cy, math.log(cap.size)]])
         sty = torch.tensor([[cap.sepia]])
-        geo_feat = torch.cat([_fourier(geo), geo, ], dim=-1) @ geometry
+        geo_feat = torch.cat([_fourier(geo), geo], dim=-1) @ geometry
         sty_feat = torch.cat([_fourier(sty), sty, torch.ones(1, 1)], dim=-1) @ style
         rows.append(torch.stack([sources[cap.source], geo_feat[0] * 2.0, sty_feat[0] * 2.0, constant]))
     return torch.stack(rows)
@@ -260,11 +260,11 @@ def digit_canvases(split: str = "train") -> tuple:
     import torch.nn.functional as F
     from sklearn.datasets import load_digits
 
+    if split not in ("train", "heldout"):
+        raise ValueError(f"split must be 'train' or 'heldout', got {split!r}.")
     d = load_digits()
     perm = np.random.default_rng(DIGIT_SPLIT_SEED).permutation(len(d.target))
     sel = perm[:DIGIT_TRAIN_COUNT] if split == "train" else perm[DIGIT_TRAIN_COUNT:]
-    if split not in ("train", "heldout"):
-        raise ValueError(f"split must be 'train' or 'heldout', got {split!r}.")
     x = torch.from_numpy(d.images[sel].astype(np.float32) / 16.0).unsqueeze(1)
     x = F.interpolate(x, size=(DIGIT_CANVAS, DIGIT_CANVAS), mode="bilinear", align_corners=False).clamp(0, 1)
     return x.expand(-1, 3, -1, -1).contiguous(), torch.from_numpy(d.target[sel].astype(np.int64))
