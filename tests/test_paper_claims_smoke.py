@@ -23,18 +23,21 @@ WEIGHTS = PACK / "embedded" / "weights"
 pytestmark = [pytest.mark.comfy, pytest.mark.slow]
 
 
-def _numbers(x, path="$"):
-    """Every (path, number) in a JSON value."""
-    if isinstance(x, bool) or x is None or isinstance(x, str):
-        return
-    if isinstance(x, (int, float)):
-        yield path, x
-    elif isinstance(x, dict):
+def _leaves(x, path="$"):
+    """Every (path, leaf value) in a JSON value."""
+    if isinstance(x, dict):
         for k, v in x.items():
-            yield from _numbers(v, f"{path}.{k}")
+            yield from _leaves(v, f"{path}.{k}")
     elif isinstance(x, list):
         for i, v in enumerate(x):
-            yield from _numbers(v, f"{path}[{i}]")
+            yield from _leaves(v, f"{path}[{i}]")
+    else:
+        yield path, x
+
+
+def _numbers(x):
+    """Every (path, number) in a JSON value."""
+    return ((p, v) for p, v in _leaves(x) if isinstance(v, (int, float)) and not isinstance(v, bool))
 
 
 @pytest.fixture(scope="module")
@@ -96,17 +99,7 @@ def test_smoke_numbers_finite(smoke):
     res, _ = smoke
     bad = [(p, v) for p, v in _numbers(res) if not math.isfinite(v)]
     assert not bad, bad[:10]
-    nulls = [p for p, v in _walk_nulls(res)]
+    nulls = [p for p, v in _leaves(res) if v is None]
     # None only where the JSON writer replaced a non-finite float: there must be none
     assert not [p for p in nulls if ".rows[" in p and p.rsplit(".", 1)[-1] in ("fd", "acc", "mse_mean")], nulls[:10]
 
-
-def _walk_nulls(x, path="$"):
-    if x is None:
-        yield path, x
-    elif isinstance(x, dict):
-        for k, v in x.items():
-            yield from _walk_nulls(v, f"{path}.{k}")
-    elif isinstance(x, list):
-        for i, v in enumerate(x):
-            yield from _walk_nulls(v, f"{path}[{i}]")
