@@ -39,6 +39,7 @@ import safetensors.numpy
 from safetensors import SafetensorError
 
 from .errors import KBError, KBMismatchError
+from .records import Recipe
 from .safetensors_mmap import open_memmaps
 
 try:  # POSIX: serialise writers of one KB across processes; released if the process dies.
@@ -155,6 +156,11 @@ class KBSettings:
         except (TypeError, ValueError) as e:
             raise bad(f"settings are not JSON-serialisable ({e})",
                       "Use only str, int, float, bool, None, lists and dicts in fingerprints and extra.") from None
+
+    @property
+    def recipe(self) -> Recipe:
+        """The sampling recipe a query must follow (sampler, scheduler, steps, cfg)."""
+        return Recipe(self.sampler, self.scheduler, self.steps, self.cfg)
 
     def to_dict(self) -> dict:
         """Plain JSON types, as stored in manifest.json."""
