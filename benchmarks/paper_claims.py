@@ -41,7 +41,11 @@ import numpy as np
 PACK = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PACK))
 
-from embedded import crops as C  # noqa: E402  (imports no ComfyUI at module level)
+from embedded import judge as J  # noqa: E402  (imports no ComfyUI at module level)
+from embedded.captions import parse_prompt, sample_captions  # noqa: E402
+from embedded.models import bf16_autocast, load_models, read_weights, setup_comfy  # noqa: E402
+from embedded.rendering import LATENT_SHAPE, render  # noqa: E402
+from embedded.text_encoder import condition_embedding, encode  # noqa: E402
 
 RESULTS = PACK / "benchmarks" / "results"
 SCRATCH = PACK / ".scratch" / "paper_claims"
@@ -60,14 +64,15 @@ class Judge:
 
     def read(self, latents) -> dict:
         """{features [N, 128], source [N], geometry [N, 3] (cx, cy, log size), sepia [N]}."""
-        return C.judge_outputs(latents)
+        r = J.read(latents)
+        return {"features": r.features, "source": r.source, "geometry": r.geometry, "sepia": r.sepia}
 
     def features(self, latents) -> np.ndarray:
         return self.read(latents)["features"]
 
     def real(self, captions, split: str = "heldout"):
         """Real crops [N, 3, 16, 16] rendered for captions (held-out digits by default)."""
-        return C.render(captions, self._gen, split)[0]
+        return render(captions, self._gen, split)[0]
 
 
 def frechet_distance(feat_a: np.ndarray, feat_b: np.ndarray) -> float:
@@ -108,7 +113,7 @@ def faithfulness(reading: dict, captions) -> dict:
     n = len(captions)
     truth = np.array([c.source for c in captions])
     hit = (reading["source"] == truth).astype(float)
-    geo = np.abs(reading["geometry"] - C.geometry_target(list(captions))).mean(axis=1)
+    geo = np.abs(reading["geometry"] - J.geometry_target(list(captions))).mean(axis=1)
     sep = np.abs(reading["sepia"] - np.array([c.sepia for c in captions]))
     acc = float(hit.mean())
     return {"acc": acc, "acc_se": math.sqrt(max(acc * (1 - acc), 1.0 / n) / n),
@@ -140,7 +145,7 @@ def power_law_fit(n: np.ndarray, err: np.ndarray) -> tuple[float, float]:
 # =========================================================================== conditions (captions)
 
 def source_of(prompt: str) -> int:
-    return C.parse_prompt(prompt).source
+    return parse_prompt(prompt).source
 
 
 def same_source(kb, ids: np.ndarray, labels) -> float:
@@ -252,7 +257,6 @@ class Bench:
     def __init__(self, cfg: Config, precision: str, scratch: Path, fresh: bool, t_start: float):
         import torch
 
-        from embedded.demo import _bf16_wrapper
         from kb_tools import comfy_sampling as cs
         from kb_tools import redi
 
@@ -260,20 +264,18 @@ class Bench:
         self.cfg = cfg
         self.t_start = t_start
         self.precision = precision
-        large, small, _ = C.load_models()
+        large, small, _ = load_models()
         if precision == "bf16":  # the demo's --precision bf16: autocast through ComfyUI's unet wrapper
-            large, small = large.clone(), small.clone()
-            large.set_model_unet_function_wrapper(_bf16_wrapper)
-            small.set_model_unet_function_wrapper(_bf16_wrapper)
+            large, small = bf16_autocast(large), bf16_autocast(small)
         self.large, self.small = large, small
-        self.enc = C.encode
+        self.enc = encode
         self.scratch = scratch
         if fresh and scratch.exists():
             shutil.rmtree(scratch)
         scratch.mkdir(parents=True, exist_ok=True)
         self.judge = Judge()
         # FD reference: several real renderings (held-out digits, jittered crops) of the query captions.
-        self.query_captions = C.sample_captions(cfg.queries, "heldout")
+        self.query_captions = sample_captions(cfg.queries, "heldout")
         self.real_features = np.concatenate([self.judge.features(self.judge.real(self.query_captions))
                                              for _ in range(cfg.reference_renders)])
         self.image_steps = 0           # UNet batch-item steps run (cost accounting)
@@ -331,7 +333,7 @@ class Bench:
         """(latent [B,3,16,16], {step: latent} for `record`, NFE per item, seconds) on an `steps`-step schedule."""
         torch, cs = self.torch, self.cs
         model = self.large if model is None else model
-        latent = torch.zeros((len(prompts), *C.LATENT_SHAPE))
+        latent = torch.zeros((len(prompts), *LATENT_SHAPE))
         pos, neg = self.conds(prompts)
         sigmas = cs.schedule_sigmas(model, sampler, self.cfg.scheduler, steps)
         t = time.perf_counter()
@@ -366,10 +368,10 @@ class Bench:
             return self.kbs[name]
         c = self.cfg
         path = self.kb_path(sampler)
-        prompts = [cap.prompt() for cap in C.sample_captions(n, "train")]
+        prompts = [cap.prompt() for cap in sample_captions(n, "train")]
         spec = self.redi.BuildSpec(prompts=prompts, seeds=[c.kb_seed], sampler=sampler, scheduler=c.scheduler,
                                    steps=c.steps, cfg=c.cfg, store_steps=list(range(1, c.steps)),
-                                   latent_shape=C.LATENT_SHAPE, batch_size=250, dtype="float32", commit_every=500)
+                                   latent_shape=LATENT_SHAPE, batch_size=250, dtype="float32", commit_every=500)
         sidecar = path.parent / (path.name + ".build.json")
         history = json.loads(sidecar.read_text()) if sidecar.exists() else {"seconds": 0.0, "added": 0}
         report = self.redi.build_knowledge_base(str(path), self.large, self.enc, spec)
@@ -406,7 +408,7 @@ class Bench:
     def partial(self, kb, prompts, seeds, k):
         torch = self.torch
         pos, neg = self.conds(prompts)
-        zeros = torch.zeros((len(prompts), *C.LATENT_SHAPE))
+        zeros = torch.zeros((len(prompts), *LATENT_SHAPE))
         t = time.perf_counter()
         state = self.redi.partial_sample(kb, self.large, pos, neg, zeros, list(seeds), k)
         dt = time.perf_counter() - t
@@ -549,8 +551,8 @@ def cond_neighbours(b: Bench, kb, state, h: int, q_prompts: list[str]):
     from kb_tools import retrieval as R
 
     prompts = [p for p, _ in kb.entries]
-    emb_kb = C.condition_embedding(prompts).astype(np.float64)
-    emb_q = C.condition_embedding(q_prompts).astype(np.float64)
+    emb_kb = condition_embedding(prompts).astype(np.float64)
+    emb_q = condition_embedding(q_prompts).astype(np.float64)
     d2 = (emb_q ** 2).sum(1)[:, None] + (emb_kb ** 2).sum(1)[None] - 2 * emb_q @ emb_kb.T
     ids = np.argsort(d2, axis=1)[:, :h]
     dist = np.sqrt(np.maximum(np.take_along_axis(d2, ids, 1), 0))
@@ -701,7 +703,7 @@ def exp_tstitch(b: Bench, sampler: str = "euler") -> dict:
     for frac in c.tstitch_fractions:
         t = time.perf_counter()
         out, res = tstitch_sample(b.small, b.large, small_positive=pos, small_negative=neg, large_positive=pos,
-                                  large_negative=neg, latent={"samples": torch.zeros((len(prompts), *C.LATENT_SHAPE))},
+                                  large_negative=neg, latent={"samples": torch.zeros((len(prompts), *LATENT_SHAPE))},
                                   seed=seeds[0], sampler_name=sampler, scheduler=c.scheduler, steps=c.steps,
                                   cfg=c.cfg, small_fraction=frac)
         dt = time.perf_counter() - t
@@ -828,7 +830,7 @@ def exp_stylize(b: Bench, sampler: str = "euler") -> dict:
     pc, ps = [x.prompt() for x in content], [x.prompt() for x in styled]
     seeds = [c.kb_seed] * n
     b.afford(n * (3 * c.steps + len(c.style_value_steps) * (c.key_step + c.steps)), "stylization")
-    free_ids = np.array([i for i, (p, _) in enumerate(big.entries) if C.parse_prompt(p).sepia == 0.0])
+    free_ids = np.array([i for i, (p, _) in enumerate(big.entries) if parse_prompt(p).sepia == 0.0])
     kb = b.sub_kb(sampler, len(free_ids), ids=free_ids, tag="stylefree")
     real_styled = np.concatenate([b.judge.features(b.judge.real(styled)) for _ in range(c.reference_renders)])
     unstyled, _, _, t_unstyled = b.plain(sampler, c.steps, pc, seeds)
@@ -850,7 +852,7 @@ def exp_stylize(b: Bench, sampler: str = "euler") -> dict:
     pos_s, _ = b.conds(ps)
     for v in c.style_value_steps:
         # Prompt switch without retrieval: content caption for the first v steps, styled caption after.
-        latent = torch.zeros((n, *C.LATENT_SHAPE))
+        latent = torch.zeros((n, *LATENT_SHAPE))
         sigmas = b.cs.schedule_sigmas(b.large, sampler, c.scheduler, c.steps)
         t = time.perf_counter()
         sw, _, _ = b.cs.sample_stitched([b.cs.Segment(b.large, pos_c, neg, 0, v), b.cs.Segment(b.large, pos_s, neg, v, c.steps)],
@@ -1029,7 +1031,7 @@ def main(argv=None) -> dict:
     threads = a.threads or (1 if load_before[0] > 1.0 else 2)
     out_path = a.out or (RESULTS / ("paper_claims_smoke.json" if a.smoke else "paper_claims.json"))
     scratch = a.scratch / ("smoke" if a.smoke else "full")
-    C.setup_comfy(threads)
+    setup_comfy(threads)
     import warnings
 
     warnings.filterwarnings("ignore", message=".*sqrtm.*")
@@ -1042,7 +1044,7 @@ def main(argv=None) -> dict:
     b = Bench(cfg, a.precision, scratch, a.fresh, t_start)
     log = print if not a.smoke else (lambda *x, **k: None)
     res: dict = {"benchmark": "paper_claims", "smoke": a.smoke, "skipped": [], "experiments": {}}
-    judge_meta = json.loads(C.read_weights("judge")[1].get("embedded_crops_judge", "{}"))
+    judge_meta = json.loads(read_weights("judge")[1].get("embedded_crops_judge", "{}"))
     res["setting"] = {
         "models": "embedded crops UNets (ComfyUI BaseModel, v-prediction, 3x16x16 latent = RGB image), large 64 ch / small 32 ch",
         "conditions": ("captions '<source> at <cx> <cy> size <z> [sepia <t>]': 18 sources (8 photographs, 10 digit "
@@ -1055,7 +1057,7 @@ def main(argv=None) -> dict:
                      "redi_nfe": "k + (T - v); a guard-rejected item costs T", "half_nfe": cfg.half_nfe},
         "queries_per_set": cfg.queries, "samplers": list(cfg.samplers), "h_for_claims": cfg.h_claim,
         "precision": a.precision, "torch_threads": threads, "kb_sizes": cfg.kb_sizes,
-        "judge": {"kind": "CNN (embedded.crops.judge_net) trained on rendered real crops of train captions / train digits",
+        "judge": {"kind": "CNN (embedded.judge.JudgeNet) trained on rendered real crops of train captions / train digits",
                   "heldout": judge_meta.get("heldout"),
                   "fd_reference": f"{len(b.real_features)} real crops: {cfg.reference_renders} renderings of each query caption "
                                   "(held-out digits, jittered geometry)"},

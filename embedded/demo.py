@@ -26,13 +26,25 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import sys
 import time
 from pathlib import Path
 
-from . import crops as D
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from tqdm import tqdm
+
+from kb_tools.records import Recipe
+from kb_tools.schedule import parse_steps, plan_redi
+
+from . import judge
+from .captions import parse_prompt, sample_captions
+from .models import PACK_DIR, bf16_autocast, cpu_has_fast_bf16, load_models, setup_comfy
+from .rendering import IMAGE_SIZE, to_pil
 
 SAMPLER = "euler"
 SCHEDULER = "normal"
@@ -43,7 +55,7 @@ CELL_SCALE = 4
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="scripts/demo.sh", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--output", type=Path, default=D.PACK_DIR / "output", help="folder for demo_kb/, demo_grid.png, demo_results.json")
+    p.add_argument("--output", type=Path, default=PACK_DIR / "output", help="folder for demo_kb/, demo_grid.png, demo_results.json")
     p.add_argument("--fresh", action="store_true", help="delete the knowledge base first")
     p.add_argument("--captions", type=int, default=400, help="train captions in the knowledge base")
     p.add_argument("--seeds", type=int, default=2, help="seeds per caption in the knowledge base (seeds 0..N-1)")
@@ -71,23 +83,6 @@ def _since(start: tuple[float, float]) -> tuple[float, float]:
     return time.perf_counter() - start[0], time.process_time() - start[1]
 
 
-def cpu_has_fast_bf16() -> bool:
-    """True on CPUs with AMX or AVX512-BF16 (Linux /proc/cpuinfo flags)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
-
-
-def _bf16_wrapper(apply_model, args):
-    """ComfyUI unet function wrapper: evaluate the UNet under bfloat16 autocast."""
-    import torch
-
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        return apply_model(args["input"], args["timestep"], **args["c"]).float()
-
-
 def _text_width(draw, text, font) -> int:
     box = draw.textbbox((0, 0), text, font=font)
     return box[2] - box[0]
@@ -100,10 +95,8 @@ def write_grid(path: Path, columns: list[tuple[str, list]], row_labels: list[str
     columns: (label, [latent [3, 16, 16] per row]); corner: {(row, col): text} drawn in a cell's
     corner; frames: {(row, col): colour} drawn as a border.
     """
-    from PIL import Image, ImageDraw, ImageFont
-
     font = ImageFont.load_default()
-    cell = D.IMAGE_SIZE * CELL_SCALE
+    cell = IMAGE_SIZE * CELL_SCALE
     gap, header, left = 4, 18, 72
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     widths = [max(cell, _text_width(probe, label, font) + 4) for label, _ in columns]
@@ -121,7 +114,7 @@ def write_grid(path: Path, columns: list[tuple[str, list]], row_labels: list[str
         y = header + r * (cell + gap)
         draw.text((4, y + cell // 2 - 6), row_label, fill=(230, 230, 230), font=font)
         for c, (_, cells) in enumerate(columns):
-            tile = D.to_pil(cells[r], scale=CELL_SCALE)[0].convert("RGB")
+            tile = to_pil(cells[r], scale=CELL_SCALE)[0].convert("RGB")
             img.paste(tile, (xs[c], y))
             if frames and (r, c) in frames:
                 draw.rectangle([xs[c], y, xs[c] + cell - 1, y + cell - 1], outline=frames[(r, c)], width=2)
@@ -141,16 +134,10 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"the knowledge base would hold {a.captions} trajectories per seed; "
                          f"H={a.h} needs at least {a.h + 1}: raise --captions")
     t_start = time.perf_counter()
-    D.setup_comfy(a.threads)
-    import numpy as np
-    import torch
-    from tqdm import tqdm
+    setup_comfy(a.threads)
+    from . import sampling as S  # imports ComfyUI, which setup_comfy has just configured
 
-    from kb_tools import comfy_sampling as cs
-    from kb_tools import redi
-    from kb_tools.schedule import parse_steps, plan_redi
-    from kb_tools.tstitch import tstitch_sample
-
+    recipe = Recipe(SAMPLER, SCHEDULER, a.steps, a.cfg)
     plan = plan_redi(a.steps, a.key, a.value)
     out_dir = Path(a.output)
     kb_path = out_dir / "demo_kb"
@@ -158,34 +145,30 @@ def main(argv: list[str] | None = None) -> dict:
         shutil.rmtree(kb_path)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    large, small, encode = D.load_models()
+    large, small, _ = load_models()
     if a.precision == "auto":
         a.precision = "bf16" if cpu_has_fast_bf16() and not torch.cuda.is_available() else "fp32"
     if a.precision == "bf16":
-        large, small = large.clone(), small.clone()
-        large.set_model_unet_function_wrapper(_bf16_wrapper)
-        small.set_model_unet_function_wrapper(_bf16_wrapper)
+        large, small = bf16_autocast(large), bf16_autocast(small)
     n_large = sum(p.numel() for p in large.model.diffusion_model.parameters())
     n_small = sum(p.numel() for p in small.model.diffusion_model.parameters())
     print(f"embedded crops models: large {n_large:,} / small {n_small:,} UNet parameters, {a.precision}, "
           f"{torch.get_num_threads()} threads", flush=True)
 
     # ------------------------------------------------------------------ 1. knowledge base
-    kb_prompts = [c.prompt() for c in D.sample_captions(a.captions, "train")]
-    queries = D.sample_captions(a.queries, "heldout")
+    kb_prompts = [c.prompt() for c in sample_captions(a.captions, "train")]
+    queries = sample_captions(a.queries, "heldout")
     query_prompts = [c.prompt() for c in queries]
     store_steps = parse_steps(a.store_steps, a.steps)
     t0 = time.perf_counter()
-    spec = redi.BuildSpec(prompts=kb_prompts, seeds=list(range(a.seeds)), sampler=SAMPLER, scheduler=SCHEDULER,
-                          steps=a.steps, cfg=a.cfg, store_steps=store_steps, latent_shape=D.LATENT_SHAPE, batch_size=50,
-                          dtype="float32", commit_every=100)
     with tqdm(total=a.captions * a.seeds, desc="knowledge base", unit="traj") as bar:
         def progress(done, todo):  # trajectories sampled so far of those not yet in the KB
             bar.total = todo
             bar.n = done
             bar.refresh()
 
-        report = redi.build_knowledge_base(str(kb_path), large, encode, spec, progress=progress)
+        report = S.build_kb(kb_path, large, kb_prompts, range(a.seeds), recipe, store_steps, batch_size=50,
+                            commit_every=100, progress=progress)
     added = report.added
     kb = report.kb
     build_seconds = time.perf_counter() - t0
@@ -194,27 +177,20 @@ def main(argv: list[str] | None = None) -> dict:
     # ------------------------------------------------------------------ 2. queries
     n = a.queries
     labels = np.array([c.source for c in queries])
-    positive = redi.batch_conditioning([encode(p) for p in query_prompts])
-    negative = redi.batch_conditioning([encode("")] * n)
-    zeros = torch.zeros((n, *D.LATENT_SHAPE))
-    full_sigmas = cs.schedule_sigmas(large, SAMPLER, SCHEDULER, a.steps)
     redi_nfe = plan.sampled_steps
 
-    def plain(model, seeds, steps, pos=positive, neg=negative):
-        latent = torch.zeros((len(seeds), *D.LATENT_SHAPE))
-        sigmas = full_sigmas if steps == a.steps else cs.schedule_sigmas(model, SAMPLER, SCHEDULER, steps)
+    def plain(model, prompts, seeds, steps):
         t = _clock()
-        out = cs.sample_sigmas(model, latent=latent, noise=cs.seeded_noise(latent, seeds), positive=pos,
-                               negative=neg, cfg=a.cfg, sampler_name=SAMPLER, sigmas=sigmas, seed=int(seeds[0]))
+        out = S.plain(model, prompts, seeds, dataclasses.replace(recipe, steps=steps)).latent
         return out, _since(t)
 
     # warm-up (first calls load the models), so the timings below compare like with like
     for model in (large, small):
-        plain(model, [0], 2, encode("digit 0"), encode(""))
+        plain(model, ["digit 0"], [0], 2)
 
     kb_seeds = [i % a.seeds for i in range(n)]
     protocols = [("KB seed", kb_seeds, []),
-                 ("foreign seed", *redi.query_seeds(kb, n, "custom", FOREIGN_SEED_BASE))]
+                 ("foreign seed", *S.foreign_seeds(kb, n, FOREIGN_SEED_BASE))]
     rows, results = [], {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
                          "kb": {"path": str(kb_path), "entries": len(kb), "build_seconds": round(build_seconds, 1),
                                 "added": added}, "protocols": {}}
@@ -222,30 +198,24 @@ def main(argv: list[str] | None = None) -> dict:
     for name, seeds, warnings in tqdm(protocols, desc="queries", unit="protocol"):
         for w in warnings:
             print(f"[{name}] {w}", flush=True)
-        ref, t_ref = plain(large, seeds, a.steps)
+        ref, t_ref = plain(large, query_prompts, seeds, a.steps)
 
         t = _clock()
-        state = redi.partial_sample(kb, large, positive, negative, zeros, list(seeds), a.key)
-        state = redi.retrieve_neighbours(state, a.h)
-        blended, state = redi.blend_value(state, a.value, "lstsq")
-        rep = redi.resume_sample(state, blended, large, positive, negative, h=a.h)
+        rep, state = S.redi_sample(kb, large, query_prompts, seeds, key_step=a.key, value_step=a.value, h=a.h)
         t_redi = _since(t)
         used = sum(rep.accepted)
         nfe_redi = a.key + (used * (a.steps - a.value) + (n - used) * (a.steps - a.key)) / n
 
-        eq, t_eq = plain(large, seeds, redi_nfe)
+        eq, t_eq = plain(large, query_prompts, seeds, redi_nfe)
 
         t = _clock()
-        ts_out, ts = tstitch_sample(small, large, small_positive=positive, small_negative=negative,
-                                    large_positive=positive, large_negative=negative, latent={"samples": zeros.clone()},
-                                    seed=int(seeds[0]), sampler_name=SAMPLER, scheduler=SCHEDULER, steps=a.steps,
-                                    cfg=a.cfg, small_fraction=a.small_fraction)
+        ts_out, ts = S.tstitch(small, large, query_prompts, int(seeds[0]), recipe, a.small_fraction)
         t_ts = _since(t)
 
         methods = [(f"plain {a.steps} steps", ref, t_ref, f"{a.steps}"),
                    (f"ReDi k{a.key} v{a.value} H{a.h}", rep.latent, t_redi, f"{nfe_redi:g}"),
                    (f"plain {redi_nfe} steps (=NFE)", eq, t_eq, f"{redi_nfe}"),
-                   (f"T-Stitch {ts.small_steps}s+{ts.steps - ts.small_steps}L", ts_out["samples"], t_ts,
+                   (f"T-Stitch {ts.small_steps}s+{ts.steps - ts.small_steps}L", ts_out, t_ts,
                     f"{ts.small_steps}s+{ts.steps - ts.small_steps}L")]
         info = {"seeds": [int(s) for s in seeds], "redi_summary": rep.summary(), "tstitch_summary": ts.summary,
                 "accepted": rep.accepted, "centered_residual": rep.centered_residual, "guard": rep.threshold,
@@ -253,7 +223,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "methods": {}}
         for method, lat, (sec, cpu), nfe in methods:
             mse = float(((lat.float() - ref.float()) ** 2).mean())
-            acc = float((D.judge_outputs(lat)["source"] == labels).mean())
+            acc = float((judge.read(lat).source == labels).mean())
             rows.append((name, method, nfe, sec, cpu, 1000 * sec / n, mse, acc))
             info["methods"][method] = {"nfe": nfe, "seconds": round(sec, 3), "cpu_seconds": round(cpu, 3),
                                        "mse_to_full": mse, "accuracy": acc, "finite": bool(torch.isfinite(lat).all())}
@@ -279,11 +249,9 @@ def main(argv: list[str] | None = None) -> dict:
     ids = state.neighbours.ids
     entries = kb.entries
     nb_pairs = [entries[int(i)] for i in ids.reshape(-1)]
-    nb_names = [D.parse_prompt(p).name.replace("digit ", "") for p, _ in nb_pairs]
-    nb_final, _ = plain(large, [s for _, s in nb_pairs], a.steps,
-                        redi.batch_conditioning([encode(p) for p, _ in nb_pairs]),
-                        redi.batch_conditioning([encode("")] * len(nb_pairs)))
-    nb_final = nb_final.reshape(n, a.h, *D.LATENT_SHAPE)
+    nb_names = [parse_prompt(p).name.replace("digit ", "") for p, _ in nb_pairs]
+    nb_final, _ = plain(large, [p for p, _ in nb_pairs], [s for _, s in nb_pairs], a.steps)
+    nb_final = nb_final.reshape(n, a.h, *nb_final.shape[1:])
     short = [f"plain {a.steps}", "ReDi", f"plain {redi_nfe}", "T-Stitch"]
     columns = [(label, [lat[r] for r in range(n)]) for label, lat in zip(short, lats)]
     columns += [(f"nb {j + 1}", [nb_final[r, j] for r in range(n)]) for j in range(a.h)]

@@ -12,7 +12,7 @@ and is trained towards v = (eps - sigma * x0) / sqrt(sigma^2 + sigma_data^2) * s
 output for which `V_PREDICTION.calculate_denoised(sigma, v, x_t) == x0` (checked by `check_target`).
 
 Every batch draws fresh captions from the training distribution and renders their crops
-(`embedded.crops.render`, train digits only). The text encoder is fixed, so the two models
+(`embedded.rendering.render`, train digits only). The text encoder is fixed, so the two models
 train independently. Forward passes run under bfloat16 autocast (fast on CPUs with
 AMX/AVX512-BF16); master weights, Adam state and the EMA are float32. The EMA weights are
 saved, in float16 unless --fp32.
@@ -26,7 +26,18 @@ import sys
 import time
 from pathlib import Path
 
-from . import crops as C
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from kb_tools.records import Recipe
+
+from . import judge
+from .captions import random_training_captions, sample_captions
+from .models import WEIGHT_FILES, build_model, load_into, load_models, read_weights, setup_comfy, unet_config
+from .rendering import render
+from .text_encoder import context
 
 
 def v_target(model_sampling, sigma, x0, eps):
@@ -38,8 +49,6 @@ def v_target(model_sampling, sigma, x0, eps):
 
 def check_target(model_sampling, atol: float = 1e-4) -> float:
     """calculate_denoised(sigma, v_target, x_t) must give x0 back; returns the max abs error."""
-    import torch
-
     gen = torch.Generator().manual_seed(0)
     x0 = torch.rand((64, 3, 4, 4), generator=gen) * 2 - 1
     eps = torch.randn((64, 3, 4, 4), generator=gen)
@@ -54,8 +63,6 @@ def check_target(model_sampling, atol: float = 1e-4) -> float:
 
 
 def _ema_update(ema: dict, params: dict, decay: float) -> None:
-    import torch
-
     with torch.no_grad():
         for k, p in params.items():
             ema[k].mul_(decay).add_(p.detach(), alpha=1.0 - decay)
@@ -65,12 +72,9 @@ def train(size: str, minutes: float, out: Path, *, batch: int = 128, lr: float =
           ema_max: float = 0.999, seed: int = 0, fp32: bool = False, log_every: int = 10, threads: int = 2,
           init_from: Path | None = None) -> dict:
     """Train the large or small crops UNet for `minutes` of wall clock and save its EMA weights to `out`."""
-    C.setup_comfy(threads)
-    import torch
-    from safetensors.torch import save_file
-
+    setup_comfy(threads)
     torch.manual_seed(seed)
-    patcher = C.build_model(size, seed=seed)
+    patcher = build_model(size, seed=seed)
     model = patcher.model
     net = model.diffusion_model
     ms = model.model_sampling
@@ -78,8 +82,8 @@ def train(size: str, minutes: float, out: Path, *, batch: int = 128, lr: float =
 
     previous = {}
     if init_from is not None:  # continue an earlier run (its float32 EMA weights)
-        tensors, meta = C.read_weights(size, init_from)
-        C.load_into(net, tensors, size, init_from)
+        tensors, meta = read_weights(size, init_from)
+        load_into(net, tensors, size, init_from)
         previous = json.loads(meta.get("embedded_crops", "{}"))
         print(f"continuing from {init_from}: {previous.get('iterations')} iterations, {previous.get('seconds')} s", flush=True)
 
@@ -105,17 +109,17 @@ def train(size: str, minutes: float, out: Path, *, batch: int = 128, lr: float =
         cur_lr = lr * min(1.0, (it + 1) / 20) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
         for g in opt.param_groups:
             g["lr"] = cur_lr
-        captions = C.random_training_captions(batch, gen)
-        x0, _ = C.render(captions, gen, "train")
+        captions = random_training_captions(batch, gen)
+        x0, _ = render(captions, gen, "train")
         # Classifier-free guidance: the condition is dropped to the unconditional context `drop` of the time.
         keep = torch.rand(batch, generator=gen) >= drop
-        context = C.context([c if k else None for c, k in zip(captions, keep.tolist())])
+        ctx = context([c if k else None for c, k in zip(captions, keep.tolist())])
         idx = torch.randint(0, len(sigmas), (batch,), generator=gen)
         sigma = sigmas[idx]
         eps = torch.randn(x0.shape, generator=gen)
         x_t = x0 + sigma.reshape(-1, 1, 1, 1) * eps
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=not fp32):
-            pred = net(ms.calculate_input(sigma, x_t), ms.timestep(sigma).float(), context=context)
+            pred = net(ms.calculate_input(sigma, x_t), ms.timestep(sigma).float(), context=ctx)
         loss = torch.nn.functional.mse_loss(pred.float(), v_target(ms, sigma, x0, eps))
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -135,7 +139,7 @@ def train(size: str, minutes: float, out: Path, *, batch: int = 128, lr: float =
     info = {"model": size, "unet_parameters": n_params, "iterations": sum(x["iterations"] for x in sessions),
             "seconds": round(sum(x["seconds"] for x in sessions), 1), "sessions": sessions,
             "final_loss_ema": round(float(running), 5), "batch": batch, "lr": lr, "cfg_drop": drop,
-            "ema_max": ema_max, "dtype": str(dtype).replace("torch.", ""), "unet_config": C.unet_config(size),
+            "ema_max": ema_max, "dtype": str(dtype).replace("torch.", ""), "unet_config": unet_config(size),
             "objective": "v-prediction, ComfyUI ModelSamplingDiscrete (SD schedule)"}
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"embedded_crops": json.dumps(info)}
@@ -152,12 +156,8 @@ def train(size: str, minutes: float, out: Path, *, batch: int = 128, lr: float =
 def train_judge(minutes: float, out: Path, *, batch: int = 256, lr: float = 2e-3, seed: int = 0,
                 threads: int = 2) -> dict:
     """Train the judge CNN on rendered real crops (train digits): source, geometry and sepia heads."""
-    import torch
-    import torch.nn.functional as F
-    from safetensors.torch import save_file
-
     torch.set_num_threads(threads)
-    net = C.judge_net()
+    net = judge.judge_net()
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     gen = torch.Generator().manual_seed(seed + 7)
     budget, start, it, running = minutes * 60.0, time.perf_counter(), 0, None
@@ -165,13 +165,13 @@ def train_judge(minutes: float, out: Path, *, batch: int = 256, lr: float = 2e-3
         frac = (time.perf_counter() - start) / budget
         for g in opt.param_groups:
             g["lr"] = lr * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * frac)))
-        captions = C.random_training_captions(batch, gen)
-        x, geo = C.render(captions, gen, "train")
+        captions = random_training_captions(batch, gen)
+        x, geo = render(captions, gen, "train")
         x = (x + 0.03 * torch.randn(x.shape, generator=gen)).clamp(-1, 1)  # robust to sampler residue
         src = torch.tensor([c.source for c in captions])
         sep = torch.tensor([c.sepia for c in captions])
         _, logits, geo_hat, sep_hat = net(x)
-        loss = (F.cross_entropy(logits, src) + 4.0 * F.mse_loss(geo_hat, torch.from_numpy(C.geometry_target(geo)))
+        loss = (F.cross_entropy(logits, src) + 4.0 * F.mse_loss(geo_hat, torch.from_numpy(judge.geometry_target(geo)))
                 + 4.0 * F.mse_loss(sep_hat, sep))
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -193,60 +193,47 @@ def train_judge(minutes: float, out: Path, *, batch: int = 256, lr: float = 2e-3
 
 def judge_quality(net=None, count: int = 2000) -> dict:
     """Judge accuracy / errors on real crops of held-out captions and held-out digits."""
-    import numpy as np
-    import torch
-
     gen = torch.Generator().manual_seed(99)
-    captions = C.sample_captions(count, "heldout")
-    x, geo = C.render(captions, gen, "heldout")
+    captions = sample_captions(count, "heldout")
+    x, geo = render(captions, gen, "heldout")
     if net is None:
-        out = C.judge_outputs(x)
-        src, geo_hat, sep_hat = out["source"], out["geometry"], out["sepia"]
+        reading = judge.read(x)
+        src, geo_hat, sep_hat = reading.source, reading.geometry, reading.sepia
     else:
         with torch.no_grad():
             _, logits, geo_hat, sep_hat = net(x)
         src, geo_hat, sep_hat = logits.argmax(-1).numpy(), geo_hat.numpy(), sep_hat.numpy()
     truth = np.array([c.source for c in captions])
-    err = np.abs(geo_hat - C.geometry_target(geo))
+    err = np.abs(geo_hat - judge.geometry_target(geo))
     return {"count": count, "source_accuracy": round(float((src == truth).mean()), 4),
             "digit_accuracy": round(float((src == truth)[truth < 10].mean()), 4),
             "cx_cy_mae": round(float(err[:, :2].mean()), 4), "log_size_mae": round(float(err[:, 2].mean()), 4),
             "sepia_mae": round(float(np.abs(sep_hat - np.array([c.sepia for c in captions])).mean()), 4)}
 
 
-def generate(model, prompts, seeds, *, cfg: float = 3.0, steps: int = 20, sampler: str = "euler"):
+def generate(model, prompts, seeds, *, cfg: float = 3.0, steps: int = 20, sampler: str = "euler") -> torch.Tensor:
     """Plain ComfyUI sampling of caption prompts, one seed per item: latents [B, 3, 16, 16]."""
-    import torch
+    from . import sampling  # imports ComfyUI, which setup_comfy configures first
 
-    from kb_tools import comfy_sampling as cs
-    from kb_tools.redi import batch_conditioning
-
-    positive = batch_conditioning([C.encode(p) for p in prompts])
-    negative = C.encode("")
-    latent = torch.zeros((len(prompts), *C.LATENT_SHAPE))
-    sigmas = cs.schedule_sigmas(model, sampler, "normal", steps)
-    return cs.sample_sigmas(model, latent=latent, noise=cs.seeded_noise(latent, seeds), positive=positive,
-                            negative=negative, cfg=cfg, sampler_name=sampler, sigmas=sigmas, seed=int(seeds[0]))
+    return sampling.plain(model, prompts, seeds, Recipe(sampler, "normal", steps, cfg)).latent
 
 
 def evaluate(large_path=None, small_path=None, count: int = 200, cfg: float = 3.0, steps: int = 20) -> dict:
     """Judge readings of `count` samples of held-out captions (seeds 10000+) per model, beside real crops."""
-    C.setup_comfy(2)
-    import numpy as np
-
-    large, small, _ = C.load_models(large_path, small_path)
+    setup_comfy(2)
+    large, small, _ = load_models(large_path, small_path)
     out = {"judge_on_real_heldout": judge_quality(), "count": count, "cfg": cfg, "steps": steps}
-    captions = C.sample_captions(count, "heldout")
+    captions = sample_captions(count, "heldout")
     seeds = [10000 + i for i in range(count)]
     truth = np.array([c.source for c in captions])
     for name, model in (("large", large), ("small", small)):
         t0 = time.perf_counter()
         lat = generate(model, [c.prompt() for c in captions], seeds, cfg=cfg, steps=steps)
-        j = C.judge_outputs(lat)
-        err = np.abs(j["geometry"] - C.geometry_target(captions))
-        out[name] = {"source_accuracy": round(float((j["source"] == truth).mean()), 4),
+        j = judge.read(lat)
+        err = np.abs(j.geometry - judge.geometry_target(captions))
+        out[name] = {"source_accuracy": round(float((j.source == truth).mean()), 4),
                      "cx_cy_mae": round(float(err[:, :2].mean()), 4), "log_size_mae": round(float(err[:, 2].mean()), 4),
-                     "sepia_mae": round(float(np.abs(j["sepia"] - np.array([c.sepia for c in captions])).mean()), 4),
+                     "sepia_mae": round(float(np.abs(j.sepia - np.array([c.sepia for c in captions])).mean()), 4),
                      "seconds": round(time.perf_counter() - t0, 1), "finite": bool(np.isfinite(lat.numpy()).all())}
         print(f"{name}: {out[name]}", flush=True)
     print(json.dumps(out), flush=True)
@@ -275,12 +262,12 @@ def main(argv=None) -> int:
         evaluate(a.large, a.small, a.count)
         return 0
     if a.judge:
-        train_judge(a.minutes or 3.0, a.out or C.WEIGHT_FILES["judge"], threads=a.threads)
+        train_judge(a.minutes or 3.0, a.out or WEIGHT_FILES["judge"], threads=a.threads)
         return 0
     if a.model is None:
         p.error("--model large|small, --judge or --evaluate is required")
     minutes = a.minutes or {"large": 20.0, "small": 8.0}[a.model]
-    train(a.model, minutes, a.out or C.WEIGHT_FILES[a.model], batch=a.batch, lr=a.lr, seed=a.seed, fp32=a.fp32,
+    train(a.model, minutes, a.out or WEIGHT_FILES[a.model], batch=a.batch, lr=a.lr, seed=a.seed, fp32=a.fp32,
           threads=a.threads, init_from=a.init_from)
     return 0
 
