@@ -2,7 +2,9 @@
 
 Runs `python benchmarks/paper_claims.py --smoke --out <tmp>` in a subprocess with this
 interpreter and environment (scripts/test.sh provides ComfyUI), then checks the structure
-and that every number is finite. The numbers themselves mean nothing at this size.
+and that every number is finite. The numbers themselves mean nothing at this size. The smoke
+runs every experiment at a fixed size (no wall-clock budget), about a minute on an idle
+2-core machine; the subprocess timeout is only a safety net against a hung run.
 """
 from __future__ import annotations
 
@@ -11,7 +13,6 @@ import math
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -48,16 +49,14 @@ def smoke(tmp_path_factory, comfy_root):
     out = tmp_path_factory.mktemp("paper_claims") / "smoke.json"
     scratch = out.parent / "scratch"
     env = dict(os.environ, COMFYUI_PATH=str(comfy_root))
-    t = time.perf_counter()
     proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--out", str(out), "--scratch", str(scratch)],
-                          cwd=PACK, env=env, capture_output=True, text=True, timeout=300)
-    seconds = time.perf_counter() - t
+                          cwd=PACK, env=env, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return json.loads(out.read_text()), seconds
+    return json.loads(out.read_text())
 
 
 def test_smoke_structure(smoke):
-    res, _ = smoke
+    res = smoke
     assert res["smoke"] is True
     for key in ("setting", "kb", "experiments", "goals", "skipped", "wall_seconds", "machine", "sampling_cost"):
         assert key in res, key
@@ -70,7 +69,7 @@ def test_smoke_structure(smoke):
     for key in ("setting_check", "equal_nfe", "condition_key", "ablations", "stylization", "tstitch", "guard",
                 "wallclock", "regime_map"):
         assert key in ex, key
-    assert not res["skipped"], res["skipped"]  # the smoke budget fits every experiment
+    assert not res["skipped"], res["skipped"]  # the smoke has no time budget: every experiment runs
     st = ex["stylization"]
     assert [r["method"] for r in st["rows"]][:2] == ["plain, content caption (unstyled reference)", "plain, styled caption (direct)"]
     assert any(r["method"].startswith("ReDi") for r in st["rows"])
@@ -96,10 +95,18 @@ def test_smoke_structure(smoke):
 
 
 def test_smoke_numbers_finite(smoke):
-    res, _ = smoke
+    res = smoke
     bad = [(p, v) for p, v in _numbers(res) if not math.isfinite(v)]
     assert not bad, bad[:10]
     nulls = [p for p, v in _leaves(res) if v is None]
     # None only where the JSON writer replaced a non-finite float: there must be none
     assert not [p for p in nulls if ".rows[" in p and p.rsplit(".", 1)[-1] in ("fd", "acc", "mse_mean")], nulls[:10]
 
+
+
+def test_smoke_refuses_a_time_budget(comfy_root):
+    """What the smoke runs never depends on the clock: --budget-min is for full runs only."""
+    env = dict(os.environ, COMFYUI_PATH=str(comfy_root))
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--budget-min", "1"], cwd=PACK, env=env,
+                          capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 2 and "--budget-min applies to full runs only" in proc.stderr, proc.stderr[-2000:]
