@@ -2,7 +2,7 @@
 
     source scripts/env.sh
     $REDI_PYTHON benchmarks/paper_claims.py              # full run (about 45 min on 2 CPU cores)
-    $REDI_PYTHON benchmarks/paper_claims.py --smoke --out /tmp/pc.json   # structure check of every experiment
+    $REDI_PYTHON benchmarks/paper_claims.py --smoke --out /tmp/pc.json   # every experiment at tiny sizes (~1 min)
 
 Writes benchmarks/results/paper_claims.json, paper_claims.md and paper_claims_*.png (full run).
 
@@ -37,6 +37,9 @@ import time
 import warnings
 from pathlib import Path
 
+import torch
+from threadpoolctl import threadpool_limits
+
 PACK = Path(__file__).resolve().parent.parent
 if str(PACK) not in sys.path:  # run as a script: benchmarks/ and embedded/ are packages of the pack root
     sys.path.insert(0, str(PACK))
@@ -44,7 +47,7 @@ if str(PACK) not in sys.path:  # run as a script: benchmarks/ and embedded/ are 
 from benchmarks.claims import writers  # noqa: E402
 from benchmarks.claims.config import Config  # noqa: E402
 from benchmarks.report import to_json  # noqa: E402
-from embedded.models import read_weights, setup_comfy  # noqa: E402
+from embedded.models import cpu_has_fast_bf16, read_weights, setup_comfy  # noqa: E402
 
 RESULTS = PACK / "benchmarks" / "results"
 SCRATCH = PACK / ".scratch" / "paper_claims"
@@ -57,9 +60,10 @@ def parser() -> argparse.ArgumentParser:
                    help="JSON path (default benchmarks/results/paper_claims.json; required-by-convention for --smoke)")
     p.add_argument("--threads", type=int, default=0,
                    help="torch threads; 0 = auto: 2 on an idle machine, 1 when other jobs already load the 2 cores")
-    p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
+    p.add_argument("--precision", choices=["bf16", "fp32", "auto"], default=None,
                    help="bf16: both UNets under bfloat16 autocast (embedded.models.bf16_autocast), ~2.5x faster on CPUs "
-                        "with AMX / AVX512-BF16")
+                        "with AMX / AVX512-BF16 and ~2x slower on CPUs without; auto: bf16 on such CPUs, else fp32. "
+                        "Default: bf16 for full runs (the published results), auto for --smoke")
     p.add_argument("--scratch", type=Path, default=SCRATCH, help="cache folder for knowledge bases (gitignored)")
     p.add_argument("--fresh", action="store_true", help="delete the cached knowledge bases first (honest build times)")
     p.add_argument("--budget-min", type=float, default=None,
@@ -92,12 +96,16 @@ def main(argv=None) -> dict:
     if a.budget_min is not None:
         cfg.soft_budget_s = 60.0 * a.budget_min
     threads = a.threads or (1 if load_before[0] > 1.0 else 2)
+    precision = a.precision or ("auto" if a.smoke else "bf16")
+    if precision == "auto":
+        precision = "bf16" if cpu_has_fast_bf16() and not torch.cuda.is_available() else "fp32"
     out_path = a.out or (RESULTS / ("paper_claims_smoke.json" if a.smoke else "paper_claims.json"))
     scratch = a.scratch / ("smoke" if a.smoke else "full")
     setup_comfy(threads)
+    # numpy's BLAS (the FD's eigendecompositions) gets the same threads as torch: its default of
+    # one thread per core slows it several times over on a machine other jobs already load.
+    threadpool_limits(threads, user_api="blas")
     # The run itself imports ComfyUI (through kb_tools), which setup_comfy has just configured.
-    import torch
-
     from benchmarks.claims import experiments as E
     from benchmarks.claims import goals as G
     from benchmarks.claims.bench import Bench, Skip
@@ -106,7 +114,7 @@ def main(argv=None) -> dict:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     logging.getLogger("ReDi").setLevel(logging.ERROR)
 
-    b = Bench(cfg, a.precision, scratch, a.fresh, t_start)
+    b = Bench(cfg, precision, scratch, a.fresh, t_start)
     log = print if not a.smoke else (lambda *x, **k: None)
     res: dict = {"benchmark": "paper_claims", "smoke": a.smoke, "skipped": [], "experiments": {}}
     judge_meta = json.loads(read_weights("judge")[1].get("embedded_crops_judge", "{}"))
@@ -121,7 +129,7 @@ def main(argv=None) -> dict:
                      "nfe_budgets": list(cfg.budgets), "value_step_for_budget": {n: cfg.value_step(n) for n in cfg.budgets},
                      "redi_nfe": "k + (T - v); a guard-rejected item costs T", "half_nfe": cfg.half_nfe},
         "queries_per_set": cfg.queries, "samplers": list(cfg.samplers), "h_for_claims": cfg.h_claim,
-        "precision": a.precision, "torch_threads": threads, "kb_sizes": cfg.kb_sizes,
+        "precision": precision, "torch_threads": threads, "kb_sizes": cfg.kb_sizes,
         "judge": {"kind": "CNN (embedded.judge.JudgeNet) trained on rendered real crops of train captions / train digits",
                   "heldout": judge_meta.get("heldout"),
                   "fd_reference": f"{len(b.real_features)} real crops: {cfg.reference_renders} renderings of each query caption "

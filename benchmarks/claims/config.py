@@ -39,10 +39,10 @@ class Config:
     @classmethod
     def smoke_config(cls) -> Config:
         """Tiny sizes that exercise every experiment and every JSON field (the numbers mean nothing)."""
-        return cls(samplers=("euler",), kb_sizes={"euler": 40}, queries=20, budgets=(5,), plain_extra={},
-                   h_main=(1, 3), h_extra=(), reference_renders=2, setting_extra_steps=(20,),
-                   kb_size_ablation=(20, 40), gap_values=(6, 7), key_values=(2, 3), cond_key_budgets=(5,),
-                   style_queries=10, style_value_steps=(4,), tstitch_fractions=(0.0, 0.4, 1.0), smoke=True)
+        return cls(samplers=("euler",), kb_sizes={"euler": 24}, queries=12, budgets=(5,), plain_extra={},
+                   h_main=(1, 3), h_extra=(), reference_renders=2, setting_extra_steps=(12,),
+                   kb_size_ablation=(12, 24), gap_values=(6, 7), key_values=(2, 3), cond_key_budgets=(5,),
+                   style_queries=8, style_value_steps=(4,), tstitch_fractions=(0.0, 0.4, 1.0), smoke=True)
 
     def value_step(self, nfe: int, k: int | None = None) -> int:
         """The value step v that gives ReDi `nfe` model evaluations with key step k (NFE = k + T - v)."""
