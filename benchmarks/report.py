@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import time
 from pathlib import Path
 from typing import Any
 
@@ -84,11 +83,6 @@ def fmt(x, nd: int = 3) -> str:
     return f"{x:.{nd}g}"
 
 
-def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
-    """Lines of a markdown table."""
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
-
-
 def replace_block(text: str, start: str, end: str, block: str) -> str | None:
     """`text` with what lies between the markers `start` and `end` replaced by `block`; None if a marker is missing."""
     if start not in text or end not in text:
@@ -96,23 +90,6 @@ def replace_block(text: str, start: str, end: str, block: str) -> str | None:
     head, rest = text.split(start, 1)
     tail = rest.split(end, 1)[1]
     return f"{head}{start}\n{block}\n{end}{tail}"
-
-
-# --------------------------------------------------------------------------- timing
-
-class Stopwatch:
-    """Wall and CPU seconds of this process since it was started (CPU is steadier on a shared machine)."""
-
-    def __init__(self):
-        self.wall0, self.cpu0 = time.perf_counter(), time.process_time()
-
-    @property
-    def wall(self) -> float:
-        return time.perf_counter() - self.wall0
-
-    @property
-    def cpu(self) -> float:
-        return time.process_time() - self.cpu0
 
 
 # --------------------------------------------------------------------------- plots

@@ -57,10 +57,6 @@ class Caption:
     sepia: float = 0.0
 
     @property
-    def is_digit(self) -> bool:
-        return source_kind(self.source) == "digit"
-
-    @property
     def name(self) -> str:
         return SOURCES[self.source]
 
