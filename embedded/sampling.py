@@ -1,8 +1,9 @@
 """The embedded models sampled through the pack's own code: plain runs, ReDi, T-Stitch and knowledge bases.
 
-The one module of embedded/ and benchmarks/ that calls kb_tools: the demo, the training
-evaluation and the benchmarks sample through these functions, so moving them onto another
-kb_tools entry point changes this file only. Prompts are captions of the embedded models;
+The one module of embedded/ and benchmarks/ that calls kb_tools' sampling, retrieval and
+knowledge-base code (the others use only its plain records and schedule helpers): the demo,
+the training evaluation and the benchmarks sample through these functions, so moving them onto
+another kb_tools entry point changes this file only. Prompts are captions of the embedded models;
 every batch item has its own seed (the noise ComfyUI draws for a batch of one with that seed),
 unless a function says otherwise.
 
