@@ -187,8 +187,9 @@ class SwitchGuider:
                 held.append(sampler.sample(route, sigmas_dev, late_args, callback, noise_dev, latent_dev, mask_dev, disable))
                 return held[-1]
 
-            # The early guider prepares itself (conditioning, hooks, model) and runs the one real sampler call.
-            self.early.sample(noise, latent_image, _Inside(on_early), sigmas, None, None, True, seed)
+            # The early guider prepares itself (conditioning, hooks, model) and runs the one real sampler call. A copy:
+            # a run keeps its state on the guider, and ComfyUI hands out one cached object for two identical nodes.
+            copy.copy(self.early).sample(noise, latent_image, _Inside(on_early), sigmas, None, None, True, seed)
             return held[0]
 
         late = _loading_with(self.late, _patchers(self.early))

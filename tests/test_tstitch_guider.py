@@ -128,6 +128,23 @@ def test_multistep_history_is_kept_across_the_hand_over(pack, custom, models):
     assert (segments - reference).abs().max().item() > 1e-3
 
 
+def test_one_guider_object_on_both_sides_is_its_plain_run(pack, custom, models):
+    """ComfyUI hands out one cached object for two identical nodes: the same guider may sit on both sides."""
+    import comfy.samplers
+    import tiny_models
+    _, large = models
+    pos, neg = conds()
+    guider = custom.CFGGuider.execute(model=large, positive=pos, negative=neg, cfg=CFG).result[0]
+    both = pack.nodes.tstitch.TStitchGuider.execute(small_guider=guider, large_guider=guider, switch_mode="fraction",
+                                                    small_fraction=0.4, switch_sigma=1.0).result[0]
+    sigmas = custom.BasicScheduler.execute(model=large, scheduler="normal", steps=STEPS, denoise=1.0).result[0]
+    lat = tiny_models.empty_latent()
+    noise = custom.RandomNoise.execute(noise_seed=SEED).result[0].generate_noise({"samples": lat})
+    out = both.sample(noise, lat, comfy.samplers.sampler_object("dpmpp_2m"), sigmas, seed=SEED)
+    assert (out - plain(large, "dpmpp_2m")).abs().max().item() < 1e-5 * max(1.0, out.abs().max().item())
+    assert both.evaluations == {"small_model": 4, "large_model": 6}
+
+
 def test_mismatched_pair_is_refused_before_sampling(pack, custom, models):
     import tiny_models
     small, large = models
