@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -37,15 +36,6 @@ log = logging.getLogger("ReDi")
 #: Samplers that pick their own noise levels instead of walking the schedule's sigmas; a
 #: trajectory cannot be recorded at fixed steps with them.
 SCHEDULE_FREE_SAMPLERS = frozenset({"dpm_fast", "dpm_adaptive"})
-
-#: Samplers that keep a history of past model outputs; it is empty again after a ReDi resume,
-#: so their first steps after the jump run at lower order (documented in README).
-MULTISTEP_SAMPLERS = frozenset({
-    "lms", "dpmpp_2m", "dpmpp_2m_cfg_pp", "dpmpp_2m_sde", "dpmpp_2m_sde_gpu", "dpmpp_2m_sde_heun",
-    "dpmpp_2m_sde_heun_gpu", "dpmpp_3m_sde", "dpmpp_3m_sde_gpu", "ipndm", "ipndm_v", "deis",
-    "res_multistep", "res_multistep_cfg_pp", "res_multistep_ancestral", "res_multistep_ancestral_cfg_pp",
-    "uni_pc", "uni_pc_bh2", "gradient_estimation", "gradient_estimation_cfg_pp", "sa_solver", "sa_solver_pece",
-})
 
 
 def sampler_names() -> list[str]:

@@ -27,11 +27,11 @@ from . import comfy_sampling as cs
 from .build import BuildReport, BuildSpec, build_knowledge_base, kb_settings_for  # noqa: F401 - public API
 from .errors import KBError, KBMismatchError
 from .guard import FALLBACK_GUARD, GUARD_AUTO, Guard, resolve_guard  # noqa: F401 - public API
-from .guiders import SwitchGuider, run_sampler  # noqa: F401
+from .guiders import SwitchGuider
 from .kb import KnowledgeBase
 from .plain import batch_conditioning, cfg_guider, sample_counted, stitched_guider  # noqa: F401 - public API
 from .records import describe_differences, differences
-from .redi_sampler import ReDiRun, check_latent, check_models, make_run, redi_ksampler, resume_items
+from .redi_sampler import ReDiRun, check_latent, check_models, make_run, redi_ksampler, resume_items  # noqa: F401 - public API
 from .results import Evaluations, ReDiResult
 from .retrieval import NearestKeys, WeightFit, blend_entries, check_value_step, fit_weights, nearest_keys
 from .schedule import ReDiPlan, Switch, plan_redi

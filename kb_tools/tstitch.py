@@ -21,7 +21,7 @@ from typing import Callable, Mapping
 
 from .errors import KBError, KBMismatchError
 from .records import differences
-from .schedule import Switch, stitch_switch_step
+from .schedule import Switch
 
 #: Relative tolerance on sigma_min / sigma_max when deciding two models share a schedule.
 SIGMA_REL_TOL = 1e-3
