@@ -226,29 +226,33 @@ def blend_at(neighbours: QueryNeighbours, value_step: int, weight_mode: str = "l
 
 
 def _sample_from_starts(model, x, sigmas, extra_args=None, callback=None, disable=None, *, values: torch.Tensor,
-                        starts: np.ndarray, sampler, tally: Evaluations):
-    """k-diffusion sampler: x is every item's key-step state; items with a later start jump to `values` there."""
+                        jumped: np.ndarray, starts: np.ndarray, sampler, tally: Evaluations):
+    """k-diffusion sampler: x is every item's key-step state; `jumped` items continue from `values` at their start."""
     base = model.inner_model.inner_model
     states = x.clone()
-    for step in sorted(set(int(s) for s in starts if s > 0)):
-        rows = torch.from_numpy(np.flatnonzero(starts == step)).to(x.device)
+    for step in sorted(set(int(s) for s in starts[jumped])):
+        rows = torch.from_numpy(np.flatnonzero(jumped & (starts == step))).to(x.device)
         states[rows] = cs.from_latent_space(base, sigmas[step], values[rows.cpu()].to(x))
     return resume_items(model, states, starts, sigmas, extra_args or {}, callback, disable, sampler, tally)
 
 
 def resume_from(kb: KnowledgeBase, plan: ReDiPlan, key_latent: torch.Tensor, value_latent: torch.Tensor,
-                start_steps: np.ndarray, guider, seeds: Sequence[int], callback: Callable | None = None
-                ) -> tuple[torch.Tensor, Evaluations]:
-    """Lines 9-11 outside a sampler run: item i continues from its value (start v) or its key latent (start k)."""
+                accepted: np.ndarray, guider, seeds: Sequence[int], callback: Callable | None = None
+                ) -> tuple[torch.Tensor, np.ndarray, Evaluations]:
+    """Lines 9-11 outside a sampler run: accepted items continue from their value at v, the others from x_k.
+
+    Returns (latent, start step per item, evaluations).
+    """
     sigmas = torch.tensor(kb.settings.sigmas, dtype=torch.float32)[plan.key_step:]
+    start = np.where(accepted, plan.value_step, plan.key_step).astype(np.int64)
     tally = Evaluations(len(key_latent))
     sampler = comfy.samplers.KSAMPLER(_sample_from_starts, extra_options={
-        "values": value_latent.float(), "starts": np.asarray(start_steps) - plan.key_step,
+        "values": value_latent.float(), "jumped": np.asarray(accepted, bool), "starts": start - plan.key_step,
         "sampler": comfy.samplers.sampler_object(kb.settings.sampler), "tally": tally})
     with torch.no_grad():
         out = guider.sample(torch.zeros_like(key_latent), key_latent.float(), sampler, sigmas, callback=callback,
                             disable_pbar=True, seed=int(seeds[0]))
-    return out.detach().float().cpu(), tally
+    return out.detach().float().cpu(), start, tally
 
 
 def resume(value: BlendedValue, model, positive, negative, guard: float = GUARD_AUTO,
@@ -257,12 +261,12 @@ def resume(value: BlendedValue, model, positive, negative, guard: float = GUARD_
     q, plan, fit = value.neighbours.query, value.plan, value.fit
     kb, h = q.kb, value.neighbours.nearest.ids.shape[1]
     gate = resolve_guard(kb.calibration(plan.key_step), plan.key_step, h, guard)
-    start = np.where(gate.accepts(fit.centered_residual), plan.value_step, plan.key_step).astype(np.int64)
+    accepted = gate.accepts(fit.centered_residual)
     guider = cfg_guider(model, positive, negative, kb.settings.cfg)
-    out, tally = resume_from(kb, plan, q.latent, value.latent, start, guider, q.seeds, callback)
+    out, start, tally = resume_from(kb, plan, q.latent, value.latent, accepted, guider, q.seeds, callback)
     spent = Evaluations(len(out), {n: q.evaluations.of(n) + tally.of(n)
                                    for n in sorted(set(q.evaluations.per_model) | set(tally.per_model))})
-    return ReDiResult(out, plan, start, value.neighbours.nearest.ids, value.neighbours.nearest.distances, fit.weights,
+    return ReDiResult(out, plan, accepted, start, value.neighbours.nearest.ids, value.neighbours.nearest.distances, fit.weights,
                       fit.mode, fit.residual, fit.centered_residual, gate, spent, q.warnings)
 
 
@@ -360,11 +364,11 @@ def resume_sample(state: ReDiState, blended: torch.Tensor, model, positive, nega
     h = h if h is not None else state.neighbours.ids.shape[1]
     plan = plan_redi(kb.settings.steps, state.key_step, state.value_step, kb.settings.stored_steps)
     gate = resolve_guard(kb.calibration(state.key_step), state.key_step, h, threshold)
-    start = np.where(gate.accepts(state.centered_residual), plan.value_step, plan.key_step).astype(np.int64)
+    accepted = gate.accepts(state.centered_residual)
     guider = cfg_guider(model, positive, negative, kb.settings.cfg)
-    out, tally = resume_from(kb, plan, state.query, blended, start, guider, state.seeds, callback)
+    out, start, tally = resume_from(kb, plan, state.query, blended, accepted, guider, state.seeds, callback)
     nb = state.neighbours
-    result = ReDiResult(out, plan, start, nb.ids, nb.distances, nb.weights, state.weight_mode or "lstsq",
+    result = ReDiResult(out, plan, accepted, start, nb.ids, nb.distances, nb.weights, state.weight_mode or "lstsq",
                         np.asarray(state.residual), np.asarray(state.centered_residual), gate, tally)
     return ResumeReport(out, [bool(a) for a in result.accepted], plan.skipped_steps, tally.total(), gate.threshold,
                         [float(r) for r in state.centered_residual], result)

@@ -102,12 +102,13 @@ def sample_redi(model, x, sigmas, extra_args=None, callback=None, disable=None, 
     # Line 8: x_v_hat = sum_i w*_i val^(j_i).
     x_v = torch.from_numpy(blend_entries(kb, near.ids, fit.weights, v)).to(x_k)
     # The guard (not in the paper): an item whose keys do not rebuild its query continues from x_k.
-    start = np.where(run.guard.accepts(fit.centered_residual), v, k).astype(np.int64)
-    jumped = torch.from_numpy(start == v).to(x_k.device).view(-1, 1, 1, 1)
+    accepted = run.guard.accepts(fit.centered_residual)
+    start = np.where(accepted, v, k).astype(np.int64)
+    jumped = torch.from_numpy(accepted).to(x_k.device).view(-1, 1, 1, 1)
     states = torch.where(jumped, cs.from_latent_space(base, sigmas[v], x_v), x_k)
     # Lines 9-11: sample x_v_hat -> x_0 (each item from its own start step).
     out = resume_items(model, states, start, sigmas, extra_args, callback, disable, sampler, tally)
-    run.result = ReDiResult(cs.to_latent_space(base, sigmas[-1], out).float().cpu(), plan, start, near.ids,
+    run.result = ReDiResult(cs.to_latent_space(base, sigmas[-1], out).float().cpu(), plan, accepted, start, near.ids,
                             near.distances, fit.weights, fit.mode, fit.residual, fit.centered_residual, run.guard,
                             tally, tuple(warnings))
     log.info(run.result.summary())

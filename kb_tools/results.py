@@ -64,13 +64,14 @@ class Evaluations:
 class ReDiResult:
     """One ReDi run (Algorithm 2), per batch item: where it resumed, whom it blended, what it cost.
 
-    Shapes: B batch items, H neighbours. `start_steps[i]` is the step item i resumed from: the
-    value step when the guard accepted its blend, the key step when it continued from its own
-    query latent (nothing skipped).
+    Shapes: B batch items, H neighbours. `accepted[i]`: the guard let item i resume from its
+    blended value, at `start_steps[i]` (the value step); otherwise it continued from its own
+    query latent at the key step (nothing skipped).
     """
 
     latent: torch.Tensor  # [B, C, H, W] float32, LATENT-dict space
     plan: ReDiPlan
+    accepted: np.ndarray  # bool [B]
     start_steps: np.ndarray  # int64 [B]
     neighbour_ids: np.ndarray  # int64 [B, H], nearest first
     distances: np.ndarray  # float32 [B, H], Euclidean, of the full keys
@@ -81,11 +82,6 @@ class ReDiResult:
     guard: Guard
     evaluations: Evaluations
     warnings: tuple[str, ...] = ()
-
-    @property
-    def accepted(self) -> np.ndarray:
-        """bool [B]: the items that jumped (resumed after the key step)."""
-        return self.start_steps > self.plan.key_step
 
     @property
     def skipped_steps(self) -> np.ndarray:

@@ -40,7 +40,7 @@ def test_evaluations_per_model_and_item():
 
 def _result(start, centered):
     b = len(start)
-    return ReDiResult(latent=None, plan=plan_redi(10, 3, 7), start_steps=np.array(start), neighbour_ids=np.zeros((b, 2), int),
+    return ReDiResult(latent=None, plan=plan_redi(10, 3, 7), accepted=np.array(start) == 7, start_steps=np.array(start), neighbour_ids=np.zeros((b, 2), int),
                       distances=np.zeros((b, 2)), weights=np.zeros((b, 2)), weight_mode="lstsq", residual=np.zeros(b),
                       centered_residual=np.array(centered), guard=resolve_guard(None, 3, 2, GUARD_AUTO),
                       evaluations=Evaluations(b, {"model": np.array([10 - 4 if s == 7 else 10 for s in start])}))
