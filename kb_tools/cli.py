@@ -1,7 +1,8 @@
 """`python -m kb_tools`: build, merge, inspect and verify ReDi knowledge bases offline.
 
 `build` loads ComfyUI in-process (COMFYUI_PATH, or the ComfyUI above this pack) and runs the
-same code as the BuildKnowledgeBase node (kb_tools.redi.build_knowledge_base).
+same code as the BuildKnowledgeBase node (kb_tools.build.build_knowledge_base, which samples
+through the one plain-sampler helper, kb_tools.plain.sample_prompts).
 """
 from __future__ import annotations
 
@@ -24,8 +25,9 @@ def _build(args: argparse.Namespace) -> int:
     import comfy.sd
     from tqdm import tqdm
 
+    from .build import BuildSpec, build_knowledge_base
     from .prompts import read_prompts, shard_of
-    from .redi import BuildSpec, build_knowledge_base
+    from .records import Recipe
     from .schedule import parse_steps
 
     prompts = shard_of(read_prompts(args.prompts), args.shard)
@@ -38,8 +40,8 @@ def _build(args: argparse.Namespace) -> int:
         raise KBError(f"{args.ckpt} has no diffusion model or text encoder ComfyUI recognises; give a full checkpoint (model + CLIP).")
     channels = model.get_model_object("latent_format").latent_channels
     seeds = [args.seed + i for i in range(args.seeds_per_prompt)]
-    spec = BuildSpec(prompts=prompts, seeds=seeds, sampler=args.sampler, scheduler=args.scheduler, steps=args.steps,
-                     cfg=args.cfg, store_steps=parse_steps(args.store_steps, args.steps),
+    spec = BuildSpec(prompts=prompts, seeds=seeds, recipe=Recipe(args.sampler, args.scheduler, args.steps, args.cfg),
+                     store_steps=parse_steps(args.store_steps, args.steps),
                      latent_shape=(channels, args.height // 8, args.width // 8), negative_prompt=args.negative,
                      batch_size=args.batch_size, dtype=args.dtype, index_type=args.index)
     encode = lambda prompt: clip.encode_from_tokens_scheduled(clip.tokenize(prompt))  # noqa: E731
@@ -77,7 +79,7 @@ def _verify(args: argparse.Namespace) -> int:
     if problems:
         for p in problems:
             print(f"PROBLEM: {p}")
-        print(f"{args.kb}: {len(problems)} problem(s). Rebuild the damaged shards (build --resume re-adds missing entries) or restore them.")
+        print(f"{args.kb}: {len(problems)} problem(s). Rebuild the damaged shards (build re-adds missing entries) or restore them.")
         return 1
     print(f"{args.kb}: OK ({len(kb)} trajectories, every checksum matches)")
     return 0
@@ -101,7 +103,7 @@ def parser() -> argparse.ArgumentParser:
     b = sub.add_parser("build", help="sample trajectories for a prompt list and store them (resumable)")
     b.add_argument("--ckpt", required=True, help="checkpoint file (model + CLIP) ComfyUI can load")
     b.add_argument("--prompts", required=True, help=".txt (one per line), .jsonl, or COCO captions .json")
-    b.add_argument("--out", required=True, help="knowledge-base folder (created, or extended when it exists)")
+    b.add_argument("--out", required=True, help="knowledge-base folder (created, or extended when it exists: entries already there are skipped, so rerunning resumes)")
     b.add_argument("--negative", default="", help="negative prompt for every trajectory")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--seeds-per-prompt", type=int, default=1)
@@ -117,7 +119,6 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--index", choices=["flat", "ivf", "hnsw"], default="flat")
     b.add_argument("--shard", default=None, help="'i/N': build only every N-th prompt starting at the i-th (merge the parts later)")
     b.add_argument("--limit", type=int, default=0, help="only the first N prompts (0 = all)")
-    b.add_argument("--resume", action="store_true", help="extend an existing KB (always on: existing entries are skipped; kept for clarity)")
     b.add_argument("--cpu", action="store_true", help="run ComfyUI on the CPU")
     b.set_defaults(func=_build)
 

@@ -1,9 +1,10 @@
-"""The ComfyUI side of ReDi and T-Stitch: run parts of a schedule, record trajectories, count
-model evaluations, and describe a model so a knowledge base can be matched to it.
+"""ComfyUI facts ReDi and T-Stitch rely on: the KB's schedule, per-item seed noise, the latent space
+a knowledge base stores, and a model's identity (so a knowledge base can be matched to it).
 
-Shared by the nodes and by the offline command (`python -m kb_tools build`), so both follow
-one code path. Models are only ever extended through `model.clone()` and ComfyUI's
-post-CFG hook; nothing in ComfyUI is patched.
+Sampling itself runs through ComfyUI's GUIDERs and KSAMPLER (`plain`, `redi_sampler`,
+`guiders`); the segment helpers at the end are kept for embedded/ and benchmarks/ until they
+are rewired. Models are only ever extended through `model.clone()` and ComfyUI's hooks;
+nothing in ComfyUI is patched.
 
 Latent space: every latent handed in or out here is in ComfyUI's LATENT-dict space, the
 space `KSamplerAdvanced(return_with_leftover_noise)` returns:
@@ -18,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -28,6 +28,7 @@ import comfy.sample
 import comfy.samplers
 
 from .errors import KBError, KBMismatchError
+from .records import Difference, differences
 from .schedule import sigma_index
 
 log = logging.getLogger("ReDi")
@@ -35,15 +36,6 @@ log = logging.getLogger("ReDi")
 #: Samplers that pick their own noise levels instead of walking the schedule's sigmas; a
 #: trajectory cannot be recorded at fixed steps with them.
 SCHEDULE_FREE_SAMPLERS = frozenset({"dpm_fast", "dpm_adaptive"})
-
-#: Samplers that keep a history of past model outputs; it is empty again after a resume,
-#: so their first steps after the jump run at lower order (documented in README).
-MULTISTEP_SAMPLERS = frozenset({
-    "lms", "dpmpp_2m", "dpmpp_2m_cfg_pp", "dpmpp_2m_sde", "dpmpp_2m_sde_gpu", "dpmpp_2m_sde_heun",
-    "dpmpp_2m_sde_heun_gpu", "dpmpp_3m_sde", "dpmpp_3m_sde_gpu", "ipndm", "ipndm_v", "deis",
-    "res_multistep", "res_multistep_cfg_pp", "res_multistep_ancestral", "res_multistep_ancestral_cfg_pp",
-    "uni_pc", "uni_pc_bh2", "gradient_estimation", "gradient_estimation_cfg_pp", "sa_solver", "sa_solver_pece",
-})
 
 
 def sampler_names() -> list[str]:
@@ -54,11 +46,6 @@ def sampler_names() -> list[str]:
 def scheduler_names() -> list[str]:
     """Every scheduler name ComfyUI lists."""
     return list(comfy.samplers.KSampler.SCHEDULERS)
-
-
-def is_stochastic(sampler_name: str) -> bool:
-    """True for samplers that inject fresh noise each step (ancestral and SDE samplers)."""
-    return any(tag in sampler_name for tag in ("ancestral", "sde", "ddpm", "lcm", "sa_solver")) or sampler_name == "er_sde"
 
 
 # --------------------------------------------------------------------------- schedule
@@ -87,76 +74,34 @@ def seeded_noise(latent: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
     return torch.cat(items, dim=0)
 
 
-# --------------------------------------------------------------------------- probe
+# --------------------------------------------------------------------------- latent space
 
-@dataclass
-class SamplingProbe:
-    """Post-CFG hook that counts model evaluations and records the sampler state at chosen steps.
+def _base_model(model):
+    """The BaseModel (latent format, noise scaling) of a ModelPatcher or of a BaseModel itself."""
+    return model if hasattr(model, "model_sampling") else model.model
 
-    The hook sees every denoiser evaluation once (after CFG) with the state ``x`` it was asked
-    about. For step i we keep the last state evaluated at sigmas[i] before the sampler moves
-    below it: for single-evaluation samplers that is the only one, and for Heun-like
-    samplers the corrected state, not the predictor's.
+
+def to_latent_space(model, sigma, x: torch.Tensor) -> torch.Tensor:
+    """Sampler state at `sigma` -> LATENT-dict space (what KSamplerAdvanced returns with leftover noise).
+
+    model: a ModelPatcher or its BaseModel. The same two steps KSAMPLER and CFGGuider apply to
+    a sampler's output: inverse_noise_scaling, then the latent format's process_out.
     """
-
-    sigmas: list[float] = field(default_factory=list)
-    record_steps: frozenset[int] = frozenset()
-    evaluations: int = 0
-    evaluated_sigmas: list[float] = field(default_factory=list)
-    records: dict[int, torch.Tensor] = field(default_factory=dict)
-
-    def __call__(self, args: dict) -> torch.Tensor:
-        self.evaluations += 1
-        sigma = float(args["sigma"].flatten()[0])
-        self.evaluated_sigmas.append(sigma)
-        if self.record_steps:
-            step = sigma_index(self.sigmas, sigma)
-            if step is not None and step in self.record_steps:
-                self.records[step] = args["input"].detach().to("cpu", torch.float32, copy=True)
-        return args["denoised"]
-
-    def reset(self) -> None:
-        """Forget counts and records, so one probe object can serve one run at a time."""
-        self.evaluations = 0
-        self.evaluated_sigmas = []
-        self.records = {}
+    base = _base_model(model)
+    sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).reshape(1)
+    return base.process_latent_out(base.model_sampling.inverse_noise_scaling(sigma, x))
 
 
-def probed(model, probe: SamplingProbe):
-    """A clone of `model` whose every denoiser evaluation passes through `probe`."""
-    clone = model.clone()
-    clone.set_model_sampler_post_cfg_function(probe)
-    return clone
+def from_latent_space(model, sigma, latent: torch.Tensor) -> torch.Tensor:
+    """LATENT-dict space -> sampler state at `sigma`: the inverse of to_latent_space.
 
-
-def to_latent_space(model, sigma: float, x: torch.Tensor) -> torch.Tensor:
-    """Sampler state at `sigma` -> LATENT-dict space (what KSamplerAdvanced returns with leftover noise)."""
-    inner = model.model
-    sigma_t = torch.tensor([sigma], dtype=x.dtype)
-    return inner.process_latent_out(inner.model_sampling.inverse_noise_scaling(sigma_t, x))
-
-
-# --------------------------------------------------------------------------- sampling
-
-def sample_sigmas(model, *, latent: torch.Tensor, noise: torch.Tensor | None, positive, negative, cfg: float,
-                  sampler_name: str, sigmas: torch.Tensor, seed: int, probe: SamplingProbe | None = None,
-                  callback: Callable | None = None, disable_pbar: bool = True) -> torch.Tensor:
-    """Run `sampler_name` over exactly `sigmas` and return the latent at sigmas[-1] (LATENT space).
-
-    noise=None continues from `latent` as it is (KSamplerAdvanced with add_noise off): that
-    is how a partial run, a retrieved value or T-Stitch's hand-over is resumed.
+    The same two steps CFGGuider and KSAMPLER apply when a LATENT is resumed without new
+    noise: the latent format's process_in, then noise_scaling with zero noise.
     """
-    if len(sigmas) < 2:
-        return latent.clone()
-    latent = comfy.sample.fix_empty_latent_channels(model, latent)
-    if noise is None:
-        noise = torch.zeros_like(latent, device="cpu")
-    run_model = probed(model, probe) if probe is not None else model
-    sampler = comfy.samplers.sampler_object(sampler_name)
-    with torch.no_grad():  # ComfyUI's executor does the same; some samplers would track gradients otherwise
-        out = comfy.sample.sample_custom(run_model, noise, cfg, sampler, sigmas, positive, negative, latent,
-                                         callback=callback, disable_pbar=disable_pbar, seed=seed)
-    return out.detach()
+    base = _base_model(model)
+    latent = base.process_latent_in(latent)
+    sigma = torch.as_tensor(sigma, dtype=latent.dtype, device=latent.device).reshape(1)
+    return base.model_sampling.noise_scaling(sigma, torch.zeros_like(latent), latent)
 
 
 # --------------------------------------------------------------------------- model identity
@@ -234,32 +179,32 @@ def model_fingerprint(model) -> dict:
     }
 
 
+#: How close two fingerprints' numbers must be: signatures to 1e-4, sampled weights to 2% (fp16 round trips).
+FINGERPRINT_TOLERANCES = {"signature": (1e-4, 0.0), "weight_probe": (2e-2, 1e-3)}
+
+
 def compare_fingerprints(stored: dict, current: dict, what: str = "model") -> tuple[list[str], list[str]]:
-    """(errors, warnings) between a KB's fingerprint and the model at hand.
+    """(errors, warnings) between a KB's fingerprint and the model at hand (records.differences).
 
     Architecture, signature or base weights that differ are errors: the trajectories belong
     to another model. Different weight patches (a LoRA added or removed) only warn, because
     a LoRA moves trajectories a little and the residual guard still protects the output.
     """
     errors: list[str] = []
-    warnings: list[str] = []
-    for key, kb_value in stored.get("signature", {}).items():
-        value = current.get("signature", {}).get(key)
-        if isinstance(kb_value, float) and isinstance(value, float):
-            same = math.isclose(kb_value, value, rel_tol=1e-4)
+    for d in differences(stored, current, tolerances=FINGERPRINT_TOLERANCES, ignore=("patches", "weight_probe")):
+        if d.path == "arch_sha256":
+            errors.append(f"{what} architecture differs from the one the knowledge base was built with")
         else:
-            same = kb_value == value
-        if not same:
-            errors.append(f"{what} {key}: knowledge base has {kb_value!r}, connected model has {value!r}")
-    if stored.get("arch_sha256") != current.get("arch_sha256"):
-        errors.append(f"{what} architecture differs from the one the knowledge base was built with")
-    a, b = stored.get("weight_probe", []), current.get("weight_probe", [])
-    if len(a) != len(b) or any(not math.isclose(x, y, rel_tol=2e-2, abs_tol=1e-3) for x, y in zip(a, b)):
+            path = d.path.removeprefix("signature.")
+            errors.append(f"{what} {Difference(path, d.left, d.right).describe('knowledge base', 'connected model')}")
+    if differences(stored.get("weight_probe", []), current.get("weight_probe", []),
+                   tolerances={"": FINGERPRINT_TOLERANCES["weight_probe"]}):
         errors.append(f"{what} weights differ from the checkpoint the knowledge base was built with")
-    if stored.get("patches") != current.get("patches"):
+    warnings: list[str] = []
+    if differences(stored.get("patches"), current.get("patches")):
         warnings.append(
             f"{what} weight patches (LoRA) differ from those the knowledge base was built with "
-            f"(KB: {stored.get('patches', {}).get('count', 0)} patched weights, now: {current.get('patches', {}).get('count', 0)}); "
+            f"(KB: {(stored.get('patches') or {}).get('count', 0)} patched weights, now: {(current.get('patches') or {}).get('count', 0)}); "
             "retrieval may match less well, the residual guard falls back to plain sampling where it does."
         )
     return errors, warnings
@@ -278,10 +223,68 @@ def check_model_matches(stored: dict, model, what: str = "model") -> list[str]:
     return warnings
 
 
+# --------------------------------------------------------------------------- kept for embedded/benchmarks until they are rewired
+
+@dataclass
+class SamplingProbe:
+    """Post-CFG hook that counts model evaluations and records the sampler state at chosen steps.
+
+    Kept for embedded/benchmarks until they are rewired (new code: guiders.CountedDenoiser).
+
+    The hook sees every denoiser evaluation once (after CFG) with the state ``x`` it was asked
+    about. For step i we keep the last state evaluated at sigmas[i] before the sampler moves
+    below it: for single-evaluation samplers that is the only one, and for Heun-like
+    samplers the corrected state, not the predictor's.
+    """
+
+    sigmas: list[float] = field(default_factory=list)
+    record_steps: frozenset[int] = frozenset()
+    evaluations: int = 0
+    evaluated_sigmas: list[float] = field(default_factory=list)
+    records: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def __call__(self, args: dict) -> torch.Tensor:
+        self.evaluations += 1
+        sigma = float(args["sigma"].flatten()[0])
+        self.evaluated_sigmas.append(sigma)
+        if self.record_steps:
+            step = sigma_index(self.sigmas, sigma)
+            if step is not None and step in self.record_steps:
+                self.records[step] = args["input"].detach().to("cpu", torch.float32, copy=True)
+        return args["denoised"]
+
+
+def probed(model, probe: SamplingProbe):
+    """A clone of `model` whose every denoiser evaluation passes through `probe`; kept for embedded/benchmarks until they are rewired."""
+    clone = model.clone()
+    clone.set_model_sampler_post_cfg_function(probe)
+    return clone
+
+
+def sample_sigmas(model, *, latent: torch.Tensor, noise: torch.Tensor | None, positive, negative, cfg: float,
+                  sampler_name: str, sigmas: torch.Tensor, seed: int, probe: SamplingProbe | None = None,
+                  callback: Callable | None = None, disable_pbar: bool = True) -> torch.Tensor:
+    """Run `sampler_name` over exactly `sigmas` and return the latent at sigmas[-1] (LATENT space).
+
+    Kept for embedded/benchmarks until they are rewired (new code: plain.sample_counted). noise=None continues from `latent` as it is (KSamplerAdvanced with add_noise off): that
+    is how a partial run, a retrieved value or T-Stitch's hand-over is resumed.
+    """
+    if len(sigmas) < 2:
+        return latent.clone()
+    latent = comfy.sample.fix_empty_latent_channels(model, latent)
+    if noise is None:
+        noise = torch.zeros_like(latent, device="cpu")
+    run_model = probed(model, probe) if probe is not None else model
+    sampler = comfy.samplers.sampler_object(sampler_name)
+    with torch.no_grad():  # ComfyUI's executor does the same; some samplers would track gradients otherwise
+        out = comfy.sample.sample_custom(run_model, noise, cfg, sampler, sigmas, positive, negative, latent,
+                                         callback=callback, disable_pbar=disable_pbar, seed=seed)
+    return out.detach()
+
 
 @dataclass
 class Segment:
-    """One model's share of a stitched run: it samples steps [start, stop) of the schedule."""
+    """One model's share of a segmented run (steps [start, stop)); kept for embedded/benchmarks until they are rewired."""
 
     model: object
     positive: list
@@ -293,7 +296,10 @@ class Segment:
 def sample_stitched(segments: Sequence[Segment], *, latent: torch.Tensor, noise: torch.Tensor | None, cfg: float,
                     sampler_name: str, sigmas: torch.Tensor, seed: int, record_steps: Sequence[int] = (),
                     callback: Callable | None = None) -> tuple[torch.Tensor, dict[int, torch.Tensor], list[int]]:
-    """Run consecutive schedule segments, each on its own model, over ONE sigma schedule (T-Stitch).
+    """Run consecutive schedule segments, each on its own model, over ONE sigma schedule.
+
+    Kept for embedded/benchmarks until they are rewired (new code: plain.sample_prompts, and
+    guiders.SwitchGuider for runs that switch models or prompts in one sampler run).
 
     The first segment adds `noise` (None: continue from `latent`); later ones continue from the
     previous segment's latent. Returns (latent at the last segment's end, {step: latent} for

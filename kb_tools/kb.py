@@ -707,6 +707,9 @@ class KnowledgeBase:
                           f"stored steps including {step}.")
         return int(step)
 
+    def check_step(self, step: int, what: str = "step") -> int:  # public alias until the kb/ package lands
+        return self._check_step(step, what)
+
     def _check_ids(self, ids: Any) -> np.ndarray:
         a = np.asarray(_to_numpy(ids))
         if a.size == 0:
@@ -829,6 +832,12 @@ class KnowledgeBase:
             raise KBError(f"query {int(np.argmax(bad))} of the batch contains NaN/Inf: sampling diverged before "
                           "the key step. Check the model, cfg and input latent, or use an earlier key step.")
         return q
+
+    def as_queries(self, queries: Any) -> np.ndarray:  # public alias until the kb/ package lands
+        return self._as_queries(queries)
+
+    def key_spread(self, step: int) -> float:  # alias until the kb/ package lands (cached per generation there)
+        from .retrieval import sampled_key_spread; return sampled_key_spread(self, step)  # noqa: E702
 
     def search(self, step: int, queries: Any, h: int, *,
                candidates: int | None = None) -> tuple[np.ndarray, np.ndarray]:

@@ -1,214 +1,45 @@
-"""ReDi on a ComfyUI model: build a knowledge base, sample to the key step, resume from a value.
+"""ReDi queries on a ComfyUI model: what the nodes and the offline command call.
 
-Paper: "ReDi: Efficient Learning-Free Diffusion Inference via Trajectory Retrieval",
-Algorithm 1 (building the knowledge base) and Algorithm 2 (inference). The nodes and the
-offline command call these functions, so both follow one code path. Retrieval and blending
-themselves are plain numpy (`retrieval.py`); this module feeds them and runs the sampler.
+- `generate`: a whole ReDi generation (Algorithm 2, `redi_sampler.sample_redi`) through
+  ComfyUI's own CFGGuider, exactly what SamplerCustomAdvanced runs with ReDiKBNoise and
+  SamplerReDi; the ReDiSampler node.
+- The four-node chain, one documented part of Algorithm 2 each: `sample_to_key` (lines 1-5),
+  `find_neighbours` (line 6), `blend_at` (lines 7-8), `resume` (guard and lines 9-11).
+- `KBNoise`: the NOISE object that gives every batch item the KB's seed noise.
 
-Shapes: latents are [B, C, H, W] float32 tensors in ComfyUI's LATENT-dict space (see
-`comfy_sampling`); B is the batch, one retrieval per item.
+Building a knowledge base (Algorithm 1) lives in `build`; the functions below the legacy
+marker are kept for embedded/ and benchmarks/ until they are rewired.
+Shapes: latents are [B, C, H, W] float32 in ComfyUI's LATENT-dict space; B is the batch.
 """
 from __future__ import annotations
 
-import math
-import time
-from dataclasses import dataclass, field, replace
+import logging
+from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
+import comfy.sample
+import comfy.samplers
+
 from . import comfy_sampling as cs
+from .build import BuildReport, BuildSpec, build_knowledge_base, kb_settings_for  # noqa: F401 - public API
 from .errors import KBError, KBMismatchError
-from .kb import KBSettings, KnowledgeBase, open_or_create
-from .retrieval import Neighbours, blend_values, calibrate, retrieve
-from .schedule import plan_redi
+from .guard import FALLBACK_GUARD, GUARD_AUTO, Guard, resolve_guard  # noqa: F401 - public API
+from .guiders import SwitchGuider
+from .kb import KnowledgeBase
+from .plain import batch_conditioning, cfg_guider, sample_counted, stitched_guider  # noqa: F401 - public API
+from .records import describe_differences, differences
+from .redi_sampler import ReDiRun, check_latent, check_models, make_run, redi_ksampler, resume_items  # noqa: F401 - public API
+from .results import Evaluations, ReDiResult
+from .retrieval import NearestKeys, WeightFit, blend_entries, check_value_step, fit_weights, nearest_keys
+from .schedule import ReDiPlan, Switch, plan_redi
 
-log = cs.log
-
-#: Guard threshold used when a KB is too small to calibrate one (centered residual).
-FALLBACK_GUARD = 0.5
-MIN_CALIBRATION_ENTRIES = 16
-GUARD_AUTO = -1.0
-
-
-# --------------------------------------------------------------------------- build (Algorithm 1)
-
-@dataclass
-class BuildSpec:
-    """What to put in a knowledge base: prompts x seeds, sampled with one fixed recipe."""
-
-    prompts: list[str]
-    seeds: list[int]
-    sampler: str
-    scheduler: str
-    steps: int
-    cfg: float
-    store_steps: list[int]
-    latent_shape: tuple[int, int, int]
-    negative_prompt: str = ""
-    batch_size: int = 4
-    dtype: str = "float16"
-    index_type: str = "flat"
-    #: T-Stitch keys: the key model runs steps [0, stitch_step), the main model the rest.
-    stitch_step: int = 0
-    #: entries gathered in memory before one atomic commit (a crash loses at most these).
-    commit_every: int = 64
+log = logging.getLogger("ReDi")
 
 
-@dataclass
-class BuildReport:
-    kb: KnowledgeBase
-    added: int
-    already_present: int
-    evaluations: int
-    key_model_evaluations: int
-    seconds: float
-
-    def summary(self) -> str:
-        return (f"ReDi KB {self.kb.path}: added {self.added} trajectories ({self.already_present} were already there), "
-                f"{len(self.kb)} in total, {self.seconds:.1f} s")
-
-
-def kb_settings_for(model, spec: BuildSpec, sigmas: torch.Tensor, key_model=None) -> KBSettings:
-    """The KB manifest settings a query with this model and recipe must match."""
-    if not spec.seeds:
-        raise KBError("give at least one seed: every trajectory starts from the noise of a seed.")
-    return KBSettings(
-        model_fingerprint=cs.model_fingerprint(model),
-        key_model_fingerprint=cs.model_fingerprint(key_model) if key_model is not None and spec.stitch_step > 0 else None,
-        latent_shape=tuple(int(v) for v in spec.latent_shape),
-        sampling_type=cs.sampling_type(model),
-        sampler=spec.sampler,
-        scheduler=spec.scheduler,
-        steps=int(spec.steps),
-        cfg=float(spec.cfg),
-        denoise=1.0,
-        stored_steps=sorted(int(s) for s in spec.store_steps),
-        sigmas=[float(s) for s in sigmas],
-        seed_policy="fixed" if len(set(spec.seeds)) == 1 else "per_entry",
-        negative_prompt=spec.negative_prompt,
-        extra={"stitch_step": int(spec.stitch_step)},
-    )
-
-
-def batch_conditioning(conds: Sequence[list]) -> list:
-    """Stack per-prompt CONDITIONING (one entry each) into one CONDITIONING of batch len(conds)."""
-    first = conds[0]
-    if any(len(c) != len(first) for c in conds):
-        raise KBError("prompts produced conditionings of different structure; build with batch size 1.")
-    out = []
-    for parts in zip(*conds):
-        tensors = [p[0] for p in parts]
-        if any(t.shape[1:] != tensors[0].shape[1:] for t in tensors):
-            return []  # different token lengths: caller samples one by one
-        extras = dict(parts[0][1])
-        pooled = [p[1].get("pooled_output") for p in parts]
-        if all(isinstance(p, torch.Tensor) for p in pooled):
-            extras["pooled_output"] = torch.cat(pooled, dim=0)
-        out.append([torch.cat(tensors, dim=0), extras])
-    return out
-
-
-def build_knowledge_base(kb_path: str, model, encode: Callable[[str], list], spec: BuildSpec, *,
-                         key_model=None, key_encode: Callable[[str], list] | None = None,
-                         progress: Callable[[int, int], None] | None = None,
-                         check_interrupt: Callable[[], None] | None = None) -> BuildReport:
-    """Sample every missing (prompt, seed) trajectory and append its stored steps (paper Algorithm 1).
-
-    Resumable: pairs already in the KB are skipped, so rerunning an interrupted build adds only
-    what is missing. Entries are committed atomically every `commit_every` trajectories, and the
-    pending ones are committed before an interruption propagates.
-    """
-    start = time.perf_counter()
-    if spec.stitch_step and key_model is None:
-        raise KBError("stitch_step > 0 needs a key (small) model to run the early steps.")
-    sigmas = cs.schedule_sigmas(model, spec.sampler, spec.scheduler, spec.steps)
-    plan_redi(spec.steps, min(spec.store_steps), max(spec.store_steps))  # range check
-    if key_model is not None and spec.stitch_step:
-        from .tstitch import check_stitch_compatible
-        check_stitch_compatible(cs.model_signature(key_model), cs.model_signature(model), None, None)
-    settings = kb_settings_for(model, spec, sigmas, key_model)
-    kb = open_or_create(kb_path, settings, dtype=spec.dtype, index_type=spec.index_type)
-    pairs = [(p, int(s)) for p in spec.prompts for s in spec.seeds]
-    todo = kb.missing(pairs)
-    already = len(pairs) - len(todo)
-    negative = encode(spec.negative_prompt)
-    key_encode = key_encode or encode
-    key_negative = key_encode(spec.negative_prompt) if key_model is not None else None
-    c, h, w = settings.latent_shape
-    stop = max(settings.stored_steps) + 1  # the sampler evaluates the model at every stored step
-    pending: dict[str, list] = {"latents": [], "prompts": [], "seeds": []}
-    evaluations = key_evaluations = done = 0
-
-    def commit() -> None:
-        if pending["prompts"]:
-            stacked = {s: torch.cat([lat[s] for lat in pending["latents"]]) for s in settings.stored_steps}
-            kb.append(stacked, pending["prompts"], pending["seeds"])
-            for v in pending.values():
-                v.clear()
-
-    try:
-        for b in range(0, len(todo), max(1, spec.batch_size)):
-            if check_interrupt is not None:
-                check_interrupt()
-            chunk = todo[b:b + spec.batch_size]
-            conds = [encode(p) for p, _ in chunk]
-            groups = [(chunk, batch_conditioning(conds))]
-            if not groups[0][1]:  # prompts of different token lengths: one at a time
-                groups = [([pair], cond) for pair, cond in zip(chunk, conds)]
-            for group, positive in groups:
-                # Sample only as far as the last stored step: the rest of the trajectory is never stored.
-                segments = [cs.Segment(model, positive, negative, min(spec.stitch_step, stop), stop)]
-                if spec.stitch_step:
-                    key_positive = batch_conditioning([key_encode(p) for p, _ in group])
-                    segments.insert(0, cs.Segment(key_model, key_positive, key_negative, 0, min(spec.stitch_step, stop)))
-                latent = torch.zeros((len(group), c, h, w))
-                _, records, evals = cs.sample_stitched(
-                    segments, latent=latent, noise=cs.seeded_noise(latent, [s for _, s in group]), cfg=spec.cfg,
-                    sampler_name=spec.sampler, sigmas=sigmas, seed=int(group[0][1]), record_steps=settings.stored_steps)
-                evaluations += evals[-1] * len(group)
-                key_evaluations += (evals[0] if len(evals) > 1 else 0) * len(group)
-                pending["latents"].append(records)
-                pending["prompts"].extend(p for p, _ in group)
-                pending["seeds"].extend(s for _, s in group)
-                done += len(group)
-            if len(pending["prompts"]) >= spec.commit_every:
-                commit()
-            if progress is not None:
-                progress(done, len(todo))
-    finally:
-        # Whatever was sampled is kept, also when the run is interrupted or fails later.
-        commit()
-    return BuildReport(kb, done, already, evaluations, key_evaluations, time.perf_counter() - start)
-
-
-# --------------------------------------------------------------------------- query (Algorithm 2)
-
-@dataclass
-class ReDiState:
-    """What a ReDi query carries from the partial run to the resume (travels in the LATENT dict)."""
-
-    kb: KnowledgeBase
-    key_step: int
-    seeds: list[int]
-    query: torch.Tensor  # [B, C, H, W] latent at the key step
-    warnings: list[str] = field(default_factory=list)
-    key_model_evaluations: int = 0
-    main_model_evaluations: int = 0
-    neighbours: Neighbours | None = None
-    value_step: int | None = None
-    weight_mode: str | None = None
-    residual: np.ndarray | None = None
-    centered_residual: np.ndarray | None = None
-
-    @property
-    def settings(self) -> KBSettings:
-        return self.kb.settings
-
-    @property
-    def sigmas(self) -> torch.Tensor:
-        return torch.tensor(self.kb.settings.sigmas, dtype=torch.float32)
+# --------------------------------------------------------------------------- checks and seeds
 
 
 def query_seeds(kb: KnowledgeBase, batch: int, seed_mode: str, seed: int) -> tuple[list[int], list[str]]:
@@ -237,68 +68,264 @@ def query_seeds(kb: KnowledgeBase, batch: int, seed_mode: str, seed: int) -> tup
     return seeds, warnings
 
 
-def check_query_model(kb: KnowledgeBase, model, latent: torch.Tensor, key_model=None) -> list[str]:
-    """Refuse a model or latent size the KB was not built for; return warnings (LoRA etc.)."""
-    s = kb.settings
-    if cs.sampling_type(model) != s.sampling_type:
-        raise KBMismatchError(f"sampling type: knowledge base has {s.sampling_type!r}, connected model has {cs.sampling_type(model)!r}. Connect the model the KB was built with.")
-    warnings = cs.check_model_matches(s.model_fingerprint, model)
-    if s.key_model_fingerprint is not None:
-        if key_model is None:
-            raise KBMismatchError(
-                f"this knowledge base's keys were made by a small (T-Stitch) model for the first {s.extra.get('stitch_step')} steps; "
-                "connect that model to the small_model input, or use a KB built without one."
-            )
-        warnings += cs.check_model_matches(s.key_model_fingerprint, key_model, what="small model")
-    shape = tuple(latent.shape[1:])
-    if shape != tuple(s.latent_shape):
-        raise KBMismatchError(
-            f"latent size: knowledge base has {list(s.latent_shape)} (C, H, W), the input latent is {list(shape)}. "
-            f"Use an empty latent of {s.latent_shape[2] * 8}x{s.latent_shape[1] * 8} pixels (for 8x-downscaling VAEs) or a KB built for this size."
-        )
-    return warnings
-
-
 def check_recipe(kb: KnowledgeBase, sampler: str | None = None, scheduler: str | None = None,
                  steps: int | None = None, cfg: float | None = None) -> None:
     """A recipe override must agree with the KB, which is the single source of truth."""
-    s = kb.settings
-    diffs = []
-    for name, value, stored in (("sampler", sampler, s.sampler), ("scheduler", scheduler, s.scheduler), ("steps", steps, s.steps)):
-        if value is not None and value != stored:
-            diffs.append(f"{name}: knowledge base has {stored!r}, override asks for {value!r}")
-    if cfg is not None and not math.isclose(cfg, s.cfg, rel_tol=1e-6):
-        diffs.append(f"cfg: knowledge base has {s.cfg}, override asks for {cfg}")
+    asked = {k: v for k, v in (("sampler", sampler), ("scheduler", scheduler), ("steps", steps), ("cfg", cfg))
+             if v is not None}
+    stored = {k: v for k, v in kb.settings.recipe.to_dict().items() if k in asked}
+    diffs = differences(stored, asked)
     if diffs:
-        raise KBMismatchError("; ".join(diffs) + ". Clear the override (sampler, scheduler, steps and cfg come from the knowledge base), or build a KB with those settings.")
+        raise KBMismatchError(describe_differences(diffs, "knowledge base", "override") + ". Clear the override "
+                              "(sampler, scheduler, steps and cfg come from the knowledge base), or build a KB with those settings.")
+
+
+class KBNoise:
+    """NOISE (for SamplerCustomAdvanced): every batch item starts from the KB's seed noise.
+
+    The official ReDi protocol: queries share the x_T of the knowledge base, so their keys
+    land near stored ones. Each item's noise is drawn as KSampler draws a batch of one.
+    """
+
+    def __init__(self, kb: KnowledgeBase):
+        self.seed = query_seeds(kb, 1, "kb", 0)[0][0]
+
+    def generate_noise(self, input_latent: dict) -> torch.Tensor:
+        samples = input_latent["samples"]
+        return cs.seeded_noise(samples, [self.seed] * samples.shape[0])
+
+
+def redi_guider(kb: KnowledgeBase, model, positive, negative, *, key_step: int | None = None, resume_positive=None,
+                small_model=None, small_positive=None, small_negative=None):
+    """The GUIDER a ReDi query runs with the KB's cfg: the small model first for KBs with T-Stitch keys,
+    and for stylization (`resume_positive`) the content prompt up to the key step, content + style after it."""
+    s = kb.settings
+    main = cfg_guider(model, positive, negative, s.cfg)
+    if resume_positive is not None:
+        styled = cfg_guider(model, resume_positive, negative, s.cfg)
+        main = SwitchGuider(main, styled, Switch("step", key_step), names=("model", "model"))
+    stitch = int(s.extra.get("stitch_step", 0)) if s.key_model_fingerprint is not None else 0
+    if not stitch:
+        return main
+    if small_model is None:
+        raise KBMismatchError(
+            f"this knowledge base's keys were made by a small (T-Stitch) model for the first {stitch} steps; "
+            "connect that model to the small_model input, or use a KB built without one.")
+    key = cfg_guider(small_model, small_positive if small_positive is not None else positive,
+                     small_negative if small_negative is not None else negative, s.cfg)
+    return stitched_guider(main, key, stitch)
+
+
+def planned_model_at(guider, sigmas: Sequence[float]) -> Callable[[float], object]:
+    """model_at(sigma) for a guider before it runs: the ModelPatcher that will evaluate that sigma."""
+    if isinstance(guider, SwitchGuider):
+        return lambda sigma: guider.patcher_at(sigma, sigmas)
+    return lambda sigma: guider.model_patcher
+
+
+def _empty_latent_warning(latent: torch.Tensor) -> list[str]:
+    if torch.count_nonzero(latent) != 0:
+        w = ("the input latent is not empty; knowledge-base trajectories start from an empty latent, so retrieval "
+             "will match poorly. Use EmptyLatentImage.")
+        log.warning("ReDi: %s", w)
+        return [w]
+    return []
+
+
+# --------------------------------------------------------------------------- a whole generation
+
+
+def generate(kb: KnowledgeBase, model, positive, negative, latent: torch.Tensor, seeds: Sequence[int], run: ReDiRun, *,
+             resume_positive=None, small_model=None, small_positive=None, small_negative=None,
+             callback: Callable | None = None) -> ReDiResult:
+    """One ReDi generation of a batch (item i from the noise of seeds[i]); the ReDiSampler node.
+
+    The same run as SamplerCustomAdvanced(ReDiKBNoise, CFGGuider, SamplerReDi, the KB's SIGMAS).
+    """
+    warnings = _empty_latent_warning(latent)
+    guider = redi_guider(kb, model, positive, negative, key_step=run.plan.key_step, resume_positive=resume_positive,
+                         small_model=small_model, small_positive=small_positive, small_negative=small_negative)
+    latent = comfy.sample.fix_empty_latent_channels(guider.model_patcher, latent)
+    sigmas = torch.tensor(kb.settings.sigmas, dtype=torch.float32)
+    with torch.no_grad():
+        guider.sample(cs.seeded_noise(latent, seeds), latent, redi_ksampler(run), sigmas, callback=callback,
+                      disable_pbar=True, seed=int(seeds[0]))
+    result = run.result
+    return replace(result, warnings=tuple(warnings) + result.warnings) if warnings else result
+
+
+# --------------------------------------------------------------------------- the four-node chain
+
+
+@dataclass(frozen=True)
+class KeyQuery:
+    """The query of each item (Algorithm 2, line 5) and how it was made; ReDiPartialSample's LATENT carries it."""
+
+    kb: KnowledgeBase
+    key_step: int
+    seeds: tuple[int, ...]
+    latent: torch.Tensor  # [B, C, H, W] x_k, LATENT-dict space
+    query: np.ndarray  # float32 [B, D]: the same x_k flattened, converted once
+    evaluations: Evaluations
+    warnings: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class QueryNeighbours:
+    """A query and its top-H stored neighbours (line 6): what the REDI_NEIGHBOURS type carries."""
+
+    query: KeyQuery
+    nearest: NearestKeys
+
+    def summary(self) -> str:
+        b, h = self.nearest.ids.shape
+        return (f"ReDi retrieve: step {self.nearest.key_step}, {b} quer{'y' if b == 1 else 'ies'}, H={h}, nearest id "
+                f"{int(self.nearest.ids[0, 0])} at {float(self.nearest.distances[0, 0]):.4g}")
+
+
+@dataclass(frozen=True)
+class BlendedValue:
+    """The blended value x_v_hat of each item (lines 7-8) and its weights; ReDiBlend's LATENT carries it."""
+
+    neighbours: QueryNeighbours
+    plan: ReDiPlan
+    fit: WeightFit
+    latent: torch.Tensor  # [B, C, H, W] x_v_hat, LATENT-dict space
+
+
+def sample_to_key(kb: KnowledgeBase, model, positive, negative, latent: torch.Tensor, seeds: Sequence[int],
+                  key_step: int, *, small_model=None, small_positive=None, small_negative=None,
+                  callback: Callable | None = None) -> KeyQuery:
+    """Lines 1-5: x_T -> x_k with the KB's recipe, then the query q = x_k (ReDiPartialSample)."""
+    s = kb.settings
+    plan_redi(s.steps, key_step, key_step, s.stored_steps)
+    warnings = _empty_latent_warning(latent)
+    guider = redi_guider(kb, model, positive, negative, small_model=small_model, small_positive=small_positive,
+                         small_negative=small_negative)
+    warnings += check_models(kb, planned_model_at(guider, s.sigmas))
+    latent = comfy.sample.fix_empty_latent_channels(guider.model_patcher, latent)
+    check_latent(kb, latent.shape[1:])
+    sigmas = torch.tensor(s.sigmas, dtype=torch.float32)
+    x_k, _, tally = sample_counted(guider, latent, seeds, sigmas[:key_step + 1], s.sampler, callback=callback)
+    return KeyQuery(kb, int(key_step), tuple(int(v) for v in seeds), x_k, kb.as_queries(x_k), tally, tuple(warnings))
+
+
+def find_neighbours(query: KeyQuery, h: int) -> QueryNeighbours:
+    """Line 6: the top-H stored keys nearest each query (ReDiRetrieve)."""
+    return QueryNeighbours(query, nearest_keys(query.kb, query.query, query.key_step, h))
+
+
+def blend_at(neighbours: QueryNeighbours, value_step: int, weight_mode: str = "lstsq") -> BlendedValue:
+    """Lines 7-8: the weights, solved once in `weight_mode`, and the blend of the neighbours' values (ReDiBlend)."""
+    q, kb = neighbours.query, neighbours.query.kb
+    check_value_step(q.key_step, value_step)
+    plan = plan_redi(kb.settings.steps, q.key_step, value_step, kb.settings.stored_steps)
+    fit = fit_weights(q.query, neighbours.nearest.keys, kb.key_spread(q.key_step), weight_mode)
+    value = torch.from_numpy(blend_entries(kb, neighbours.nearest.ids, fit.weights, value_step))
+    return BlendedValue(neighbours, plan, fit, value)
+
+
+def _sample_from_starts(model, x, sigmas, extra_args=None, callback=None, disable=None, *, values: torch.Tensor,
+                        jumped: np.ndarray, starts: np.ndarray, sampler, tally: Evaluations):
+    """k-diffusion sampler: x is every item's key-step state; `jumped` items continue from `values` at their start."""
+    base = model.inner_model.inner_model
+    states = x.clone()
+    for step in sorted(set(int(s) for s in starts[jumped])):
+        rows = torch.from_numpy(np.flatnonzero(jumped & (starts == step))).to(x.device)
+        states[rows] = cs.from_latent_space(base, sigmas[step], values[rows.cpu()].to(x))
+    return resume_items(model, states, starts, sigmas, extra_args or {}, callback, disable, sampler, tally)
+
+
+def resume_from(kb: KnowledgeBase, plan: ReDiPlan, key_latent: torch.Tensor, value_latent: torch.Tensor,
+                accepted: np.ndarray, guider, seeds: Sequence[int], callback: Callable | None = None
+                ) -> tuple[torch.Tensor, np.ndarray, Evaluations]:
+    """Lines 9-11 outside a sampler run: accepted items continue from their value at v, the others from x_k.
+
+    Returns (latent, start step per item, evaluations).
+    """
+    sigmas = torch.tensor(kb.settings.sigmas, dtype=torch.float32)[plan.key_step:]
+    start = np.where(accepted, plan.value_step, plan.key_step).astype(np.int64)
+    tally = Evaluations(len(key_latent))
+    sampler = comfy.samplers.KSAMPLER(_sample_from_starts, extra_options={
+        "values": value_latent.float(), "jumped": np.asarray(accepted, bool), "starts": start - plan.key_step,
+        "sampler": comfy.samplers.sampler_object(kb.settings.sampler), "tally": tally})
+    with torch.no_grad():
+        out = guider.sample(torch.zeros_like(key_latent), key_latent.float(), sampler, sigmas, callback=callback,
+                            disable_pbar=True, seed=int(seeds[0]))
+    return out.detach().float().cpu(), start, tally
+
+
+def resume(value: BlendedValue, model, positive, negative, guard: float = GUARD_AUTO,
+           callback: Callable | None = None) -> ReDiResult:
+    """The guard, then lines 9-11: accepted items resume at v, the others at k (ReDiResumeSample)."""
+    q, plan, fit = value.neighbours.query, value.plan, value.fit
+    kb, h = q.kb, value.neighbours.nearest.ids.shape[1]
+    gate = resolve_guard(kb.calibration(plan.key_step), plan.key_step, h, guard)
+    accepted = gate.accepts(fit.centered_residual)
+    guider = cfg_guider(model, positive, negative, kb.settings.cfg)
+    out, start, tally = resume_from(kb, plan, q.latent, value.latent, accepted, guider, q.seeds, callback)
+    spent = Evaluations(len(out), {n: q.evaluations.of(n) + tally.of(n)
+                                   for n in sorted(set(q.evaluations.per_model) | set(tally.per_model))})
+    return ReDiResult(out, plan, accepted, start, value.neighbours.nearest.ids, value.neighbours.nearest.distances, fit.weights,
+                      fit.mode, fit.residual, fit.centered_residual, gate, spent, q.warnings)
+
+
+# --------------------------------------------------------------------------- kept for embedded/benchmarks until they are rewired
+
+
+@dataclass
+class ReDiState:
+    """Run state of the old query functions; kept for embedded/benchmarks until they are rewired."""
+
+    kb: KnowledgeBase
+    key_step: int
+    seeds: list[int]
+    query: torch.Tensor  # [B, C, H, W] latent at the key step
+    neighbours: object | None = None  # retrieval.Neighbours
+    value_step: int | None = None
+    weight_mode: str | None = None  # written by benchmarks/paper_claims (dataclasses.replace)
+    residual: np.ndarray | None = None
+    centered_residual: np.ndarray | None = None
+
+    @property
+    def settings(self):
+        return self.kb.settings
+
+    @property
+    def sigmas(self) -> torch.Tensor:
+        return torch.tensor(self.kb.settings.sigmas, dtype=torch.float32)
+
+
+def check_query_model(kb: KnowledgeBase, model, latent: torch.Tensor, key_model=None) -> list[str]:
+    """check_models + check_latent for a model (and key model); kept for embedded/benchmarks until they are rewired."""
+    s = kb.settings
+    stitch = int(s.extra.get("stitch_step", 0)) if s.key_model_fingerprint is not None else 0
+    if stitch and key_model is None:
+        raise KBMismatchError(f"this knowledge base's keys were made by a small (T-Stitch) model for the first {stitch} "
+                              "steps; connect that model to the small_model input, or use a KB built without one.")
+    at = float(s.sigmas[stitch]) if stitch else -1.0
+    warnings = check_models(kb, lambda sigma: key_model if stitch and sigma > at else model)
+    check_latent(kb, latent.shape[1:])
+    return warnings
 
 
 def partial_sample(kb: KnowledgeBase, model, positive, negative, latent: torch.Tensor, seeds: list[int], key_step: int, *,
                    key_model=None, key_positive=None, key_negative=None, callback=None) -> ReDiState:
-    """Sample steps [0, k) and return the query x_k (paper Algorithm 2, lines 1-4)."""
-    s = kb.settings
-    plan_redi(s.steps, key_step, key_step, s.stored_steps)
-    warnings = check_query_model(kb, model, latent, key_model)
-    stitch = int(s.extra.get("stitch_step", 0)) if s.key_model_fingerprint is not None else 0
-    segments = [cs.Segment(model, positive, negative, min(stitch, key_step), key_step)]
-    if stitch:
-        segments.insert(0, cs.Segment(key_model, key_positive if key_positive is not None else positive,
-                                      key_negative if key_negative is not None else negative, 0, min(stitch, key_step)))
-    sigmas = torch.tensor(s.sigmas, dtype=torch.float32)
-    query, _, evals = cs.sample_stitched(segments, latent=latent, noise=cs.seeded_noise(latent, seeds), cfg=s.cfg,
-                                         sampler_name=s.sampler, sigmas=sigmas, seed=int(seeds[0]), callback=callback)
-    return ReDiState(kb=kb, key_step=key_step, seeds=list(seeds), query=query.float(), warnings=warnings,
-                     key_model_evaluations=evals[0] if stitch else 0, main_model_evaluations=evals[-1])
+    """sample_to_key as a ReDiState; kept for embedded/benchmarks until they are rewired."""
+    q = sample_to_key(kb, model, positive, negative, latent, seeds, key_step, small_model=key_model,
+                      small_positive=key_positive, small_negative=key_negative, callback=callback)
+    return ReDiState(kb=kb, key_step=key_step, seeds=list(seeds), query=q.latent)
 
 
 def retrieve_neighbours(state: ReDiState, h: int) -> ReDiState:
-    """Top-H keys for each query and their least-squares weights (Algorithm 2, lines 5-6)."""
-    neighbours = retrieve(state.kb, state.query.numpy(), state.key_step, h)
-    return replace(state, neighbours=neighbours)
+    """Top-H keys and their least-squares weights; kept for embedded/benchmarks until they are rewired."""
+    from .retrieval import retrieve
+    return replace(state, neighbours=retrieve(state.kb, state.query, state.key_step, h))
 
 
 def blend_value(state: ReDiState, value_step: int, mode: str = "lstsq") -> tuple[torch.Tensor, ReDiState]:
-    """x_v_hat = sum_i w_i value_i (Algorithm 2, line 7); returns the blended latent and the state."""
+    """x_v_hat and the state; kept for embedded/benchmarks until they are rewired."""
+    from .retrieval import blend_values
     if state.neighbours is None:
         raise KBError("no neighbours to blend: connect ReDiRetrieve's output to ReDiBlend.")
     plan_redi(state.settings.steps, state.key_step, value_step, state.settings.stored_steps)
@@ -307,93 +334,41 @@ def blend_value(state: ReDiState, value_step: int, mode: str = "lstsq") -> tuple
         state, value_step=value_step, weight_mode=mode, residual=residual, centered_residual=centered)
 
 
-_CALIBRATION_CACHE: dict[tuple, float] = {}
-
-
 def guard_threshold(kb: KnowledgeBase, key_step: int, h: int, threshold: float) -> float:
-    """The centered-residual threshold: given, or (auto) the KB's leave-one-out 95th percentile.
-
-    Auto is capped at 1.0: a fit no better than the KB's mean key is no match at all. KBs too
-    small to calibrate (fewer than MIN_CALIBRATION_ENTRIES) use FALLBACK_GUARD.
-    """
-    if threshold >= 0:
-        return float(threshold)
-    stored = kb.calibration(key_step)
-    if stored and stored.get("h") == h and "centered_p95" in stored:
-        return min(1.0, float(stored["centered_p95"]))
-    if len(kb) < max(MIN_CALIBRATION_ENTRIES, h + 2):
-        return FALLBACK_GUARD
-    key = (kb.path, len(kb), key_step, h)
-    if key not in _CALIBRATION_CACHE:
-        _CALIBRATION_CACHE[key] = min(1.0, float(calibrate(kb, key_step, h, sample=min(64, len(kb)))["centered_p95"]))
-    return _CALIBRATION_CACHE[key]
+    """The guard's threshold (resolve_guard); kept for embedded/benchmarks until they are rewired."""
+    return resolve_guard(kb.calibration(key_step), key_step, h, threshold).threshold
 
 
 @dataclass
 class ResumeReport:
+    """What resume_sample did; kept for embedded/benchmarks until they are rewired (new code: ReDiResult)."""
+
     latent: torch.Tensor
     accepted: list[bool]
     skipped_steps: int
     evaluations: int
     threshold: float
     centered_residual: list[float]
+    result: ReDiResult | None = None
 
     def summary(self) -> str:
-        """The one line a user can act on."""
-        s = self.skipped_steps
-        total = len(self.accepted)
-        res = ", ".join(f"{r:.3f}" for r in self.centered_residual[:4]) + ("..." if total > 4 else "")
-        used = sum(self.accepted)
-        if used == total:
-            return f"ReDi: skipped {s} steps for all {total} item(s) (residual {res} <= guard {self.threshold:.3f})"
-        if used == 0:
-            return (f"ReDi: guard fell back to plain sampling for all {total} item(s) (residual {res} > guard {self.threshold:.3f}): "
-                    "no stored trajectory is near this query; use a KB seed (seed_mode 'kb'), add similar prompts to the KB, or raise the guard")
-        return f"ReDi: skipped {s} steps for {used} of {total} items; the guard sent the rest back to plain sampling (residual {res}, guard {self.threshold:.3f})"
-
-
-def _take(cond: list, idx: list[int], batch: int) -> list:
-    """Select batch items from a CONDITIONING whose tensors carry the full batch."""
-    out = []
-    for tensor, extras in cond:
-        t = tensor[idx] if tensor.shape[0] == batch and batch > 1 else tensor
-        extras = dict(extras)
-        pooled = extras.get("pooled_output")
-        if isinstance(pooled, torch.Tensor) and pooled.shape[0] == batch and batch > 1:
-            extras["pooled_output"] = pooled[idx]
-        out.append([t, extras])
-    return out
+        return self.result.summary()
 
 
 def resume_sample(state: ReDiState, blended: torch.Tensor, model, positive, negative, *, h: int | None = None,
                   threshold: float = GUARD_AUTO, callback=None) -> ResumeReport:
-    """Sample steps [v, T) from the blended value (Algorithm 2, lines 8-10), guarded.
-
-    Items whose centered residual exceeds the guard continue from their own query latent at
-    the key step instead (steps [k, T), nothing skipped), so a bad retrieval never costs quality
-    against the plain sampler.
-    """
+    """The guard and lines 9-11 for a ReDiState; kept for embedded/benchmarks until they are rewired."""
     if state.value_step is None or state.centered_residual is None:
         raise KBError("the latent has no blended value: connect ReDiBlend's output (or a ReDiPartialSample output through ReDiRetrieve and ReDiBlend).")
-    s = state.settings
-    batch = blended.shape[0]
+    kb = state.kb
     h = h if h is not None else state.neighbours.ids.shape[1]
-    limit = guard_threshold(state.kb, state.key_step, h, threshold)
-    accepted = [bool(r <= limit) for r in state.centered_residual]
-    sigmas = state.sigmas
-    out = torch.empty_like(blended)
-    evaluations = 0
-    for use_value in (True, False):
-        idx = [i for i in range(batch) if accepted[i] == use_value]
-        if not idx:
-            continue
-        start = state.value_step if use_value else state.key_step
-        source = blended if use_value else state.query
-        probe = cs.SamplingProbe()
-        result = cs.sample_sigmas(model, latent=source[idx].clone(), noise=None, positive=_take(positive, idx, batch),
-                                  negative=_take(negative, idx, batch), cfg=s.cfg, sampler_name=s.sampler,
-                                  sigmas=sigmas[start:], seed=int(state.seeds[idx[0]]), probe=probe, callback=callback)
-        out[idx] = result.to(out.dtype)
-        evaluations += probe.evaluations
-    return ResumeReport(out, accepted, state.value_step - state.key_step, evaluations, limit,
-                        [float(r) for r in state.centered_residual])
+    plan = plan_redi(kb.settings.steps, state.key_step, state.value_step, kb.settings.stored_steps)
+    gate = resolve_guard(kb.calibration(state.key_step), state.key_step, h, threshold)
+    accepted = gate.accepts(state.centered_residual)
+    guider = cfg_guider(model, positive, negative, kb.settings.cfg)
+    out, start, tally = resume_from(kb, plan, state.query, blended, accepted, guider, state.seeds, callback)
+    nb = state.neighbours
+    result = ReDiResult(out, plan, accepted, start, nb.ids, nb.distances, nb.weights, state.weight_mode or "lstsq",
+                        np.asarray(state.residual), np.asarray(state.centered_residual), gate, tally)
+    return ResumeReport(out, [bool(a) for a in result.accepted], plan.skipped_steps, tally.total(), gate.threshold,
+                        [float(r) for r in state.centered_residual], result)

@@ -73,8 +73,8 @@ def relative_residual(query: np.ndarray, keys: np.ndarray, weights: np.ndarray) 
 def centered_residual(query: np.ndarray, keys: np.ndarray, weights: np.ndarray, spread: float) -> float:
     """||q - sum w key|| / spread, where spread is the RMS distance of the KB's keys from their mean.
 
-    With one shared seed q is dominated by the shared noise sigma_k * z, so ||r|| / ||q`` looks
-    small even for poor matches (anchors.md, "Measured here"). Measured against what actually
+    With one shared seed q is dominated by the shared noise sigma_k * z, so ||r|| / ||q|| looks
+    small even for poor matches. Measured against what actually
     varies between entries it is informative: about 0 for a stored trajectory, below 1 for a
     query the KB covers, and far above 1 for a query whose starting noise is not in the KB.
     """
@@ -82,8 +82,87 @@ def centered_residual(query: np.ndarray, keys: np.ndarray, weights: np.ndarray, 
     return _ratio(float(np.linalg.norm(q - np.asarray(weights, np.float64) @ k)), float(spread))
 
 
-def key_spread(kb: KnowledgeBase, step: int, sample: int = 256, seed: int = 0) -> float:
-    """RMS distance ||key_i - mean key|| over (a fixed random sample of) the KB's keys at `step`."""
+def blend(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """sum_i w_i value_i over values [H, ...] (Algorithm 2, x_v_hat), float64 [...]."""
+    v = np.asarray(values, dtype=np.float64)
+    w = np.asarray(weights, dtype=np.float64)
+    if w.ndim != 1 or v.shape[:1] != w.shape:
+        raise KBError(f"blend needs values [H, ...] and weights [H], got {list(v.shape)} and {list(w.shape)}.")
+    return np.tensordot(w, v, axes=1)
+
+
+# --------------------------------------------------------------------------- Algorithm 2, lines 6-8
+
+
+@dataclass(frozen=True)
+class NearestKeys:
+    """The top-H stored keys of each query at `key_step` (Algorithm 2, line 6)."""
+
+    key_step: int
+    ids: np.ndarray  # int64 [B, H], nearest first
+    distances: np.ndarray  # float32 [B, H], Euclidean on the full keys, ascending
+    keys: np.ndarray  # float32 [B, H, D]
+
+
+@dataclass(frozen=True)
+class WeightFit:
+    """The blend weights of each query (Algorithm 2, line 7) and how well they rebuild it."""
+
+    mode: str
+    weights: np.ndarray  # float64 [B, H]
+    residual: np.ndarray  # float64 [B], ||q - sum w key|| / ||q||
+    centered_residual: np.ndarray  # float64 [B], ||q - sum w key|| / key spread
+
+
+def nearest_keys(kb: KnowledgeBase, query: np.ndarray, key_step: int, h: int,
+                 candidates: int | None = None) -> NearestKeys:
+    """Top-h neighbours j_1..j_h of each query float32 [B, D] among the KB's keys at `key_step` (line 6)."""
+    ids, dist = kb.search(key_step, query, h, candidates=candidates)
+    keys = kb.keys_flat(key_step, ids.reshape(-1)).reshape(len(query), h, -1)
+    return NearestKeys(int(key_step), ids, dist, keys)
+
+
+def fit_weights(query: np.ndarray, keys: np.ndarray, spread: float, mode: str = "lstsq",
+                ridge: float = 1e-2) -> WeightFit:
+    """w* = argmin_w d(q, sum_i w_i key_i) per query [B, D] and its keys [B, H, D] (line 7), in float64."""
+    if mode not in WEIGHT_MODES:
+        raise KBError(f"unknown weight mode {mode!r}; valid modes are {list(WEIGHT_MODES)}.")
+    w = np.stack([solve_weights(q, k, mode, ridge) for q, k in zip(query, keys)])
+    rel = np.array([relative_residual(q, k, wi) for q, k, wi in zip(query, keys, w)])
+    cen = np.array([centered_residual(q, k, wi, spread) for q, k, wi in zip(query, keys, w)])
+    return WeightFit(mode, w, rel, cen)
+
+
+def blend_entries(kb: KnowledgeBase, ids: np.ndarray, weights: np.ndarray, value_step: int) -> np.ndarray:
+    """x_v_hat = sum_i w_i val^(j_i) at `value_step` for ids [B, H] and weights [B, H] (line 8): float32 [B, C, H, W].
+
+    Any ids and weights will do (a condition-embedding retrieval, uniform weights...): this is
+    the blend on its own.
+    """
+    ids = np.asarray(ids)
+    weights = np.asarray(weights, dtype=np.float64)
+    if ids.ndim != 2 or weights.shape != ids.shape:
+        raise KBError(f"blend needs ids [B, H] and weights [B, H] of one shape, got {list(ids.shape)} and "
+                      f"{list(weights.shape)}.")
+    kb.check_step(value_step, "value step")
+    b, h = ids.shape
+    values = kb.latents(value_step, ids.reshape(-1)).reshape(b, h, *kb.latent_shape)
+    return np.stack([blend(v, w) for v, w in zip(values, weights)]).astype(np.float32)
+
+
+def check_value_step(key_step: int, value_step: int) -> None:
+    """A value step before the key step would repeat steps: refuse it with the rule."""
+    if value_step < key_step:
+        raise KBError(f"value step {value_step} is before the key step {key_step}: the value step "
+                      "must be at or after the key step (steps count from the start; v > k skips v - k "
+                      "steps). Choose a value step >= the key step.")
+
+
+def sampled_key_spread(kb: KnowledgeBase, step: int, sample: int = 256, seed: int = 0) -> float:
+    """RMS distance ||key_i - mean key|| over a fixed random sample of the KB's keys at `step`.
+
+    Behind `KnowledgeBase.key_spread` until the KB library computes it itself (cached per KB generation).
+    """
     cache_key = (kb.path, len(kb), int(step), sample, seed)
     if cache_key not in _SPREAD_CACHE:
         n = len(kb)
@@ -99,18 +178,50 @@ def key_spread(kb: KnowledgeBase, step: int, sample: int = 256, seed: int = 0) -
 _SPREAD_CACHE: dict[tuple, float] = {}
 
 
-def blend(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """sum_i w_i value_i over values [H, ...] (Algorithm 2, x_v_hat), float64 [...]."""
-    v = np.asarray(values, dtype=np.float64)
-    w = np.asarray(weights, dtype=np.float64)
-    if w.ndim != 1 or v.shape[:1] != w.shape:
-        raise KBError(f"blend needs values [H, ...] and weights [H], got {list(v.shape)} and {list(w.shape)}.")
-    return np.tensordot(w, v, axes=1)
+def calibrate(kb: KnowledgeBase, step: int, h: int, *, sample: int = 256, mode: str = "lstsq",
+              seed: int = 0) -> dict:
+    """Leave-one-out residual percentiles: each sampled entry's key queried against all the others.
+
+    A guard threshold on the residual means little in absolute terms; these
+    percentiles say what residual a query that does match the KB's distribution gets.
+    """
+    n = len(kb)
+    if n < h + 1:
+        raise KBError(f"calibration with H={h} needs at least {h + 1} entries, the KB at {kb.path} has {n}. "
+                      "Add entries, or lower H.")
+    if sample < 1:
+        raise KBError(f"sample must be >= 1, got {sample}.")
+    ids = np.sort(np.random.default_rng(seed).choice(n, size=min(sample, n), replace=False))
+    q = kb.keys_flat(step, ids)
+    found, _ = kb.search(step, q, h + 1)
+    # Drop the entry itself; if exact duplicates pushed it out of the top h+1, drop the farthest.
+    nbr = np.stack([np.array([j for j in row if j != i][:h]) for i, row in zip(ids, found)])
+    keys = kb.keys_flat(step, nbr.reshape(-1)).reshape(len(ids), h, -1)
+    fit = fit_weights(q, keys, kb.key_spread(step), mode, 1e-2)
+    rel, cen = fit.residual, fit.centered_residual
+    out = {"step": int(step), "h": int(h), "n": len(ids), "mode": mode, "kb_count": n,
+           "centered_mean": float(cen.mean()), "relative_mean": float(rel.mean())}
+    for p in (50, 90, 95):
+        out[f"centered_p{p}"] = float(np.percentile(cen, p))
+        out[f"relative_p{p}"] = float(np.percentile(rel, p))
+    return out
+
+
+# --------------------------------------------------------------------------- kept for embedded/benchmarks until they are rewired
+
+
+def key_spread(kb: KnowledgeBase, step: int) -> float:
+    """The KB's key spread at `step` (`kb.key_spread`); kept for embedded/benchmarks until they are rewired."""
+    return kb.key_spread(step)
 
 
 @dataclass
 class Neighbours:
-    """What ReDiRetrieve outputs: the top-H keys of each query at `key_step` and their weights."""
+    """Top-H keys with their least-squares weights; kept for embedded/benchmarks until they are rewired.
+
+    New code uses NearestKeys (line 6) and WeightFit (line 7), which keep the weights the blend
+    actually used instead of always least squares.
+    """
 
     key_step: int
     ids: np.ndarray  # int64 [B, H]
@@ -131,66 +242,24 @@ class Neighbours:
                 f"{float(self.residual.max()):.3g} (centered {float(self.centered_residual.max()):.3g}, worst item)")
 
 
-def _weights_and_residuals(query: np.ndarray, keys: np.ndarray, spread: float, mode: str,
-                           ridge: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per batch item: weights [B, H], relative residual [B], centered residual [B]."""
-    w = np.stack([solve_weights(q, k, mode, ridge) for q, k in zip(query, keys)])
-    rel = np.array([relative_residual(q, k, wi) for q, k, wi in zip(query, keys, w)])
-    cen = np.array([centered_residual(q, k, wi, spread) for q, k, wi in zip(query, keys, w)])
-    return w, rel, cen
-
-
 def retrieve(kb: KnowledgeBase, query: Any, key_step: int, h: int, candidates: int | None = None) -> Neighbours:
-    """Top-h neighbours of each query latent [B, C, H, W] among the KB's keys at `key_step`."""
-    q = kb._as_queries(query)  # validated here too: the error should name the query, not FAISS
-    ids, dist = kb.search(key_step, q, h, candidates=candidates)
-    keys = kb.keys_flat(key_step, ids.reshape(-1)).reshape(len(q), h, -1)
-    mean = kb.mean_key(key_step)
-    spread = key_spread(kb, key_step)
-    w, rel, cen = _weights_and_residuals(q, keys, spread, "lstsq", 0.0)
-    return Neighbours(int(key_step), ids, dist, q, keys, mean, spread, w, rel, cen)
+    """nearest_keys + least-squares fit_weights as one Neighbours; kept for embedded/benchmarks until they are rewired."""
+    q = kb.as_queries(query)  # validated here too: the error should name the query, not FAISS
+    near = nearest_keys(kb, q, key_step, h, candidates)
+    spread = kb.key_spread(key_step)
+    fit = fit_weights(q, near.keys, spread, "lstsq")
+    return Neighbours(int(key_step), near.ids, near.distances, q, near.keys, kb.mean_key(key_step), spread,
+                      fit.weights, fit.residual, fit.centered_residual)
 
 
 def blend_values(kb: KnowledgeBase, neighbours: Neighbours, value_step: int, mode: str = "lstsq",
                  ridge: float = 1e-2) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """x_v_hat = sum_i w_i val_i at `value_step` (Algorithm 2): latent float32 [B, C, H, W], weights, residuals."""
-    if value_step < neighbours.key_step:
-        raise KBError(f"value step {value_step} is before the key step {neighbours.key_step}: the value step "
-                      "must be at or after the key step (steps count from the start; v > k skips v - k "
-                      "steps). Choose a value step >= the key step.")
-    kb._check_step(value_step, "value step")
-    if mode not in WEIGHT_MODES:
-        raise KBError(f"unknown weight mode {mode!r}; valid modes are {list(WEIGHT_MODES)}.")
-    w, rel, cen = _weights_and_residuals(neighbours.query, neighbours.keys, neighbours.key_spread, mode, ridge)
-    b, h = neighbours.ids.shape
-    values = kb.latents(value_step, neighbours.ids.reshape(-1)).reshape(b, h, *kb.latent_shape)
-    latent = np.stack([blend(v, wi) for v, wi in zip(values, w)]).astype(np.float32)
-    return latent, w, rel, cen
+    """fit_weights in `mode` + blend_entries: (latent [B, C, H, W], weights, residual, centered residual).
 
-
-def calibrate(kb: KnowledgeBase, step: int, h: int, *, sample: int = 256, mode: str = "lstsq",
-              seed: int = 0) -> dict:
-    """Leave-one-out residual percentiles: each sampled entry's key queried against all the others.
-
-    A guard threshold on the residual means little in absolute terms (anchors.md); these
-    percentiles say what residual a query that does match the KB's distribution gets.
+    Kept for embedded/benchmarks until they are rewired.
     """
-    n = len(kb)
-    if n < h + 1:
-        raise KBError(f"calibration with H={h} needs at least {h + 1} entries, the KB at {kb.path} has {n}. "
-                      "Add entries, or lower H.")
-    if sample < 1:
-        raise KBError(f"sample must be >= 1, got {sample}.")
-    ids = np.sort(np.random.default_rng(seed).choice(n, size=min(sample, n), replace=False))
-    q = kb.keys_flat(step, ids)
-    found, _ = kb.search(step, q, h + 1)
-    # Drop the entry itself; if exact duplicates pushed it out of the top h+1, drop the farthest.
-    nbr = np.stack([np.array([j for j in row if j != i][:h]) for i, row in zip(ids, found)])
-    keys = kb.keys_flat(step, nbr.reshape(-1)).reshape(len(ids), h, -1)
-    _, rel, cen = _weights_and_residuals(q, keys, key_spread(kb, step), mode, 1e-2)
-    out = {"step": int(step), "h": int(h), "n": len(ids), "mode": mode, "kb_count": n,
-           "centered_mean": float(cen.mean()), "relative_mean": float(rel.mean())}
-    for p in (50, 90, 95):
-        out[f"centered_p{p}"] = float(np.percentile(cen, p))
-        out[f"relative_p{p}"] = float(np.percentile(rel, p))
-    return out
+    check_value_step(neighbours.key_step, value_step)
+    kb.check_step(value_step, "value step")
+    fit = fit_weights(neighbours.query, neighbours.keys, neighbours.key_spread, mode, ridge)
+    latent = blend_entries(kb, neighbours.ids, fit.weights, value_step)
+    return latent, fit.weights, fit.residual, fit.centered_residual

@@ -106,3 +106,42 @@ def stitch_switch_step(sigmas: Sequence[float], fraction: float | None = None, s
         raise KBError(f"switch sigma {switch_sigma} must be >= 0.")
     # The small model runs every step whose starting noise level is above the switch sigma.
     return sum(1 for i in range(steps) if float(sigmas[i]) > switch_sigma)
+
+
+SWITCH_MODES = ("fraction", "sigma", "step")
+
+
+@dataclass(frozen=True)
+class Switch:
+    """Where a two-model run hands over: the early model evaluates every sigma above `sigma_in(sigmas)`.
+
+    mode "fraction": after round(value * steps) steps of the schedule; "step": after `value`
+    steps; "sigma": at that noise level. Fraction and step are resolved against the schedule
+    the run is given, so one Switch serves any number of steps.
+    """
+
+    mode: str
+    value: float
+
+    def __post_init__(self) -> None:
+        if self.mode not in SWITCH_MODES:
+            raise KBError(f"unknown switch mode {self.mode!r}; choose one of {list(SWITCH_MODES)}.")
+        if self.mode == "fraction" and not 0.0 <= self.value <= 1.0:
+            raise KBError(f"small-model fraction {self.value} must lie in 0..1 (0 = large model only, 1 = small model only).")
+        if self.value < 0 or not math.isfinite(self.value):
+            raise KBError(f"switch {self.mode} {self.value} must be a finite number >= 0.")
+
+    def step_in(self, sigmas: Sequence[float]) -> int:
+        """Steps of `sigmas` whose starting noise level is above the switch (the early model's steps)."""
+        steps = len(sigmas) - 1
+        if self.mode == "fraction":
+            return int(round(self.value * steps))
+        if self.mode == "step":
+            return min(int(self.value), steps)
+        return stitch_switch_step(sigmas, switch_sigma=self.value)
+
+    def sigma_in(self, sigmas: Sequence[float]) -> float:
+        """The hand-over noise level: evaluations above it go to the early model, the rest to the late one."""
+        if self.mode == "sigma":
+            return float(self.value)
+        return float(sigmas[self.step_in(sigmas)])

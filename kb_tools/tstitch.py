@@ -7,17 +7,21 @@ latent alignment between the two, so a mismatched pair is refused before any sam
 (the official code only failed inside the network, `mat1 and mat2 shapes cannot be
 multiplied`, when SD2 was paired with an SD1-family small model).
 
-Everything above `tstitch_sample` is plain Python over dicts and numbers and imports no
-ComfyUI; `tstitch_sample` imports the ComfyUI side (`comfy_sampling`) when it is called.
+The run itself is one sampler run through `guiders.SwitchGuider`: every model evaluation goes
+to the model that owns its sigma, so a multistep sampler keeps its history across the
+hand-over (the official code shares one scheduler, whose history mixes the two models;
+running the two halves as separate runs restarts it). Everything above `tstitch_guider` is
+plain Python over dicts and numbers and imports no ComfyUI; `tstitch_guider` and
+`tstitch_sample` import the ComfyUI side when they are called.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
 from .errors import KBError, KBMismatchError
-from .schedule import stitch_switch_step
+from .records import differences
+from .schedule import Switch
 
 #: Relative tolerance on sigma_min / sigma_max when deciding two models share a schedule.
 SIGMA_REL_TOL = 1e-3
@@ -42,6 +46,20 @@ def _as_dim_map(value) -> dict[str, int | None]:
     return {"conditioning": None if value is None else int(value)}
 
 
+#: Per-setting tolerances when comparing two model signatures (records.differences).
+SIGNATURE_TOLERANCES = {"latent_scale_factor": (1e-4, 0.0), "sigma_min": (SIGMA_REL_TOL, 0.0),
+                        "sigma_max": (SIGMA_REL_TOL, 0.0)}
+
+#: How each signature difference reads; settings not listed may differ (each model gets its own conditioning).
+_PROBLEMS = {
+    "latent_channels": "latent channels: small model {s}, large model {l} (the two models live in different VAE latent spaces)",
+    "latent_scale_factor": "latent scale factor: small model {s} ({fs}), large model {l} ({fl}) (different VAEs)",
+    "sampling_type": "sampling type: small model {sn}, large model {ln}",
+    "sigma_min": "sigma range (sigma_min): small model {s:.6g}, large model {l:.6g} (different noise schedules)",
+    "sigma_max": "sigma range (sigma_max): small model {s:.6g}, large model {l:.6g} (different noise schedules)",
+}
+
+
 def check_stitch_compatible(small_sig: dict, large_sig: dict, small_context_dim, large_context_dim) -> None:
     """Raise KBMismatchError naming every setting that keeps the two models off one trajectory.
 
@@ -52,24 +70,13 @@ def check_stitch_compatible(small_sig: dict, large_sig: dict, small_context_dim,
     two models: each model gets its own conditioning.
     """
     problems: list[str] = []
-
-    def pair(key):
-        return small_sig.get(key), large_sig.get(key)
-
-    s, big = pair("latent_channels")
-    if s != big:
-        problems.append(f"latent channels: small model {s}, large model {big} (the two models live in different VAE latent spaces)")
-    s, big = pair("latent_scale_factor")
-    if s is not None and big is not None and not math.isclose(float(s), float(big), rel_tol=1e-4):
-        fmt_s, fmt_l = pair("latent_format")
-        problems.append(f"latent scale factor: small model {s} ({fmt_s}), large model {big} ({fmt_l}) (different VAEs)")
-    s, big = pair("sampling_type")
-    if s != big:
-        problems.append(f"sampling type: small model {_sampling_type_name(s)}, large model {_sampling_type_name(big)}")
-    for key in ("sigma_min", "sigma_max"):
-        s, big = pair(key)
-        if s is not None and big is not None and not math.isclose(float(s), float(big), rel_tol=SIGMA_REL_TOL):
-            problems.append(f"sigma range ({key}): small model {float(s):.6g}, large model {float(big):.6g} (different noise schedules)")
+    compared = {k: small_sig.get(k) for k in _PROBLEMS}, {k: large_sig.get(k) for k in _PROBLEMS}
+    for d in differences(*compared, tolerances=SIGNATURE_TOLERANCES):
+        if d.path != "latent_channels" and (d.left is None or d.right is None):
+            continue  # a model that does not declare the setting: nothing to compare
+        problems.append(_PROBLEMS[d.path].format(
+            s=d.left, l=d.right, sn=_sampling_type_name(d.left), ln=_sampling_type_name(d.right),
+            fs=small_sig.get("latent_format"), fl=large_sig.get("latent_format")))
     for role, sig, given in (("small", small_sig, small_context_dim), ("large", large_sig, large_context_dim)):
         expected = sig.get("context_dim")
         if expected is None:
@@ -114,12 +121,15 @@ def stitch_summary(small_steps: int, large_steps: int, small_cost_ratio: float |
 
 
 def switch_step(sigmas, switch_mode: str, small_fraction: float, switch_sigma: float) -> int:
-    """Steps the small model runs, from the node's switch settings (see `stitch_switch_step`)."""
-    if switch_mode == "fraction":
-        return stitch_switch_step(sigmas, fraction=float(small_fraction))
-    if switch_mode == "sigma":
-        return stitch_switch_step(sigmas, switch_sigma=float(switch_sigma))
-    raise KBError(f"unknown switch mode {switch_mode!r}; choose one of {list(SWITCH_MODES)}.")
+    """Steps the small model runs, from the node's switch settings (see `Switch.step_in`)."""
+    return node_switch(switch_mode, small_fraction, switch_sigma).step_in(list(sigmas))
+
+
+def node_switch(switch_mode: str, small_fraction: float, switch_sigma: float) -> Switch:
+    """The Switch the T-Stitch nodes' inputs describe."""
+    if switch_mode not in SWITCH_MODES:
+        raise KBError(f"unknown switch mode {switch_mode!r}; choose one of {list(SWITCH_MODES)}.")
+    return Switch("fraction", float(small_fraction)) if switch_mode == "fraction" else Switch("sigma", float(switch_sigma))
 
 
 def parameter_count(model) -> int:
@@ -135,11 +145,24 @@ def conditioning_context_dim(conditioning) -> int | None:
     return int(tensor.shape[-1]) if getattr(tensor, "ndim", 0) >= 1 else None
 
 
+def guider_context_dims(guider) -> dict[str, int] | None:
+    """{conditioning name: context size} of a CFG-style guider's conditionings (None for other guiders)."""
+    conds = getattr(guider, "original_conds", None)
+    if not isinstance(conds, dict):
+        return None
+    out = {}
+    for name, entries in conds.items():
+        tensor = entries[0].get("cross_attn") if entries else None
+        out[name] = int(tensor.shape[-1]) if getattr(tensor, "ndim", 0) >= 1 else None
+    return out
+
+
 # --------------------------------------------------------------------------- ComfyUI side
+
 
 @dataclass
 class TStitchResult:
-    """What a stitched run did: the split, evaluations per model and the summary line."""
+    """What a stitched run did: the split, evaluations per model (counted) and the summary line."""
 
     steps: int
     small_steps: int
@@ -150,55 +173,55 @@ class TStitchResult:
     summary: str
 
 
+def tstitch_guider(small_guider, large_guider, switch: Switch):
+    """The T-Stitch GUIDER (one sampler run, each evaluation on the model owning its sigma), after the pair check."""
+    from . import comfy_sampling as cs  # ComfyUI only from here on
+    from .guiders import SwitchGuider
+
+    check_stitch_compatible(cs.model_signature(small_guider.model_patcher), cs.model_signature(large_guider.model_patcher),
+                            guider_context_dims(small_guider), guider_context_dims(large_guider))
+    return SwitchGuider(small_guider, large_guider, switch, names=("small_model", "large_model"))
+
+
 def tstitch_sample(small_model, large_model, *, small_positive, small_negative, large_positive, large_negative,
                    latent: dict, seed: int, sampler_name: str, scheduler: str, steps: int, cfg: float,
                    switch_mode: str = "fraction", small_fraction: float = 0.4, switch_sigma: float = 1.0,
                    callback: Callable | None = None) -> tuple[dict, TStitchResult]:
-    """Sample one trajectory, small model on steps [0, s), large model on [s, steps).
+    """Sample one trajectory, small model on the first steps, large model on the rest (TStitchSampler).
 
     One noise schedule spans the whole run: the large model's, built exactly as KSampler
-    builds it. Batch item i starts from the noise of seed + i. A multistep sampler restarts
-    its history at the hand-over. Returns (a copy of the LATENT dict with new "samples",
-    the run's TStitchResult). The compatibility check runs before anything is sampled.
+    builds it, and one sampler run (a multistep sampler keeps its history across the
+    hand-over). Batch item i starts from the noise of seed + i. Returns (a copy of the LATENT
+    dict with new "samples", the run's TStitchResult). The pair is checked before anything is sampled.
     """
-    import comfy.sample  # ComfyUI only from here on
+    import torch
+
+    import comfy.model_management
+    import comfy.sample
+    import comfy.samplers
 
     from . import comfy_sampling as cs
+    from .plain import cfg_guider
 
-    check_stitch_compatible(
-        cs.model_signature(small_model), cs.model_signature(large_model),
-        {"positive": conditioning_context_dim(small_positive), "negative": conditioning_context_dim(small_negative)},
-        {"positive": conditioning_context_dim(large_positive), "negative": conditioning_context_dim(large_negative)},
-    )
     if "noise_mask" in latent:
         raise KBError("T-Stitch does not support a latent noise mask (inpainting); remove the mask "
                       "(SetLatentNoiseMask) or sample the masked latent with KSampler.")
-    steps = int(steps)
-    sigmas = cs.schedule_sigmas(large_model, sampler_name, scheduler, steps)
+    guider = tstitch_guider(cfg_guider(small_model, small_positive, small_negative, cfg),
+                            cfg_guider(large_model, large_positive, large_negative, cfg),
+                            node_switch(switch_mode, small_fraction, switch_sigma))
+    sigmas = cs.schedule_sigmas(large_model, sampler_name, scheduler, int(steps))
     steps = len(sigmas) - 1
-    s = switch_step(sigmas.tolist(), switch_mode, small_fraction, switch_sigma)
-
+    s = guider.switch.step_in(sigmas.tolist())
     samples = comfy.sample.fix_empty_latent_channels(large_model, latent["samples"])
     seeds = [(int(seed) + i) & 0xFFFFFFFFFFFFFFFF for i in range(samples.shape[0])]
-    noise = cs.seeded_noise(samples, seeds)
-    # An empty segment is left out: the first segment run must be the one that adds the noise.
-    planned = [("small", cs.Segment(small_model, small_positive, small_negative, 0, s)),
-               ("large", cs.Segment(large_model, large_positive, large_negative, s, steps))]
-    planned = [(role, seg) for role, seg in planned if seg.stop > seg.start]
-    segments = [seg for _, seg in planned]
-    if 0 < s < steps and sampler_name in cs.MULTISTEP_SAMPLERS:
-        cs.log.info("T-Stitch: %s keeps a history of model outputs; it restarts at the hand-over (step %d), "
-                    "so the first large-model steps run at lower order.", sampler_name, s)
-    out_samples, _, evaluations = cs.sample_stitched(segments, latent=samples, noise=noise, cfg=cfg,
-                                                     sampler_name=sampler_name, sigmas=sigmas, seed=int(seed),
-                                                     callback=callback)
-    per_model = {"small": 0, "large": 0}
-    for (role, _), count in zip(planned, evaluations):
-        per_model[role] += count
+    with torch.no_grad():
+        out_samples = guider.sample(cs.seeded_noise(samples, seeds), samples, comfy.samplers.sampler_object(sampler_name),
+                                    sigmas, callback=callback, disable_pbar=True, seed=int(seed))
     small_params, large_params = parameter_count(small_model), parameter_count(large_model)
     ratio = small_params / large_params if large_params else None
     summary = stitch_summary(s, steps - s, ratio)
     cs.log.info(summary)
     out = latent.copy()
-    out["samples"] = out_samples
-    return out, TStitchResult(steps, s, per_model["small"], per_model["large"], small_params, large_params, summary)
+    out["samples"] = out_samples.to(comfy.model_management.intermediate_device())
+    return out, TStitchResult(steps, s, guider.evaluations.get("small_model", 0), guider.evaluations.get("large_model", 0),
+                              small_params, large_params, summary)

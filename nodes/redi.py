@@ -1,8 +1,9 @@
-"""ReDi nodes: build a knowledge base, then partial sample -> retrieve -> blend -> resume.
+"""ReDi nodes: build a knowledge base, then ReDiSampler, or partial sample -> retrieve -> blend -> resume.
 
-Thin V3 layer over kb_tools.redi; every number a node computes comes from there.
-The ReDi run state travels inside the LATENT dict under the key "redi" (a ReDiState), so the
-four-node chain needs no extra wires and a LATENT from elsewhere is refused with a clear fix.
+Thin V3 layer over kb_tools.redi; every number a node computes comes from there. In the
+four-node chain each LATENT carries what its part of Algorithm 2 made under the key "redi"
+(a KeyQuery after ReDiPartialSample, a BlendedValue after ReDiBlend), so the chain needs no
+extra wires and a LATENT from elsewhere is refused with a clear fix.
 """
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ from ..kb_tools import comfy_sampling as cs
 from ..kb_tools import redi as core
 from ..kb_tools.errors import KBError
 from ..kb_tools.kb import KnowledgeBase
+from ..kb_tools.records import Recipe
+from ..kb_tools.retrieval import WEIGHT_MODES as WEIGHT_MODE_NAMES
 from ..kb_tools.schedule import parse_steps
 
 log = logging.getLogger("ReDi")
@@ -29,9 +32,14 @@ log = logging.getLogger("ReDi")
 CATEGORY = "sampling/ReDi"
 KB_FOLDER = "redi_kb"
 KnowledgeBaseType = io.Custom("REDI_KB")
+# Carries a kb_tools.redi.QueryNeighbours: each query and its top-H stored neighbours. The type
+# string stays "REDI_NEIGHBOURS": saved UI workflows store it on every link and slot of this type.
 NeighboursType = io.Custom("REDI_NEIGHBOURS")
-WEIGHT_MODES = ["lstsq", "affine", "ridge"]
+WEIGHT_MODES = list(WEIGHT_MODE_NAMES)
 FROM_KB = "from KB"
+GUARD_TOOLTIP = ("Largest accepted centered residual ||q - sum w key|| / (RMS spread of the KB's keys); an item above it "
+                 "continues from its own key-step latent (plain sampling). -1 = auto: the calibration stored in the KB "
+                 "(python -m kb_tools calibrate), else 0.5; the run's log line says which.")
 
 # Knowledge bases live in models/redi_kb/<name>/ by default; extra_model_paths.yaml can add
 # more locations under the key `redi_kb` (ComfyUI registers those before loading packs).
@@ -79,15 +87,16 @@ def open_kb(path: Path) -> KnowledgeBase:
     return _OPEN_KBS[key]
 
 
-def state_of(latent: dict, node: str) -> core.ReDiState:
-    state = latent.get("redi")
-    if not isinstance(state, core.ReDiState):
-        raise KBError(f"{node} needs the LATENT that comes out of ReDiPartialSample (or ReDiBlend); this one carries no ReDi state. "
+def carried(latent: dict, node: str, kind: type, source: str):
+    """What the chain's previous node put into the LATENT, or a clear error naming the node to connect."""
+    value = latent.get("redi")
+    if not isinstance(value, kind):
+        raise KBError(f"{node} needs the LATENT that comes out of {source}; this one carries no ReDi state. "
                       "Connect it directly: nodes in between (upscale, batch...) drop that state.")
-    return state
+    return value
 
 
-def with_samples(latent: dict, samples: torch.Tensor, state: core.ReDiState | None) -> dict:
+def with_samples(latent: dict, samples: torch.Tensor, state=None) -> dict:
     out = {k: v for k, v in latent.items() if k not in ("samples", "redi", "noise_mask")}
     out["samples"] = samples
     if state is not None:
@@ -130,27 +139,11 @@ def preview_callback(model, steps: int):
     return latent_preview.prepare_callback(model, steps)
 
 
-def do_partial(kb: KnowledgeBase, model, positive, negative, latent_image: dict, key_step: int, seed_mode: str, seed: int,
-               small_model=None, small_positive=None, small_negative=None) -> tuple[torch.Tensor, core.ReDiState]:
-    samples = latent_image["samples"]
-    if torch.count_nonzero(samples) != 0:
-        log.warning("ReDi: the input latent is not empty; knowledge-base trajectories start from an empty latent, so retrieval will match poorly. Use EmptyLatentImage.")
-    seeds, warnings = core.query_seeds(kb, samples.shape[0], seed_mode, seed)
+def query_seeds(kb: KnowledgeBase, latent_image: dict, seed_mode: str, seed: int) -> list[int]:
+    seeds, warnings = core.query_seeds(kb, latent_image["samples"].shape[0], seed_mode, seed)
     for w in warnings:
         log.warning("ReDi: %s", w)
-    state = core.partial_sample(kb, model, positive, negative, samples.float(), seeds, key_step,
-                                key_model=small_model, key_positive=small_positive, key_negative=small_negative,
-                                callback=preview_callback(model, key_step))
-    state.warnings.extend(warnings)
-    return state.query, state
-
-
-def do_resume(state: core.ReDiState, blended: torch.Tensor, model, positive, negative, guard: float) -> torch.Tensor:
-    steps_left = state.settings.steps - state.value_step
-    report = core.resume_sample(state, blended, model, positive, negative, threshold=guard,
-                                callback=preview_callback(model, steps_left))
-    log.info(report.summary())
-    return report.latent
+    return seeds
 
 
 # --------------------------------------------------------------------------- nodes
@@ -248,8 +241,8 @@ class BuildKnowledgeBase(io.ComfyNode):
             raise KBError("no prompts: write one prompt per line, or give a prompts file.")
         channels = model.get_model_object("latent_format").latent_channels
         spec = core.BuildSpec(
-            prompts=lines, seeds=[seed + i for i in range(seeds_per_prompt)], sampler=sampler_name, scheduler=scheduler,
-            steps=steps, cfg=cfg, store_steps=parse_steps(store_steps, steps), latent_shape=(channels, height // 8, width // 8),
+            prompts=lines, seeds=[seed + i for i in range(seeds_per_prompt)], recipe=Recipe(sampler_name, scheduler, steps, cfg),
+            store_steps=parse_steps(store_steps, steps), latent_shape=(channels, height // 8, width // 8),
             negative_prompt=negative_prompt, batch_size=batch_size, dtype=dtype, index_type=index_type,
             stitch_step=stitch_step if small_model is not None else 0)
         pbar = comfy.utils.ProgressBar(len(lines) * seeds_per_prompt)
@@ -299,11 +292,14 @@ class ReDiPartialSample(io.ComfyNode):
     @classmethod
     def execute(cls, model, positive, negative, latent_image, knowledge_base, key_step, seed_mode, seed,
                 sampler_override=FROM_KB, steps_override=0, small_model=None, small_positive=None, small_negative=None) -> io.NodeOutput:
+        # The overrides exist only to be refused: removing them would shift the widget values of saved UI workflows.
         core.check_recipe(knowledge_base, sampler=None if sampler_override == FROM_KB else sampler_override,
                           steps=steps_override or None)
-        query, state = do_partial(knowledge_base, model, positive, negative, latent_image, key_step, seed_mode, seed,
-                                  small_model, small_positive, small_negative)
-        return io.NodeOutput(with_samples(latent_image, query, state))
+        query = core.sample_to_key(knowledge_base, model, positive, negative, latent_image["samples"].float(),
+                                   query_seeds(knowledge_base, latent_image, seed_mode, seed), key_step,
+                                   small_model=small_model, small_positive=small_positive, small_negative=small_negative,
+                                   callback=preview_callback(model, key_step))
+        return io.NodeOutput(with_samples(latent_image, query.latent, query))
 
 
 class ReDiRetrieve(io.ComfyNode):
@@ -313,8 +309,8 @@ class ReDiRetrieve(io.ComfyNode):
             node_id="ReDiRetrieve",
             display_name="ReDi Retrieve",
             category=CATEGORY,
-            description="Finds the H stored trajectories whose key-step latent is nearest the query (FAISS), per batch item, "
-                        "with their distances and the relative residual of the best least-squares fit.",
+            description="Finds the H stored trajectories whose key-step latent is nearest the query (FAISS), per batch item "
+                        "(ReDi Algorithm 2, line 6). ReDiBlend then fits their weights and blends their values.",
             inputs=[
                 io.Latent.Input("query_latent", tooltip="The output of ReDiPartialSample."),
                 kb_input(),
@@ -325,12 +321,12 @@ class ReDiRetrieve(io.ComfyNode):
 
     @classmethod
     def execute(cls, query_latent, knowledge_base, neighbours) -> io.NodeOutput:
-        state = state_of(query_latent, "ReDiRetrieve")
-        if state.kb.path != knowledge_base.path:
-            raise KBError(f"the query was made for knowledge base {state.kb.path} but {knowledge_base.path} is connected; connect the same KB to both nodes.")
-        state = core.retrieve_neighbours(state, neighbours)
-        log.info("ReDi: %s", state.neighbours.summary())
-        return io.NodeOutput(state)
+        query = carried(query_latent, "ReDiRetrieve", core.KeyQuery, "ReDiPartialSample")
+        if query.kb.path != knowledge_base.path:
+            raise KBError(f"the query was made for knowledge base {query.kb.path} but {knowledge_base.path} is connected; connect the same KB to both nodes.")
+        found = core.find_neighbours(query, neighbours)
+        log.info("ReDi: %s", found.summary())
+        return io.NodeOutput(found)
 
 
 class ReDiBlend(io.ComfyNode):
@@ -353,8 +349,10 @@ class ReDiBlend(io.ComfyNode):
 
     @classmethod
     def execute(cls, neighbours, value_step, weight_mode) -> io.NodeOutput:
-        blended, state = core.blend_value(neighbours, value_step, weight_mode)
-        return io.NodeOutput({"samples": blended, "redi": state})
+        if not isinstance(neighbours, core.QueryNeighbours):
+            raise KBError("ReDiBlend needs the neighbours that come out of ReDiRetrieve; connect ReDiRetrieve's output.")
+        value = core.blend_at(neighbours, value_step, weight_mode)
+        return io.NodeOutput({"samples": value.latent, "redi": value})
 
 
 class ReDiResumeSample(io.ComfyNode):
@@ -370,16 +368,17 @@ class ReDiResumeSample(io.ComfyNode):
                 *common_sampling_inputs(),
                 io.Latent.Input("value_latent", tooltip="The output of ReDiBlend."),
                 io.Float.Input("guard", default=-1.0, min=-1.0, max=100.0, step=0.01,
-                               tooltip="Largest accepted centered residual ||q - sum w key|| / ||q - mean key||. -1 = auto: the KB's leave-one-out 95th percentile."),
+                               tooltip=GUARD_TOOLTIP),
             ],
             outputs=[io.Latent.Output(display_name="LATENT")],
         )
 
     @classmethod
     def execute(cls, model, positive, negative, value_latent, guard) -> io.NodeOutput:
-        state = state_of(value_latent, "ReDiResumeSample")
-        samples = do_resume(state, value_latent["samples"], model, positive, negative, guard)
-        return io.NodeOutput(with_samples(value_latent, samples, None))
+        value = carried(value_latent, "ReDiResumeSample", core.BlendedValue, "ReDiBlend")
+        steps_left = value.plan.steps - value.plan.key_step
+        result = core.resume(value, model, positive, negative, guard, callback=preview_callback(model, steps_left))
+        return io.NodeOutput(with_samples(value_latent, result.latent))
 
 
 class ReDiSampler(io.ComfyNode):
@@ -399,7 +398,7 @@ class ReDiSampler(io.ComfyNode):
                 io.Int.Input("value_step", default=10, min=1, max=1000, tooltip="Step where sampling resumes (a stored step >= key_step)."),
                 io.Int.Input("neighbours", default=3, min=1, max=512, tooltip="H, neighbours to combine."),
                 io.Combo.Input("weight_mode", options=WEIGHT_MODES, default="lstsq", tooltip="How neighbours are weighted (see ReDiBlend)."),
-                io.Float.Input("guard", default=-1.0, min=-1.0, max=100.0, step=0.01, tooltip="Residual guard (see ReDiResumeSample); -1 = auto."),
+                io.Float.Input("guard", default=-1.0, min=-1.0, max=100.0, step=0.01, tooltip=GUARD_TOOLTIP),
                 *seed_inputs(),
                 io.Conditioning.Input("resume_positive", optional=True,
                                       tooltip="Stylization: conditioning for the resumed steps (content + style), while positive (content) makes the key."),
@@ -411,13 +410,12 @@ class ReDiSampler(io.ComfyNode):
     @classmethod
     def execute(cls, model, positive, negative, latent_image, knowledge_base, key_step, value_step, neighbours, weight_mode,
                 guard, seed_mode, seed, resume_positive=None, small_model=None, small_positive=None, small_negative=None) -> io.NodeOutput:
-        core.plan_redi(knowledge_base.settings.steps, key_step, value_step, knowledge_base.settings.stored_steps)
-        _, state = do_partial(knowledge_base, model, positive, negative, latent_image, key_step, seed_mode, seed,
-                              small_model, small_positive, small_negative)
-        state = core.retrieve_neighbours(state, neighbours)
-        blended, state = core.blend_value(state, value_step, weight_mode)
-        samples = do_resume(state, blended, model, resume_positive if resume_positive is not None else positive, negative, guard)
-        return io.NodeOutput(with_samples(latent_image, samples, None))
+        run = core.make_run(knowledge_base, key_step, value_step, neighbours, weight_mode, guard)
+        result = core.generate(knowledge_base, model, positive, negative, latent_image["samples"].float(),
+                               query_seeds(knowledge_base, latent_image, seed_mode, seed), run,
+                               resume_positive=resume_positive, small_model=small_model, small_positive=small_positive,
+                               small_negative=small_negative, callback=preview_callback(model, run.plan.steps))
+        return io.NodeOutput(with_samples(latent_image, result.latent))
 
 
 NODES = [ReDiLoadKnowledgeBase, BuildKnowledgeBase, ReDiPartialSample, ReDiRetrieve, ReDiBlend, ReDiResumeSample, ReDiSampler]

@@ -1,33 +1,27 @@
-"""T-Stitch sampler node: the small model runs the early steps, the large model the rest."""
+"""T-Stitch nodes: the small model runs the early steps, the large model the rest, in one sampler run.
+
+TStitchSampler is the KSampler-style node; TStitchGuider is the GUIDER for SamplerCustomAdvanced.
+"""
 from __future__ import annotations
 
 import latent_preview
 from comfy_api.latest import io
 
 from ..kb_tools import comfy_sampling as cs
-from ..kb_tools.tstitch import SWITCH_MODES, tstitch_sample
+from ..kb_tools.tstitch import SWITCH_MODES, node_switch, tstitch_guider, tstitch_sample
+
+CATEGORY = "sampling/ReDi"
 
 
-class _StitchProgress:
-    """Run state of one stitched run: maps each segment's local step to the run's step for the progress bar."""
-
-    def __init__(self):
-        self.reset()
-
-    def reset(self) -> None:
-        self.done = 0
-        self.total = 0
-        self.inner = None
-
-    def start(self, model, steps: int) -> None:
-        self.done = 0
-        self.total = steps
-        self.inner = latent_preview.prepare_callback(model, steps)
-
-    def __call__(self, step, x0, x, total_steps):
-        if self.inner is not None:
-            self.inner(self.done, x0, x, self.total)
-        self.done += 1
+def switch_inputs() -> list[io.Input]:
+    return [
+        io.Combo.Input("switch_mode", options=list(SWITCH_MODES), default="fraction",
+                       tooltip="How the hand-over point is given: 'fraction' of the steps, or a noise level ('sigma')."),
+        io.Float.Input("small_fraction", default=0.4, min=0.0, max=1.0, step=0.01,
+                       tooltip="Fraction of the steps run by the small model (switch_mode 'fraction'): 0 = large model only, 1 = small model only. The paper keeps quality at 0.4."),
+        io.Float.Input("switch_sigma", default=1.0, min=0.0, max=1000.0, step=0.01,
+                       tooltip="Switch noise level (switch_mode 'sigma'): the small model evaluates every noise level above it. Sigmas are in the model's own units (about 14.6 down to 0 for SD1.x/SDXL, 1 down to 0 for flow models)."),
+    ]
 
 
 class TStitchSampler(io.ComfyNode):
@@ -36,14 +30,14 @@ class TStitchSampler(io.ComfyNode):
         return io.Schema(
             node_id="TStitchSampler",
             display_name="T-Stitch Sampler (small model first)",
-            category="sampling/ReDi",
+            category=CATEGORY,
             description=(
                 "Trajectory Stitching (T-Stitch, ICLR 2024): a small diffusion model runs the first steps of the "
                 "schedule and a large model of the same family finishes them, on one noise schedule (the large "
                 "model's). The small model lays out the global structure cheaply; the large model adds the detail. "
                 "Both models must share the latent space, prediction type and noise schedule; a mismatched pair is "
-                "refused before sampling. Multistep samplers (dpmpp_2m, uni_pc, lms, ...) restart their history at "
-                "the hand-over, so their first large-model steps run at lower order."
+                "refused before sampling. One sampler run spans the schedule, so multistep samplers (dpmpp_2m, uni_pc, "
+                "lms, ...) keep their history across the hand-over."
             ),
             inputs=[
                 io.Model.Input("small_model", tooltip="The cheap model that runs the early, high-noise steps."),
@@ -62,12 +56,7 @@ class TStitchSampler(io.ComfyNode):
                 io.Int.Input("steps", default=20, min=1, max=10000, tooltip="Total number of steps, small and large model together."),
                 io.Float.Input("cfg", default=7.0, min=0.0, max=100.0, step=0.1, round=0.01,
                                tooltip="Classifier-free guidance scale, used by both models."),
-                io.Combo.Input("switch_mode", options=list(SWITCH_MODES), default="fraction",
-                               tooltip="How the hand-over point is given: 'fraction' of the steps, or a noise level ('sigma')."),
-                io.Float.Input("small_fraction", default=0.4, min=0.0, max=1.0, step=0.01,
-                               tooltip="Fraction of the steps run by the small model (switch_mode 'fraction'): 0 = large model only, 1 = small model only. The paper keeps quality at 0.4."),
-                io.Float.Input("switch_sigma", default=1.0, min=0.0, max=1000.0, step=0.01,
-                               tooltip="Switch noise level (switch_mode 'sigma'): the small model runs every step whose starting sigma is above it. Sigmas are in the model's own units (about 14.6 down to 0 for SD1.x/SDXL, 1 down to 0 for flow models)."),
+                *switch_inputs(),
             ],
             outputs=[io.Latent.Output(tooltip="The denoised latent.")],
         )
@@ -76,18 +65,39 @@ class TStitchSampler(io.ComfyNode):
     def execute(cls, small_model, large_model, small_positive, small_negative, large_positive, large_negative,
                 latent_image, seed, sampler_name, scheduler, steps, cfg, switch_mode, small_fraction,
                 switch_sigma) -> io.NodeOutput:
-        progress = _StitchProgress()
-        try:
-            progress.start(large_model, int(steps))
-            out, _ = tstitch_sample(
-                small_model, large_model, small_positive=small_positive, small_negative=small_negative,
-                large_positive=large_positive, large_negative=large_negative, latent=latent_image, seed=seed,
-                sampler_name=sampler_name, scheduler=scheduler, steps=steps, cfg=cfg, switch_mode=switch_mode,
-                small_fraction=small_fraction, switch_sigma=switch_sigma, callback=progress,
-            )
-        finally:
-            progress.reset()
+        out, result = tstitch_sample(
+            small_model, large_model, small_positive=small_positive, small_negative=small_negative,
+            large_positive=large_positive, large_negative=large_negative, latent=latent_image, seed=seed,
+            sampler_name=sampler_name, scheduler=scheduler, steps=steps, cfg=cfg, switch_mode=switch_mode,
+            small_fraction=small_fraction, switch_sigma=switch_sigma,
+            callback=latent_preview.prepare_callback(large_model, int(steps)))
         return io.NodeOutput(out)
 
 
-NODES = [TStitchSampler]
+class TStitchGuider(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="TStitchGuider",
+            display_name="T-Stitch Guider (small model first)",
+            category=CATEGORY,
+            description=(
+                "T-Stitch as a GUIDER for SamplerCustomAdvanced: every model evaluation above the switch noise level goes "
+                "to the small model's guider, the rest to the large model's, in one sampler run (a multistep sampler keeps "
+                "its history across the hand-over). Both models are loaded together for the run. The pair is checked "
+                "before sampling. With the same model in both guiders it is a prompt switch (e.g. content, then style)."
+            ),
+            inputs=[
+                io.Guider.Input("small_guider", tooltip="Guider of the cheap model (e.g. CFGGuider with its own conditioning) for the early, high-noise steps."),
+                io.Guider.Input("large_guider", tooltip="Guider of the large model for the remaining steps; its model previews the run."),
+                *switch_inputs(),
+            ],
+            outputs=[io.Guider.Output()],
+        )
+
+    @classmethod
+    def execute(cls, small_guider, large_guider, switch_mode, small_fraction, switch_sigma) -> io.NodeOutput:
+        return io.NodeOutput(tstitch_guider(small_guider, large_guider, node_switch(switch_mode, small_fraction, switch_sigma)))
+
+
+NODES = [TStitchSampler, TStitchGuider]

@@ -69,7 +69,7 @@ def test_build_shards_resume_merge_info_verify(tmp_path, comfy_root):
     # An interrupted shard (here: cut short with --limit) is resumed by running it again.
     first = kb_tools("build", *common, "--out", str(tmp_path / "part1"), "--shard", "1/2", "--limit", "1", comfy_root=comfy_root)
     assert first.returncode == 0, first.stderr[-2000:]
-    resumed = kb_tools("build", *common, "--out", str(tmp_path / "part1"), "--shard", "1/2", "--resume", comfy_root=comfy_root)
+    resumed = kb_tools("build", *common, "--out", str(tmp_path / "part1"), "--shard", "1/2", comfy_root=comfy_root)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "added 1 trajectories (1 were already there), 2 in total" in resumed.stdout
     second = kb_tools("build", *common, "--out", str(tmp_path / "part2"), "--shard", "2/2", comfy_root=comfy_root)

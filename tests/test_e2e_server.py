@@ -1,9 +1,10 @@
-"""End to end: a real ComfyUI server loads the pack from outside its tree and runs the shipped example workflows.
+"""End to end: a real ComfyUI server loads the pack from outside its tree and runs the shipped example workflows,
+and the workflow files of earlier versions (tests/fixtures/workflows_0_1_0, byte for byte as users saved them).
 
 One server for the module (about 12 s to start), a real SD1.5-format checkpoint with random
 weights (tests/make_checkpoint.py), every workflow at 64x64 pixels and 8 steps on the CPU.
-The build workflow runs first (its first prompt also loads the checkpoint); the query
-workflows use the knowledge base it made, by name, as a user would.
+The 0.1.0 build workflow runs first (its first prompt also loads the checkpoint); the query
+workflows of both sets use the knowledge base it made, by name, as a user would.
 """
 from __future__ import annotations
 
@@ -23,23 +24,27 @@ pytestmark = [pytest.mark.comfy, pytest.mark.server, pytest.mark.slow]
 PACK_DIR = Path(__file__).resolve().parent.parent
 WORKFLOWS = PACK_DIR / "example_workflows"
 API_DIR = WORKFLOWS / "api"
+#: Workflow sets: the shipped templates, and earlier versions' files exactly as users saved them.
+SETS = {"templates": WORKFLOWS, "0.1.0": PACK_DIR / "tests" / "fixtures" / "workflows_0_1_0"}
 BUILD = "redi_build_knowledge_base"
 UI_NAMES = sorted(p.stem for p in WORKFLOWS.glob("*.json"))
-QUERY_NAMES = [n for n in UI_NAMES if n != BUILD]
+CASES = [(s, p.stem) for s, folder in SETS.items() for p in sorted(folder.glob("*.json"))]
+QUERY_CASES = [c for c in CASES if c[1] != BUILD]
 PACK_NODES = ["ReDiLoadKnowledgeBase", "BuildKnowledgeBase", "ReDiPartialSample", "ReDiRetrieve", "ReDiBlend",
-              "ReDiResumeSample", "ReDiSampler", "TStitchSampler"]
+              "ReDiResumeSample", "ReDiSampler", "TStitchSampler", "SamplerReDi", "ReDiKBNoise", "ReDiKBSigmas",
+              "TStitchGuider"]
 FRONTEND_ONLY = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 BUILD_TIMEOUT_S = 600
 QUERY_TIMEOUT_S = 120
 
 
-def load_ui(name: str) -> dict:
-    return json.loads((WORKFLOWS / f"{name}.json").read_text(encoding="utf-8"))
+def load_ui(name: str, which: str = "templates") -> dict:
+    return json.loads((SETS[which] / f"{name}.json").read_text(encoding="utf-8"))
 
 
-def load_api(name: str) -> dict:
-    return json.loads((API_DIR / f"{name}.api.json").read_text(encoding="utf-8"))
+def load_api(name: str, which: str = "templates") -> dict:
+    return json.loads((SETS[which] / "api" / f"{name}.api.json").read_text(encoding="utf-8"))
 
 
 def is_link(value) -> bool:
@@ -56,7 +61,7 @@ def checkpoint(comfy_root) -> Path:
 @pytest.fixture(scope="module")
 def server(comfy_root, checkpoint, tmp_path_factory):
     # Every checkpoint name the workflows ask for is a link to the one test checkpoint.
-    names = {node["inputs"]["ckpt_name"] for n in UI_NAMES for node in load_api(n).values()
+    names = {node["inputs"]["ckpt_name"] for which, n in CASES for node in load_api(n, which).values()
              if node["class_type"] == "CheckpointLoaderSimple"}
     layout = prepare_layout(tmp_path_factory.mktemp("comfy-e2e"), PACK_DIR, {n: checkpoint for n in names})
     srv = ComfyServer(Path(comfy_root), layout)
@@ -74,8 +79,8 @@ def object_info(server) -> dict:
 
 @pytest.fixture(scope="module")
 def built_kb(server):
-    """Run the build workflow once; return (history entry, API prompt)."""
-    prompt = load_api(BUILD)
+    """Run the 0.1.0 build workflow, unchanged, once; return (history entry, API prompt)."""
+    prompt = load_api(BUILD, "0.1.0")
     return server.run(prompt, timeout=BUILD_TIMEOUT_S), prompt
 
 
@@ -166,9 +171,15 @@ def test_kb_combo_lists_the_built_kb(server, built_kb):
     assert kb_name in options, options
 
 
-@pytest.mark.parametrize("name", QUERY_NAMES)
-def test_query_workflow_runs_and_saves_an_image(server, object_info, built_kb, name):
-    prompt = load_api(name)
+def test_template_build_workflow_runs_on_the_same_kb(server, built_kb):
+    """The shipped build template resumes the KB the 0.1.0 file made (same settings, nothing to add)."""
+    entry = server.run(load_api(BUILD), timeout=BUILD_TIMEOUT_S)
+    assert entry["status"]["status_str"] == "success"
+
+
+@pytest.mark.parametrize("which, name", QUERY_CASES)
+def test_query_workflow_runs_and_saves_an_image(server, object_info, built_kb, which, name):
+    prompt = load_api(name, which)
     entry = server.run(prompt, timeout=QUERY_TIMEOUT_S)
     assert entry["status"]["status_str"] == "success"
     output_nodes = [nid for nid, node in prompt.items() if object_info[node["class_type"]].get("output_node")]
@@ -187,10 +198,10 @@ def test_query_workflow_runs_and_saves_an_image(server, object_info, built_kb, n
             assert im.size == (64, 64)
 
 
-@pytest.mark.parametrize("name", UI_NAMES)
-def test_ui_workflow_matches_object_info(object_info, name):
+@pytest.mark.parametrize("which, name", CASES)
+def test_ui_workflow_matches_object_info(object_info, which, name):
     """Every node type exists, every linked input name exists, widget values fit the widget inputs."""
-    graph = load_ui(name)
+    graph = load_ui(name, which)
     for node in graph["nodes"]:
         if node["type"] in FRONTEND_ONLY:
             continue
@@ -215,10 +226,10 @@ def test_ui_workflow_matches_object_info(object_info, name):
                 assert isinstance(v, str), (name, node["type"], wname, v)
 
 
-@pytest.mark.parametrize("name", UI_NAMES)
-def test_ui_and_api_twins_agree(object_info, name):
+@pytest.mark.parametrize("which, name", CASES)
+def test_ui_and_api_twins_agree(object_info, which, name):
     """The UI graph and its API twin have the same nodes, widget values and links."""
-    graph, api = load_ui(name), load_api(name)
+    graph, api = load_ui(name, which), load_api(name, which)
     nodes = {str(n["id"]): n for n in graph["nodes"] if n["type"] not in FRONTEND_ONLY}
     assert sorted(nodes) == sorted(api), f"{name}: node ids differ"
     links = {lk[0]: lk for lk in graph["links"]}

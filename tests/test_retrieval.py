@@ -192,3 +192,36 @@ def test_centered_residual_separates_foreign_noise_from_kb_noise(toy_kb):
     near = retrieve(toy_kb, own_seed, 4, 3).centered_residual[0]
     far = retrieve(toy_kb, foreign, 4, 3).centered_residual[0]
     assert near < 1.5 and far > 3 * near
+
+
+# --------------------------------------------------------------------------- Algorithm 2 lines 6-8 on their own
+
+
+def test_nearest_fit_and_blend_are_the_legacy_retrieve_in_parts(toy_kb):
+    from kb_tools.retrieval import blend_entries, fit_weights, nearest_keys
+
+    q = toy_kb.as_queries(toy_latents([("another new prompt", 0)])[2])
+    legacy = retrieve(toy_kb, q, 2, 3)
+    near = nearest_keys(toy_kb, q, 2, 3)
+    assert np.array_equal(near.ids, legacy.ids) and np.array_equal(near.keys, legacy.keys)
+    fit = fit_weights(q, near.keys, toy_kb.key_spread(2), "lstsq")
+    np.testing.assert_allclose(fit.weights, legacy.weights)
+    np.testing.assert_allclose(fit.centered_residual, legacy.centered_residual)
+    latent, w, _, _ = blend_values(toy_kb, legacy, 4, mode="ridge")
+    ridge = fit_weights(q, near.keys, toy_kb.key_spread(2), "ridge")
+    np.testing.assert_allclose(w, ridge.weights)
+    np.testing.assert_allclose(latent, blend_entries(toy_kb, near.ids, ridge.weights, 4))
+
+
+def test_blend_entries_blends_any_ids_with_any_weights(toy_kb):
+    from kb_tools.retrieval import blend_entries
+
+    ids = np.array([[3, 9], [9, 9]])
+    out = blend_entries(toy_kb, ids, np.array([[0.25, 0.75], [0.5, 0.5]]), 6)
+    values = toy_kb.latents(6, [3, 9])
+    np.testing.assert_allclose(out[0], 0.25 * values[0] + 0.75 * values[1], rtol=1e-6)
+    np.testing.assert_allclose(out[1], values[1], rtol=1e-6)
+    with pytest.raises(KBError, match=r"ids \[B, H\] and weights \[B, H\] of one shape"):
+        blend_entries(toy_kb, ids, np.ones(2), 6)
+    with pytest.raises(KBError, match="has no value step 5"):
+        blend_entries(toy_kb, ids, np.ones((2, 2)), 5)

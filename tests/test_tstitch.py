@@ -194,7 +194,7 @@ def test_schema(pack):
     assert all(i.tooltip for i in schema.inputs), [i.id for i in schema.inputs if not i.tooltip]
     seed = schema.inputs[names.index("seed")]
     assert seed.control_after_generate and seed.max == 0xffffffffffffffff and "seed + i" in seed.tooltip
-    assert pack.nodes.tstitch.NODES == [pack.nodes.tstitch.TStitchSampler]
+    assert pack.nodes.tstitch.NODES == [pack.nodes.tstitch.TStitchSampler, pack.nodes.tstitch.TStitchGuider]
 
 
 def test_kb_tools_tstitch_imports_without_comfyui(tmp_path):

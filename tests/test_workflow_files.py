@@ -17,7 +17,11 @@ API_DIR = WORKFLOWS / "api"
 UI_FILES = sorted(WORKFLOWS.glob("*.json"))
 API_FILES = sorted(API_DIR.glob("*.json"))
 FRONTEND_ONLY = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
-EXPECTED = {"redi_build_knowledge_base", "redi_generate_four_nodes", "redi_sampler", "redi_stylize", "tstitch_sampler"}
+EXPECTED = {"redi_build_knowledge_base", "redi_generate_four_nodes", "redi_sampler", "redi_stylize", "tstitch_sampler",
+            "redi_native_sampler", "tstitch_native_guider"}
+#: Earlier versions' files, byte for byte as users saved them: they must keep loading and running.
+LEGACY = Path(__file__).resolve().parent / "fixtures" / "workflows_0_1_0"
+LEGACY_UI = sorted(LEGACY.glob("*.json"))
 
 
 def api_name(path: Path) -> str:
@@ -38,12 +42,17 @@ def test_every_ui_file_has_an_api_twin_and_vice_versa():
     assert not list(WORKFLOWS.glob("*.api.json")), "API twins belong in example_workflows/api/, not in the template list"
 
 
+def test_legacy_files_are_kept_with_their_twins():
+    assert {p.stem for p in LEGACY_UI} == EXPECTED - {"redi_native_sampler", "tstitch_native_guider"}
+    assert {p.stem for p in LEGACY_UI} == {api_name(p) for p in sorted((LEGACY / "api").glob("*.json"))}
+
+
 @pytest.mark.parametrize("path", UI_FILES + API_FILES, ids=lambda p: str(p.relative_to(WORKFLOWS)))
 def test_parses_as_a_json_object(path):
     assert isinstance(load(path), dict)
 
 
-@pytest.mark.parametrize("path", UI_FILES, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", UI_FILES + LEGACY_UI, ids=lambda p: str(p.relative_to(p.parent.parent)))
 def test_ui_graph_is_consistent(path):
     graph = load(path)
     for key in ("nodes", "links", "version", "last_node_id", "last_link_id", "groups", "config", "extra"):

@@ -1,0 +1,206 @@
+"""ReDi inference (Algorithm 2 of Zhang et al., 2023) as a k-diffusion sampler: `sample_redi`.
+
+`sample_redi` has the signature of every k-diffusion sampler, so ComfyUI's KSAMPLER wraps it
+(`redi_ksampler`) into a SAMPLER that runs with SamplerCustomAdvanced and any GUIDER. The
+ReDiSampler node, the four-node chain, the offline command, the demo and the benchmarks run
+the same function or its documented parts (`retrieval.nearest_keys`, `fit_weights`,
+`blend_entries`, `guard.Guard`, `resume_items`).
+
+Inside a sampler function `x` is in the sampler's own space (KSAMPLER scaled the noise before
+and unscales the output after). The knowledge base stores LATENT-dict latents, so the query
+and the blended value cross between the two with `comfy_sampling.to_latent_space` /
+`from_latent_space`, exactly as a LATENT leaves and re-enters ComfyUI's samplers.
+
+Steps count from the start (0 = pure noise); the paper counts down (x_T is noise).
+Shapes: B batch items, H neighbours, D = C*H*W.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+import comfy.samplers
+
+from . import comfy_sampling as cs
+from .errors import KBError, KBMismatchError
+from .guard import GUARD_AUTO, Guard, resolve_guard
+from .guiders import CountedDenoiser, batch_view, patcher_at, run_sampler
+from .kb import KnowledgeBase
+from .records import describe_differences, differences
+from .results import Evaluations, ReDiResult
+from .retrieval import WEIGHT_MODES, blend_entries, fit_weights, nearest_keys
+from .schedule import ReDiPlan, plan_redi
+
+log = logging.getLogger("ReDi")
+
+#: How close a run's SIGMAS must be to the KB's schedule (float32 schedules from one formula agree exactly).
+SIGMA_TOLERANCE = (1e-5, 1e-7)
+
+
+@dataclass
+class ReDiRun:
+    """One ReDi configuration, validated once by `make_run`; `sample_redi` leaves its ReDiResult in `result`."""
+
+    kb: KnowledgeBase
+    plan: ReDiPlan
+    neighbours: int
+    weight_mode: str
+    guard: Guard
+    ridge: float = 1e-2
+    result: ReDiResult | None = None
+
+
+def make_run(kb: KnowledgeBase, key_step: int, value_step: int, neighbours: int = 3, weight_mode: str = "lstsq",
+             guard: float = GUARD_AUTO) -> ReDiRun:
+    """Check every choice against the KB once, before anything is sampled."""
+    s = kb.settings
+    plan = plan_redi(s.steps, key_step, value_step, s.stored_steps)
+    if len(kb) == 0:
+        raise KBError(f"the knowledge base at {kb.path} is empty; build it (BuildKnowledgeBase) before querying it.")
+    if not 1 <= int(neighbours) <= len(kb):
+        raise KBError(f"H = {neighbours} neighbours, but the knowledge base at {kb.path} holds {len(kb)} trajectories; "
+                      f"choose H between 1 and {len(kb)}.")
+    if weight_mode not in WEIGHT_MODES:
+        raise KBError(f"unknown weight mode {weight_mode!r}; valid modes are {list(WEIGHT_MODES)}.")
+    return ReDiRun(kb, plan, int(neighbours), weight_mode, resolve_guard(kb.calibration(key_step), key_step,
+                                                                            int(neighbours), guard))
+
+
+def redi_ksampler(run: ReDiRun) -> comfy.samplers.KSAMPLER:
+    """The SAMPLER (for SamplerCustomAdvanced, guider.sample or comfy.sample.sample_custom) that runs `run`."""
+    return comfy.samplers.KSAMPLER(sample_redi, extra_options={"run": run})
+
+
+@torch.no_grad()
+def sample_redi(model, x, sigmas, extra_args=None, callback=None, disable=None, *, run: ReDiRun):
+    """ReDi inference, Algorithm 2 of Zhang et al. (2023), with a per-item residual guard.
+
+    model: the k-diffusion denoiser (ComfyUI's KSamplerX0Inpaint around a GUIDER); x [B, C, H, W]:
+    the scaled starting noise; sigmas: the KB's schedule. Returns x at sigmas[-1] and leaves a
+    ReDiResult in run.result.
+    """
+    extra_args = {} if extra_args is None else extra_args
+    run.result = None  # a failed run leaves no stale result behind
+    kb, plan = run.kb, run.plan
+    k, v = plan.key_step, plan.value_step
+    base = model.inner_model.inner_model  # the BaseModel: latent format and noise scaling
+    warnings = check_sampling(run, model, x, sigmas, extra_args)
+    sampler = comfy.samplers.sampler_object(kb.settings.sampler)  # the KB's own sampler
+    tally = Evaluations(len(x))
+    # Lines 1-4: x_T ~ p(x_T) (KSAMPLER scaled the noise into x); sample x_T -> x_k, steps 0..k.
+    x_k = run_sampler(sampler, CountedDenoiser(model, tally, range(len(x))), x, sigmas[:k + 1], extra_args, callback, disable)
+    # Line 5: the query q = x_k, in the KB's latent space: float32 [B, D], converted once.
+    query = kb.as_queries(cs.to_latent_space(base, sigmas[k], x_k).float().cpu())
+    # Line 6: the top-H neighbours j_1..j_H whose keys are nearest q.
+    near = nearest_keys(kb, query, k, run.neighbours)
+    # Line 7: w* = argmin_w d(q, sum_i w_i key^(j_i)), solved once, in the chosen mode.
+    fit = fit_weights(query, near.keys, kb.key_spread(k), run.weight_mode, run.ridge)
+    # Line 8: x_v_hat = sum_i w*_i val^(j_i).
+    x_v = torch.from_numpy(blend_entries(kb, near.ids, fit.weights, v)).to(x_k)
+    # The guard (not in the paper): an item whose keys do not rebuild its query continues from x_k.
+    accepted = run.guard.accepts(fit.centered_residual)
+    start = np.where(accepted, v, k).astype(np.int64)
+    jumped = torch.from_numpy(accepted).to(x_k.device).view(-1, 1, 1, 1)
+    states = torch.where(jumped, cs.from_latent_space(base, sigmas[v], x_v), x_k)
+    # Lines 9-11: sample x_v_hat -> x_0 (each item from its own start step).
+    out = resume_items(model, states, start, sigmas, extra_args, callback, disable, sampler, tally)
+    run.result = ReDiResult(cs.to_latent_space(base, sigmas[-1], out).float().cpu(), plan, accepted, start, near.ids,
+                            near.distances, fit.weights, fit.mode, fit.residual, fit.centered_residual, run.guard,
+                            tally, tuple(warnings))
+    log.info(run.result.summary())
+    return out
+
+
+def resume_items(model, states: torch.Tensor, start_steps: np.ndarray, sigmas: torch.Tensor, extra_args: dict,
+                 callback, disable, sampler, tally: Evaluations) -> torch.Tensor:
+    """Sample each item from its own start step to the end (lines 9-11); items that share a step run together.
+
+    states [B, C, H, W]: item i's state at sigmas[start_steps[i]], in the sampler's space. A
+    subset of the batch runs on a view of the denoiser whose per-item conditioning is sliced to
+    it (guiders.batch_view), so items with different prompts keep their own.
+    """
+    batch = len(states)
+    out = torch.empty_like(states)
+    for step in sorted(set(int(s) for s in start_steps)):
+        idx = np.flatnonzero(start_steps == step)
+        denoiser = model if len(idx) == batch else batch_view(model, idx, batch)
+        rows = torch.from_numpy(idx).to(states.device)
+        out[rows] = run_sampler(sampler, CountedDenoiser(denoiser, tally, idx), states[rows], sigmas[step:], extra_args,
+                                callback, disable, first_step=step)
+    return out
+
+
+# --------------------------------------------------------------------------- validation at the entry
+
+
+def check_schedule(kb: KnowledgeBase, sigmas) -> None:
+    """Refuse SIGMAS that are not the KB's schedule, naming each difference."""
+    stored = {"steps": kb.settings.steps, "sigmas": kb.settings.sigmas}
+    given = [float(s) for s in sigmas]
+    diffs = differences(stored, {"steps": len(given) - 1, "sigmas": given}, tolerances={"sigmas": SIGMA_TOLERANCE})
+    if diffs:
+        r = kb.settings.recipe
+        raise KBMismatchError(
+            f"the SIGMAS are not the knowledge base's schedule: {describe_differences(diffs, 'knowledge base', 'SIGMAS')}. "
+            f"Connect a BasicScheduler with scheduler '{r.scheduler}', {r.steps} steps and denoise 1.0 on the model the KB "
+            f"was built with ({r.describe()}), or use the ReDiSampler node, which takes the schedule from the KB.")
+
+
+def check_models(kb: KnowledgeBase, model_at: Callable[[float], object]) -> list[str]:
+    """Refuse models the KB was not built with; `model_at(sigma)` is the ModelPatcher evaluating that sigma.
+
+    Returns warnings (weight patches such as LoRAs differ). The KB's main model must evaluate
+    the late steps; a KB whose keys a small model made (T-Stitch keys) needs that model for
+    steps before its stitch step and the main model after.
+    """
+    s = kb.settings
+    sigmas = s.sigmas
+    main = model_at(sigmas[s.steps - 1])
+    if cs.sampling_type(main) != s.sampling_type:
+        raise KBMismatchError(f"sampling type: knowledge base has {s.sampling_type!r}, connected model has "
+                              f"{cs.sampling_type(main)!r}. Connect the model the KB was built with.")
+    warnings = cs.check_model_matches(s.model_fingerprint, main)
+    stitch = int(s.extra.get("stitch_step", 0)) if s.key_model_fingerprint is not None else 0
+    if stitch:
+        small, after = model_at(sigmas[0]), model_at(sigmas[stitch])
+        if small is main or small.is_clone(main):
+            raise KBMismatchError(
+                f"this knowledge base's keys were made by a small (T-Stitch) model for the first {stitch} steps; "
+                "connect that model to the small_model input (ReDiSampler, ReDiPartialSample), or give SamplerReDi a "
+                "TStitchGuider with it, or use a KB built without one.")
+        warnings += cs.check_model_matches(s.key_model_fingerprint, small, what="small model")
+        if not (after is main or after.is_clone(main)) or model_at(sigmas[stitch - 1]) is not small:
+            raise KBMismatchError(f"the small model must run exactly the first {stitch} steps, as when the knowledge "
+                                  f"base was built; set the TStitchGuider's switch to step {stitch} (fraction "
+                                  f"{stitch / s.steps:g}).")
+    else:
+        first = model_at(sigmas[0])
+        if not (first is main or first.is_clone(main)):
+            warnings += cs.check_model_matches(s.model_fingerprint, first, what="early-step model")
+    return warnings
+
+
+def check_latent(kb: KnowledgeBase, shape) -> None:
+    """Refuse a latent whose size the KB was not built for."""
+    s = kb.settings
+    shape = tuple(int(d) for d in shape)
+    if shape != tuple(s.latent_shape):
+        raise KBMismatchError(
+            f"latent size: knowledge base has {list(s.latent_shape)} (C, H, W), the input latent is {list(shape)}. "
+            f"Use an empty latent of {s.latent_shape[2] * 8}x{s.latent_shape[1] * 8} pixels (for 8x-downscaling VAEs) "
+            "or a KB built for this size.")
+
+
+def check_sampling(run: ReDiRun, model, x, sigmas, extra_args: dict) -> list[str]:
+    """Everything sample_redi needs, checked before the first model evaluation; returns warnings."""
+    if extra_args.get("denoise_mask") is not None:
+        raise KBError("ReDi does not support a latent noise mask (inpainting): the stored trajectories start from an "
+                      "empty latent. Remove the mask (SetLatentNoiseMask) or sample the masked latent with KSampler.")
+    warnings = check_models(run.kb, lambda sigma: patcher_at(model, torch.tensor(sigma)))
+    check_latent(run.kb, x.shape[1:])
+    check_schedule(run.kb, sigmas)
+    return warnings

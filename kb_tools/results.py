@@ -1,0 +1,105 @@
+"""What a run did, as typed values: model evaluations counted per model and item, and ReDi's result.
+
+Plain Python and numpy (tensors are only carried), so benchmarks and tests read them without
+ComfyUI. Every count here was counted at the denoiser while sampling, never computed from a plan.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Iterable
+
+import numpy as np
+
+from .guard import Guard
+from .schedule import ReDiPlan
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass
+class Evaluations:
+    """Denoiser evaluations per model name and batch item (one evaluation = one CFG'd prediction).
+
+    per_model: name -> int64 [B]. The names are the run's roles ("model", "small_model",
+    "large_model"); a run on one model has the single name "model".
+    """
+
+    batch: int
+    per_model: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def add(self, model: str, items: Iterable[int] | np.ndarray) -> None:
+        """Count one evaluation of `model` for each of `items` (indices into the batch)."""
+        counts = self.per_model.setdefault(model, np.zeros(self.batch, np.int64))
+        np.add.at(counts, np.asarray(list(items) if not isinstance(items, np.ndarray) else items, np.int64), 1)
+
+    def of(self, model: str) -> np.ndarray:
+        """int64 [B]: evaluations of `model` per item (zeros when it never ran)."""
+        return self.per_model.get(model, np.zeros(self.batch, np.int64))
+
+    def per_item(self) -> np.ndarray:
+        """int64 [B]: evaluations of all models per item."""
+        return sum(self.per_model.values(), np.zeros(self.batch, np.int64))
+
+    def total(self, model: str | None = None) -> int:
+        """Evaluations summed over items (of one model, or of all)."""
+        return int((self.per_item() if model is None else self.of(model)).sum())
+
+    def concat(self, other: Evaluations) -> Evaluations:
+        """These items followed by `other`'s (for runs made batch by batch)."""
+        names = set(self.per_model) | set(other.per_model)
+        return Evaluations(self.batch + other.batch,
+                           {n: np.concatenate([self.of(n), other.of(n)]) for n in sorted(names)})
+
+    def describe(self) -> str:
+        """'6 evaluations per item' or '4-10 evaluations per item (mean 7)' (all models together)."""
+        per = self.per_item()
+        if per.size == 0:
+            return "no evaluations"
+        lo, hi = int(per.min()), int(per.max())
+        return f"{lo} evaluations per item" if lo == hi else f"{lo}-{hi} evaluations per item (mean {per.mean():.3g})"
+
+
+@dataclass(frozen=True)
+class ReDiResult:
+    """One ReDi run (Algorithm 2), per batch item: where it resumed, whom it blended, what it cost.
+
+    Shapes: B batch items, H neighbours. `accepted[i]`: the guard let item i resume from its
+    blended value, at `start_steps[i]` (the value step); otherwise it continued from its own
+    query latent at the key step (nothing skipped).
+    """
+
+    latent: torch.Tensor  # [B, C, H, W] float32, LATENT-dict space
+    plan: ReDiPlan
+    accepted: np.ndarray  # bool [B]
+    start_steps: np.ndarray  # int64 [B]
+    neighbour_ids: np.ndarray  # int64 [B, H], nearest first
+    distances: np.ndarray  # float32 [B, H], Euclidean, of the full keys
+    weights: np.ndarray  # float64 [B, H], the weights the blend used (weight_mode)
+    weight_mode: str
+    residual: np.ndarray  # float64 [B], ||q - sum w key|| / ||q||
+    centered_residual: np.ndarray  # float64 [B], ||q - sum w key|| / KB key spread
+    guard: Guard
+    evaluations: Evaluations
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def skipped_steps(self) -> np.ndarray:
+        """int64 [B]: sampler steps each item skipped."""
+        return self.start_steps - self.plan.key_step
+
+    def summary(self) -> str:
+        """The one line a user can act on."""
+        total = len(self.start_steps)
+        used = int(self.accepted.sum())
+        res = ", ".join(f"{r:.3f}" for r in self.centered_residual[:4]) + ("..." if total > 4 else "")
+        cost = self.evaluations.describe()
+        guard = self.guard.describe()
+        if used == total:
+            return f"ReDi: skipped {self.plan.skipped_steps} steps for all {total} item(s) (residual {res} <= {guard}); {cost}"
+        if used == 0:
+            return (f"ReDi: guard fell back to plain sampling for all {total} item(s) (residual {res} > {guard}): "
+                    "no stored trajectory is near this query; use a KB seed (seed_mode 'kb' or ReDiKBNoise), add similar "
+                    f"prompts to the KB, or raise the guard; {cost}")
+        return (f"ReDi: skipped {self.plan.skipped_steps} steps for {used} of {total} items; the guard sent the rest back "
+                f"to plain sampling (residual {res}, {guard}); {cost}")

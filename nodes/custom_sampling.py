@@ -1,0 +1,79 @@
+"""ReDi as parts of ComfyUI's custom-sampling graph: a SAMPLER, a NOISE and the KB's SIGMAS.
+
+SamplerCustomAdvanced(noise=ReDiKBNoise, guider=CFGGuider (or any GUIDER), sampler=SamplerReDi,
+sigmas=BasicScheduler or ReDiKBSigmas) runs the same Algorithm 2 as the ReDiSampler node.
+"""
+from __future__ import annotations
+
+import torch
+from comfy_api.latest import io
+
+from ..kb_tools import redi as core
+from ..kb_tools.redi_sampler import make_run, redi_ksampler
+from .redi import CATEGORY, GUARD_TOOLTIP, WEIGHT_MODES, kb_input
+
+
+class SamplerReDi(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SamplerReDi",
+            display_name="Sampler ReDi",
+            category=CATEGORY,
+            description="ReDi as a SAMPLER for SamplerCustomAdvanced: runs the knowledge base's sampler to the key step, retrieves "
+                        "the nearest stored trajectories, blends their values, jumps to the value step and finishes, skipping "
+                        "value_step - key_step model evaluations per item (items whose retrieval fits poorly continue from their "
+                        "own key-step latent). Works with any GUIDER; the SIGMAS must be the KB's schedule.",
+            inputs=[
+                kb_input(),
+                io.Int.Input("key_step", default=5, min=1, max=1000, tooltip="Step where the query is taken (a stored step of the KB)."),
+                io.Int.Input("value_step", default=10, min=1, max=1000, tooltip="Step where sampling resumes (a stored step >= key_step)."),
+                io.Int.Input("neighbours", default=3, min=1, max=512, tooltip="H, stored trajectories to blend."),
+                io.Combo.Input("weight_mode", options=WEIGHT_MODES, default="lstsq",
+                               tooltip="lstsq: least squares (paper). affine: weights sum to 1. ridge: shrunk weights."),
+                io.Float.Input("guard", default=-1.0, min=-1.0, max=100.0, step=0.01, tooltip=GUARD_TOOLTIP),
+            ],
+            outputs=[io.Sampler.Output()],
+        )
+
+    @classmethod
+    def execute(cls, knowledge_base, key_step, value_step, neighbours, weight_mode, guard) -> io.NodeOutput:
+        return io.NodeOutput(redi_ksampler(make_run(knowledge_base, key_step, value_step, neighbours, weight_mode, guard)))
+
+
+class ReDiKBNoise(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ReDiKBNoise",
+            display_name="ReDi KB Noise",
+            category=CATEGORY,
+            description="NOISE for SamplerCustomAdvanced: every batch item starts from the knowledge base's seed noise, as the "
+                        "stored trajectories did (the official ReDi protocol), so queries find near keys.",
+            inputs=[kb_input()],
+            outputs=[io.Noise.Output()],
+        )
+
+    @classmethod
+    def execute(cls, knowledge_base) -> io.NodeOutput:
+        return io.NodeOutput(core.KBNoise(knowledge_base))
+
+
+class ReDiKBSigmas(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ReDiKBSigmas",
+            display_name="ReDi KB Sigmas",
+            category=CATEGORY,
+            description="The knowledge base's own noise schedule as SIGMAS (exactly what its trajectories were sampled on).",
+            inputs=[kb_input()],
+            outputs=[io.Sigmas.Output()],
+        )
+
+    @classmethod
+    def execute(cls, knowledge_base) -> io.NodeOutput:
+        return io.NodeOutput(torch.tensor(knowledge_base.settings.sigmas, dtype=torch.float32))
+
+
+NODES = [SamplerReDi, ReDiKBNoise, ReDiKBSigmas]
