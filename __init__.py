@@ -3,6 +3,10 @@
 ComfyUI imports this file (as a package) and calls `comfy_entrypoint`. Outside ComfyUI (the
 `kb_tools` command line, plain Python) importing the pack must not need ComfyUI, hence the guards.
 """
+# ComfyUI serves this folder at /extensions/<pack folder>/: the canvas-feedback script and the
+# node help pages (docs/<NodeName>.md) the front end opens from a node's "help" button.
+WEB_DIRECTORY = "./web"
+
 try:
     from comfy_api.latest import ComfyExtension
 except ImportError:  # not inside ComfyUI: kb_tools still works on its own

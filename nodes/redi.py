@@ -23,6 +23,7 @@ from ..kb_tools import redi as core
 from ..kb_tools.errors import KBError
 from ..kb_tools.kb import KnowledgeBase
 from ..kb_tools.schedule import parse_steps
+from . import feedback
 
 log = logging.getLogger("ReDi")
 
@@ -145,12 +146,12 @@ def do_partial(kb: KnowledgeBase, model, positive, negative, latent_image: dict,
     return state.query, state
 
 
-def do_resume(state: core.ReDiState, blended: torch.Tensor, model, positive, negative, guard: float) -> torch.Tensor:
+def do_resume(state: core.ReDiState, blended: torch.Tensor, model, positive, negative, guard: float) -> core.ResumeReport:
     steps_left = state.settings.steps - state.value_step
     report = core.resume_sample(state, blended, model, positive, negative, threshold=guard,
                                 callback=preview_callback(model, steps_left))
     log.info(report.summary())
-    return report.latent
+    return report
 
 
 # --------------------------------------------------------------------------- nodes
@@ -260,7 +261,7 @@ class BuildKnowledgeBase(io.ComfyNode):
             progress=lambda done, total: pbar.update_absolute(done, total),
             check_interrupt=comfy.model_management.throw_exception_if_processing_interrupted)
         log.info(report.summary())
-        return io.NodeOutput(report.kb)
+        return io.NodeOutput(report.kb, ui=feedback.build_ui(report, kb_name))
 
 
 def clip_encoder(clip):
@@ -319,18 +320,20 @@ class ReDiRetrieve(io.ComfyNode):
                 io.Latent.Input("query_latent", tooltip="The output of ReDiPartialSample."),
                 kb_input(),
                 io.Int.Input("neighbours", default=3, min=1, max=512, tooltip="H, neighbours to combine. The paper found quality converges near 3; very dense KBs profit from more."),
+                io.Vae.Input("vae", optional=True, tooltip="Optional: connect the checkpoint's VAE to see the retrieved trajectories as images on this node "
+                                                           "(their latents at the KB's last stored step, decoded)."),
             ],
             outputs=[NeighboursType.Output(display_name="neighbours")],
         )
 
     @classmethod
-    def execute(cls, query_latent, knowledge_base, neighbours) -> io.NodeOutput:
+    def execute(cls, query_latent, knowledge_base, neighbours, vae=None) -> io.NodeOutput:
         state = state_of(query_latent, "ReDiRetrieve")
         if state.kb.path != knowledge_base.path:
             raise KBError(f"the query was made for knowledge base {state.kb.path} but {knowledge_base.path} is connected; connect the same KB to both nodes.")
         state = core.retrieve_neighbours(state, neighbours)
-        log.info("ReDi: %s", state.neighbours.summary())
-        return io.NodeOutput(state)
+        log.info(state.neighbours.summary())
+        return io.NodeOutput(state, ui=feedback.retrieve_ui(state.kb, state.neighbours, vae))
 
 
 class ReDiBlend(io.ComfyNode):
@@ -378,8 +381,8 @@ class ReDiResumeSample(io.ComfyNode):
     @classmethod
     def execute(cls, model, positive, negative, value_latent, guard) -> io.NodeOutput:
         state = state_of(value_latent, "ReDiResumeSample")
-        samples = do_resume(state, value_latent["samples"], model, positive, negative, guard)
-        return io.NodeOutput(with_samples(value_latent, samples, None))
+        report = do_resume(state, value_latent["samples"], model, positive, negative, guard)
+        return io.NodeOutput(with_samples(value_latent, report.latent, None), ui=feedback.resume_ui(report))
 
 
 class ReDiSampler(io.ComfyNode):
@@ -416,8 +419,8 @@ class ReDiSampler(io.ComfyNode):
                               small_model, small_positive, small_negative)
         state = core.retrieve_neighbours(state, neighbours)
         blended, state = core.blend_value(state, value_step, weight_mode)
-        samples = do_resume(state, blended, model, resume_positive if resume_positive is not None else positive, negative, guard)
-        return io.NodeOutput(with_samples(latent_image, samples, None))
+        report = do_resume(state, blended, model, resume_positive if resume_positive is not None else positive, negative, guard)
+        return io.NodeOutput(with_samples(latent_image, report.latent, None), ui=feedback.resume_ui(report))
 
 
 NODES = [ReDiLoadKnowledgeBase, BuildKnowledgeBase, ReDiPartialSample, ReDiRetrieve, ReDiBlend, ReDiResumeSample, ReDiSampler]
