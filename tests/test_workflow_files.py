@@ -8,6 +8,7 @@ The checks against a real server's /object_info are in test_e2e_server.py.
 from __future__ import annotations
 
 import json
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,8 @@ API_DIR = WORKFLOWS / "api"
 UI_FILES = sorted(WORKFLOWS.glob("*.json"))
 API_FILES = sorted(API_DIR.glob("*.json"))
 FRONTEND_ONLY = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
-EXPECTED = {"redi_build_knowledge_base", "redi_generate_four_nodes", "redi_sampler", "redi_stylize", "tstitch_sampler"}
+# The use cases the pack ships: the templates listed in example_workflows/templates.toml.
+EXPECTED = {t["file"] for t in tomllib.loads((WORKFLOWS / "templates.toml").read_text(encoding="utf-8"))["template"]}
 
 
 def api_name(path: Path) -> str:
