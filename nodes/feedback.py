@@ -30,12 +30,12 @@ def megabytes(n: int) -> str:
 # --------------------------------------------------------------------------- build
 
 def build_text(report, kb_name: str) -> str:
-    """BuildReport -> its summary line plus what the KB now holds (size on disk, stored steps, recipe)."""
+    """BuildReport -> what the KB now holds (name, size on disk, stored steps, recipe), then its summary line."""
     info = report.kb.info()
     return "\n".join([
-        report.summary(),
         f"'{kb_name}': {info['count']} trajectories, {megabytes(info['bytes'])} on disk in {info['shards']} shard(s), "
         f"stored steps {info['stored_steps']} of {info['steps']} ({info['sampler']}/{info['scheduler']}).",
+        report.summary(),
         "ReDiLoadKnowledgeBase lists it now under this name.",
     ])
 

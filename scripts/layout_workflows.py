@@ -26,8 +26,8 @@ GROUP_GAP = 40         # between stacked groups of one band
 COLUMN_GAP = 50        # between node columns inside a group (room for the wires)
 NODE_GAP = 20          # between stacked nodes (below the next node's title bar)
 PADDING = 20           # between a group's edge and its nodes
-# LGraphCanvas.node_colors[*].groupcolor: grey for the read-me group, then one colour per stage.
-READ_ME_COLOUR = "#444"
+# LGraphCanvas.node_colors[*].groupcolor: cyan for the read-me group, then one colour per stage.
+READ_ME_COLOUR = "#8AA"
 STAGE_COLOURS = ["#3f789e", "#b58b2a", "#8A8", "#a1309b", "#b06634", "#88A"]
 
 

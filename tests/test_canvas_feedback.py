@@ -85,7 +85,8 @@ def test_build_shows_counts_size_and_names_the_kb(pack, built):
     ui = pack.nodes.feedback.build_ui(built, "feedback-kb")
     assert ui["redi_kb"] == ["feedback-kb"]
     text = ui["text"][0]
-    assert text.splitlines()[0] == built.summary()
+    assert text.splitlines()[0].startswith(f"'feedback-kb': {len(PROMPTS)} trajectories, ")
+    assert text.splitlines()[1] == built.summary()
     assert f"added {len(PROMPTS)} trajectories (0 were already there), {len(PROMPTS)} in total" in text
     size = sum(p.stat().st_size for p in (Path(built.kb.path) / "shards").glob("*.safetensors"))
     assert f"{size / 2**10:.0f} KB on disk" in text or f"{size / 2**20:.1f} MB on disk" in text

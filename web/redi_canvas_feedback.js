@@ -13,7 +13,7 @@ import { api } from "../../scripts/api.js";
 // box on its first run instead.
 const SUMMARY_NODES = new Set(["BuildKnowledgeBase", "ReDiRetrieve", "ReDiResumeSample", "ReDiSampler"]);
 const SUMMARY_WIDGET = "redi_summary";
-const SUMMARY_HEIGHT = 72;
+const SUMMARY_HEIGHT = 96;
 const PLACEHOLDER = "The run summary appears here when this node has run.";
 
 // ComfyUI names a pack node's python_module "custom_nodes.<folder>"; this file is served from
@@ -30,7 +30,7 @@ function summaryWidget(node) {
   box.placeholder = PLACEHOLDER;
   box.className = "comfy-multiline-input redi-summary";
   box.style.fontSize = "11px";
-  box.style.whiteSpace = "pre";
+  box.style.whiteSpace = "pre-wrap";
   box.style.opacity = "0.9";
   // Not a widget value: never saved in the workflow nor sent with the prompt.
   const widget = node.addDOMWidget(SUMMARY_WIDGET, "redi_summary", box, {
