@@ -21,12 +21,8 @@ PROMPTS = ["a cat", "a dog", "a red car", "a lighthouse"]
 
 
 @pytest.fixture(scope="module")
-def redi(pack):
-    return pack.kb_tools.redi
-
-
-@pytest.fixture(scope="module")
 def nodes(pack):
+    """The ReDi node classes, loaded as ComfyUI loads the pack."""
     return pack.nodes.redi
 
 
@@ -37,8 +33,10 @@ def model():
 
 
 @pytest.fixture(scope="module")
-def built(redi, model, tmp_path_factory):
+def built(pack, model, tmp_path_factory):
+    """A BuildReport: four prompts, one seed, steps 3, 5 and 7 of 10 stored."""
     import tiny_models
+    redi = pack.kb_tools.redi
     spec = redi.BuildSpec(prompts=PROMPTS, seeds=[SEED], sampler="euler", scheduler="normal", steps=STEPS, cfg=3.0,
                           store_steps=[3, 5, 7], latent_shape=(4, 8, 8), dtype="float32")
     return redi.build_knowledge_base(str(tmp_path_factory.mktemp("kb") / "feedback-kb"), model, tiny_models.prompt_cond, spec)
