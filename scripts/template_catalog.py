@@ -1,5 +1,7 @@
 """The pack's workflow templates as data: example_workflows/templates.toml plus the canvas geometry of a UI file.
 
+    python scripts/template_catalog.py     # rewrite README's template table from templates.toml
+
 Used by scripts/layout_workflows.py, scripts/make_thumbnails.py and the tests; no ComfyUI import.
 Geometry follows the pinned front end's LiteGraph: a node's box is its `pos`/`size` plus the
 title bar above it (NODE_TITLE_HEIGHT), a group's box is its `bounding`, with a title bar of
@@ -8,6 +10,8 @@ font_size * 1.4 at the top.
 from __future__ import annotations
 
 import json
+import re
+import sys
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +20,8 @@ PACK_DIR = Path(__file__).resolve().parent.parent
 WORKFLOWS = PACK_DIR / "example_workflows"
 API_DIR = WORKFLOWS / "api"
 CATALOG = WORKFLOWS / "templates.toml"
+README = PACK_DIR / "README.md"
+README_BLOCK = re.compile(r"(<!-- templates:start[^>]*-->\n)(.*?)(<!-- templates:end -->)", re.S)
 
 NODE_TITLE_HEIGHT = 30       # LiteGraph.NODE_TITLE_HEIGHT
 GROUP_FONT_SIZE = 24         # LiteGraph.DEFAULT_GROUP_FONT
@@ -137,3 +143,21 @@ def layout_problems(graph: dict) -> list[str]:
         if sx + sw >= dx:
             problems.append(f"link {lid} runs right to left: {label[src]} ends at x={sx + sw:g}, {label[dst]} starts at x={dx:g}")
     return problems
+
+
+# --------------------------------------------------------------------------- README
+
+def readme_table(catalog: list[Template]) -> str:
+    return "".join(f"| *{t.file}* | {t.description} |\n" for t in catalog)
+
+
+def readme_with_table(text: str, catalog: list[Template]) -> str:
+    if not README_BLOCK.search(text):
+        raise SystemExit("README.md has no <!-- templates:start --> ... <!-- templates:end --> block")
+    return README_BLOCK.sub(lambda m: m.group(1) + readme_table(catalog) + m.group(3), text)
+
+
+if __name__ == "__main__":
+    README.write_text(readme_with_table(README.read_text(encoding="utf-8"), load_catalog()), encoding="utf-8")
+    print(f"wrote the template table in {README.name}")
+    sys.exit(0)

@@ -17,7 +17,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 
 from layout_workflows import layout  # noqa: E402
-from template_catalog import WORKFLOWS, layout_problems, load_catalog, node_box, ui_files  # noqa: E402
+from template_catalog import README, layout_problems, load_catalog, node_box, readme_with_table, ui_files  # noqa: E402
 
 CATALOG = load_catalog()
 UI_FILES = ui_files()
@@ -41,6 +41,11 @@ def test_names_are_numbered_titles_in_the_users_order():
         assert "_" not in t.file, f"{t.file!r}: the front end shows '_' as a space in the description"
         assert t.description.strip() and "\n" not in t.description and len(t.description) <= 160
     assert len(CATALOG) <= 9, "with ten or more templates, renumber all with two digits so 'A -> Z' keeps the order"
+
+
+def test_readme_lists_the_templates_with_their_descriptions():
+    text = README.read_text(encoding="utf-8")
+    assert readme_with_table(text, CATALOG) == text, "run python scripts/template_catalog.py to update README's template table"
 
 
 @pytest.mark.parametrize("path", UI_FILES, ids=lambda p: p.stem)
