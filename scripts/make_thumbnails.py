@@ -1,6 +1,6 @@
 """Template thumbnails: real outputs of the embedded crops models, drawn as what each template does.
 
-    bash -c 'source scripts/env.sh && "$REDI_PYTHON" scripts/make_thumbnails.py'   # about a minute on 2 cores
+    bash -c 'source scripts/env.sh && "$REDI_PYTHON" scripts/make_thumbnails.py'   # 6 min (200 CPU s) on a busy 2-core machine
 
 For every [[template]] in example_workflows/templates.toml this writes example_workflows/<file>.jpg
 (400x400, what the front end loads as /api/workflow_templates/<pack>/<file>.jpg) with the recipe
