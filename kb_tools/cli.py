@@ -15,13 +15,10 @@ from .errors import KBError
 
 
 def _build(args: argparse.Namespace) -> int:
-    from .comfy_env import ensure_comfyui
+    from .comfy_env import choose_device, ensure_comfyui
 
     ensure_comfyui()
-    from comfy.cli_args import args as comfy_args
-
-    if args.cpu:
-        comfy_args.cpu = True
+    choose_device(force_cpu=args.cpu)
     import comfy.sd
     from tqdm import tqdm
 
@@ -119,7 +116,7 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--index", choices=["flat", "ivf", "hnsw"], default="flat")
     b.add_argument("--shard", default=None, help="'i/N': build only every N-th prompt starting at the i-th (merge the parts later)")
     b.add_argument("--limit", type=int, default=0, help="only the first N prompts (0 = all)")
-    b.add_argument("--cpu", action="store_true", help="run ComfyUI on the CPU")
+    b.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is available (default: the GPU torch sees, else the CPU)")
     b.set_defaults(func=_build)
 
     m = sub.add_parser("merge", help="merge knowledge bases built with the same settings (e.g. --shard parts)")

@@ -26,6 +26,7 @@ from ..kb_tools.kb import KnowledgeBase
 from ..kb_tools.records import Recipe
 from ..kb_tools.retrieval import WEIGHT_MODES as WEIGHT_MODE_NAMES
 from ..kb_tools.schedule import parse_steps
+from . import feedback
 
 log = logging.getLogger("ReDi")
 
@@ -253,7 +254,7 @@ class BuildKnowledgeBase(io.ComfyNode):
             progress=lambda done, total: pbar.update_absolute(done, total),
             check_interrupt=comfy.model_management.throw_exception_if_processing_interrupted)
         log.info(report.summary())
-        return io.NodeOutput(report.kb)
+        return io.NodeOutput(report.kb, ui=feedback.build_ui(report, kb_name))
 
 
 def clip_encoder(clip):
@@ -315,18 +316,20 @@ class ReDiRetrieve(io.ComfyNode):
                 io.Latent.Input("query_latent", tooltip="The output of ReDiPartialSample."),
                 kb_input(),
                 io.Int.Input("neighbours", default=3, min=1, max=512, tooltip="H, neighbours to combine. The paper found quality converges near 3; very dense KBs profit from more."),
+                io.Vae.Input("vae", optional=True, tooltip="Optional: connect the checkpoint's VAE to see the retrieved trajectories as images on this node "
+                                                           "(their latents at the KB's last stored step, decoded)."),
             ],
             outputs=[NeighboursType.Output(display_name="neighbours")],
         )
 
     @classmethod
-    def execute(cls, query_latent, knowledge_base, neighbours) -> io.NodeOutput:
+    def execute(cls, query_latent, knowledge_base, neighbours, vae=None) -> io.NodeOutput:
         query = carried(query_latent, "ReDiRetrieve", core.KeyQuery, "ReDiPartialSample")
         if query.kb.path != knowledge_base.path:
             raise KBError(f"the query was made for knowledge base {query.kb.path} but {knowledge_base.path} is connected; connect the same KB to both nodes.")
         found = core.find_neighbours(query, neighbours)
-        log.info("ReDi: %s", found.summary())
-        return io.NodeOutput(found)
+        log.info(found.summary())
+        return io.NodeOutput(found, ui=feedback.retrieve_ui(knowledge_base, found, vae))
 
 
 class ReDiBlend(io.ComfyNode):
@@ -378,7 +381,7 @@ class ReDiResumeSample(io.ComfyNode):
         value = carried(value_latent, "ReDiResumeSample", core.BlendedValue, "ReDiBlend")
         steps_left = value.plan.steps - value.plan.key_step
         result = core.resume(value, model, positive, negative, guard, callback=preview_callback(model, steps_left))
-        return io.NodeOutput(with_samples(value_latent, result.latent))
+        return io.NodeOutput(with_samples(value_latent, result.latent), ui=feedback.resume_ui(result))
 
 
 class ReDiSampler(io.ComfyNode):
@@ -415,7 +418,7 @@ class ReDiSampler(io.ComfyNode):
                                query_seeds(knowledge_base, latent_image, seed_mode, seed), run,
                                resume_positive=resume_positive, small_model=small_model, small_positive=small_positive,
                                small_negative=small_negative, callback=preview_callback(model, run.plan.steps))
-        return io.NodeOutput(with_samples(latent_image, result.latent))
+        return io.NodeOutput(with_samples(latent_image, result.latent), ui=feedback.resume_ui(result))
 
 
 NODES = [ReDiLoadKnowledgeBase, BuildKnowledgeBase, ReDiPartialSample, ReDiRetrieve, ReDiBlend, ReDiResumeSample, ReDiSampler]

@@ -23,7 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 PACK_NAME = "comfyui_redi"
-START_TIMEOUT_S = 120.0
+# Safety nets, not performance checks: a busy 2-core machine can take minutes to start a server
+# or answer a request; the waits below poll and return as soon as the server is ready.
+START_TIMEOUT_S = 1800.0
+HTTP_TIMEOUT_S = 300.0
 
 
 def free_port() -> int:
@@ -49,10 +52,11 @@ class Layout:
     log: Path
 
 
-def prepare_layout(root: Path, pack_dir: Path, checkpoints: dict[str, Path]) -> Layout:
+def prepare_layout(root: Path, pack_dir: Path, checkpoints: dict[str, Path], with_pack: bool = True) -> Layout:
     """Create the work directory: models (checkpoint symlinks), redi_kb, the pack link and the YAML.
 
-    checkpoints: file name under models/checkpoints -> the file it links to.
+    checkpoints: file name under models/checkpoints -> the file it links to. with_pack=False
+    leaves custom_nodes empty: the same server without this pack (a baseline to compare with).
     """
     root = Path(root)
     nodes_dir = root / "custom_nodes"
@@ -62,7 +66,7 @@ def prepare_layout(root: Path, pack_dir: Path, checkpoints: dict[str, Path]) -> 
                  config=root / "extra_model_paths.yaml", log=root / "server.log")
     for d in (nodes_dir, lay.checkpoints, lay.redi_kb, lay.input, lay.output, lay.temp, lay.user):
         d.mkdir(parents=True, exist_ok=True)
-    if not lay.pack_link.exists():
+    if with_pack and not lay.pack_link.exists():
         lay.pack_link.symlink_to(Path(pack_dir).resolve(), target_is_directory=True)
     for name, target in checkpoints.items():
         link = lay.checkpoints / name
@@ -184,11 +188,11 @@ class ComfyServer:
             code = None if self.proc is None else self.proc.returncode
             raise ServerError(f"ComfyUI is not running (exit code {code}).\n{self.log_tail()}")
 
-    def get(self, path: str, timeout: float = 30.0):
+    def get(self, path: str, timeout: float = HTTP_TIMEOUT_S):
         with urllib.request.urlopen(self.url + path, timeout=timeout) as r:
             return json.loads(r.read())
 
-    def post(self, path: str, payload: dict, timeout: float = 30.0):
+    def post(self, path: str, payload: dict, timeout: float = HTTP_TIMEOUT_S):
         req = urllib.request.Request(self.url + path, data=json.dumps(payload).encode("utf-8"),
                                      headers={"Content-Type": "application/json"}, method="POST")
         try:
@@ -199,7 +203,7 @@ class ComfyServer:
         return json.loads(body) if body else None
 
     def object_info(self) -> dict:
-        return self.get("/object_info", timeout=60)
+        return self.get("/object_info")
 
     def queue(self, prompt: dict) -> str:
         """Submit an API-format prompt; return its prompt id (raises with the validation errors)."""

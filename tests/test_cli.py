@@ -21,7 +21,7 @@ def kb_tools(*args: str, comfy_root: Path | None = None) -> subprocess.Completed
     if comfy_root is not None:
         env["COMFYUI_PATH"] = str(comfy_root)
     return subprocess.run([sys.executable, "-m", "kb_tools", *args], cwd=PACK_DIR, env=env, capture_output=True,
-                          text=True, timeout=600)
+                          text=True, timeout=1800)  # a safety net, not a speed check
 
 
 def test_prompt_files_text_jsonl_and_coco(tmp_path):

@@ -27,7 +27,7 @@ def _start(kbdir, pause=0.0) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _read_until(proc, predicate, timeout=60.0) -> list[str]:
+def _read_until(proc, predicate, timeout=1800.0) -> list[str]:  # a safety net: the helper is polled line by line
     lines, deadline = [], time.monotonic() + timeout
     while time.monotonic() < deadline:
         line = proc.stdout.readline()
@@ -36,12 +36,12 @@ def _read_until(proc, predicate, timeout=60.0) -> list[str]:
         lines.append(line.split())
         if predicate(lines):
             return lines
-    raise AssertionError("helper too slow")
+    raise AssertionError(f"the helper printed nothing decisive within {timeout:.0f} s (safety net; is it stuck?)")
 
 
 def _kill(proc) -> list[list[str]]:
     proc.send_signal(signal.SIGKILL)
-    rest, _ = proc.communicate(timeout=30)
+    rest, _ = proc.communicate(timeout=1800)
     assert proc.returncode == -signal.SIGKILL
     return [line.split() for line in rest.splitlines()]
 
