@@ -47,8 +47,8 @@ def solve_weights(query: np.ndarray, keys: np.ndarray, mode: str = "lstsq", ridg
         rest = np.linalg.lstsq((k[:-1] - k[-1]).T, q - k[-1], rcond=None)[0]
         return np.append(rest, 1.0 - rest.sum())
     if mode == "ridge":
-        if not np.isfinite(ridge) or ridge < 0:
-            raise KBError(f"ridge must be a finite number >= 0, got {ridge!r}.")
+        if isinstance(ridge, bool) or not isinstance(ridge, (int, float, np.integer, np.floating)) or not np.isfinite(ridge) or ridge < 0:
+            raise KBError(f"ridge must be a finite number >= 0, got {ridge!r}. Pass e.g. ridge=0.01 (0 = plain least squares).")
         gram = k @ k.T
         lam = ridge * float(np.mean(np.diag(gram)))
         try:
@@ -84,19 +84,7 @@ def centered_residual(query: np.ndarray, keys: np.ndarray, weights: np.ndarray, 
 
 def key_spread(kb: KnowledgeBase, step: int, sample: int = 256, seed: int = 0) -> float:
     """RMS distance ||key_i - mean key|| over (a fixed random sample of) the KB's keys at `step`."""
-    cache_key = (kb.path, len(kb), int(step), sample, seed)
-    if cache_key not in _SPREAD_CACHE:
-        n = len(kb)
-        if n == 0:
-            raise KBError(f"the KB at {kb.path} is empty; build or append entries first.")
-        ids = np.sort(np.random.default_rng(seed).choice(n, size=min(sample, n), replace=False))
-        keys = kb.keys_flat(step, ids).astype(np.float64)
-        mean = kb.mean_key(step).astype(np.float64)
-        _SPREAD_CACHE[cache_key] = float(np.sqrt(np.mean(np.sum((keys - mean) ** 2, axis=1))))
-    return _SPREAD_CACHE[cache_key]
-
-
-_SPREAD_CACHE: dict[tuple, float] = {}
+    return kb.key_spread(step, sample=sample, seed=seed)
 
 
 def blend(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
@@ -142,7 +130,7 @@ def _weights_and_residuals(query: np.ndarray, keys: np.ndarray, spread: float, m
 
 def retrieve(kb: KnowledgeBase, query: Any, key_step: int, h: int, candidates: int | None = None) -> Neighbours:
     """Top-h neighbours of each query latent [B, C, H, W] among the KB's keys at `key_step`."""
-    q = kb._as_queries(query)  # validated here too: the error should name the query, not FAISS
+    q = kb.as_queries(query)  # validated here too: the error should name the query, not FAISS
     ids, dist = kb.search(key_step, q, h, candidates=candidates)
     keys = kb.keys_flat(key_step, ids.reshape(-1)).reshape(len(q), h, -1)
     mean = kb.mean_key(key_step)
@@ -154,11 +142,11 @@ def retrieve(kb: KnowledgeBase, query: Any, key_step: int, h: int, candidates: i
 def blend_values(kb: KnowledgeBase, neighbours: Neighbours, value_step: int, mode: str = "lstsq",
                  ridge: float = 1e-2) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """x_v_hat = sum_i w_i val_i at `value_step` (Algorithm 2): latent float32 [B, C, H, W], weights, residuals."""
+    kb.check_step(value_step, "value step")
     if value_step < neighbours.key_step:
         raise KBError(f"value step {value_step} is before the key step {neighbours.key_step}: the value step "
                       "must be at or after the key step (steps count from the start; v > k skips v - k "
                       "steps). Choose a value step >= the key step.")
-    kb._check_step(value_step, "value step")
     if mode not in WEIGHT_MODES:
         raise KBError(f"unknown weight mode {mode!r}; valid modes are {list(WEIGHT_MODES)}.")
     w, rel, cen = _weights_and_residuals(neighbours.query, neighbours.keys, neighbours.key_spread, mode, ridge)
@@ -176,11 +164,13 @@ def calibrate(kb: KnowledgeBase, step: int, h: int, *, sample: int = 256, mode: 
     percentiles say what residual a query that does match the KB's distribution gets.
     """
     n = len(kb)
+    if isinstance(h, bool) or not isinstance(h, (int, np.integer)) or h < 1:
+        raise KBError(f"H (neighbours) must be an integer >= 1, got {h!r}. Pass the H the guard will use, e.g. 3.")
     if n < h + 1:
         raise KBError(f"calibration with H={h} needs at least {h + 1} entries, the KB at {kb.path} has {n}. "
                       "Add entries, or lower H.")
-    if sample < 1:
-        raise KBError(f"sample must be >= 1, got {sample}.")
+    if isinstance(sample, bool) or not isinstance(sample, (int, np.integer)) or sample < 1:
+        raise KBError(f"sample must be an integer >= 1, got {sample!r}. Pass how many entries to calibrate on, e.g. 256.")
     ids = np.sort(np.random.default_rng(seed).choice(n, size=min(sample, n), replace=False))
     q = kb.keys_flat(step, ids)
     found, _ = kb.search(step, q, h + 1)

@@ -14,6 +14,7 @@ every file is written and before the manifest commit, then sleeps that long ther
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -24,6 +25,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from kb_tools.kb import KBSettings, open_or_create
+from kb_tools.kb.format import manifest_checksum
 
 LATENT_SHAPE = (4, 8, 8)
 STEPS = 10
@@ -49,6 +51,24 @@ def toy_latents(pairs, steps=STORED_STEPS, shape=LATENT_SHAPE) -> dict[int, np.n
     z = np.stack([_rng(f"seed {s}").standard_normal(shape) for _, s in pairs])
     s = np.stack([_rng(f"prompt {p}").standard_normal(shape) for p, _ in pairs])
     return {t: (SIGMAS[t] * z + (1.0 + 0.2 * t) * s).astype(np.float32) for t in steps}
+
+
+def manifest_of(kbdir) -> dict:
+    """manifest.json of a KB folder, as plain JSON."""
+    with open(os.path.join(kbdir, "manifest.json"), "rb") as f:
+        return json.load(f)
+
+
+def write_manifest(kbdir, manifest: dict, sign: bool = True) -> None:
+    """Replace manifest.json; `sign` recomputes its checksum, as someone forging it on purpose would."""
+    if sign:
+        manifest = {**manifest, "checksum": manifest_checksum(manifest)}
+    with open(os.path.join(kbdir, "manifest.json"), "w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=1, ensure_ascii=False)
+
+
+def kb_file(kbdir, rel: str) -> str:
+    return os.path.join(kbdir, *rel.split("/"))
 
 
 def chunk_pairs(chunk: int, size: int) -> list[tuple[str, int]]:
