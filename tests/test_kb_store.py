@@ -341,7 +341,7 @@ def test_corrupt_shard_bytes(tmp_path):
     kb = KnowledgeBase.open(tmp_path / "kb", verify="size")  # sizes alone cannot see it
     problems = kb.verify()
     assert "checksum" in problems[0] and manifest_of(kb.path)["shards"][0]["file"] in problems[0]
-    assert any("index of step 6 does not match" in p for p in problems)  # the flipped value is in step 6
+    assert any("index of step 6 holds no key equal to entry 2" in p for p in problems)  # the flipped value is in step 6
 
 
 def test_corrupt_entries_file(tmp_path):

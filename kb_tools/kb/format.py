@@ -341,6 +341,8 @@ def parse_manifest(data: bytes, root: str) -> Manifest:
     if not isinstance(dtype, str) or dtype not in DTYPES:
         raise f.error("dtype", f"is {_short(dtype)}; this pack reads {list(DTYPES)}")
     shards = _parse_shards(f, raw["shards"])
+    if len({s.data.file for s in shards}) != len(shards):
+        raise f.error("shards", "names one file twice")
     if sum(s.count for s in shards) != count:
         raise f.error("count", f"is {count} but the shards hold {sum(s.count for s in shards)} entries")
     indexes = _parse_indexes(f, raw["indexes"], settings, count, legacy_ok=version < 2)

@@ -609,6 +609,7 @@ def open_or_create(path: str, settings: KBSettings, *, dtype: str | None = None,
 
 def merge(out_path: str, sources: Sequence[str | KnowledgeBase], *, exist_ok: bool = False) -> KnowledgeBase:
     """A new KB holding every entry of `sources`; shards are hard-linked, indexes and stats rebuilt."""
+    check_kb_path(out_path)
     if isinstance(sources, (str, bytes, os.PathLike)) or not sources:
         raise KBError("merge needs a list of at least one source KB path.")
     kbs = [s if isinstance(s, KnowledgeBase) else KnowledgeBase.open(s) for s in sources]

@@ -101,8 +101,7 @@ def _check_index(g: Generation, step: int, nprobe: int | None, ef_search: int | 
     if n == 0:
         return
     ids = np.unique(np.linspace(0, n - 1, num=min(OWN_ID_SAMPLE, n)).astype(np.int64))
-    full = g.gather(step, ids)
-    rq = ix.reduce_keys(full, g.manifest.reduce)
+    rq = ix.reduce_keys(g.gather(step, ids), g.manifest.reduce)
     k = min(n, OWN_ID_SAMPLE)
     with g.lock:
         ix.widen(index, k)
@@ -112,16 +111,16 @@ def _check_index(g: Generation, step: int, nprobe: int | None, ef_search: int | 
             ix.apply_params(index, nprobe, ef_search)
     if (found >= n).any() or (found < -1).any():
         raise KBError(f"index of step {step} returned id {int(found.max())} although the KB has {n} entries. {fix}")
-    full = full.reshape(len(ids), -1)
-    scale = max(1.0, float(np.abs(rq).max())) ** 2 * rq.shape[1]
-    for i, row, dist, key in zip(ids, found, d2, full):
-        if i in row:
-            if dist[list(row).index(i)] > 1e-5 * scale:
-                raise KBError(f"index of step {step} does not match the stored keys (entry {int(i)}'s key differs "
-                              f"from the one indexed). {fix}")
+    tol = 1e-5 * max(1.0, float(np.abs(rq).max())) ** 2 * rq.shape[1]
+    for i, row, dist, key in zip(ids, found, d2, rq):
+        exact = row[(row >= 0) & (dist <= tol)]
+        if i in exact:
             continue
-        others = row[row >= 0]
-        if not len(others) or not (g.gather(step, others).reshape(len(others), -1) == key).all(axis=1).any():
-            raise KBError(f"index of step {step} does not find entry {int(i)} by its own key (it answers "
-                          f"{others[:3].tolist()}): the index maps keys to the wrong entries, e.g. after the shard "
-                          f"list was reordered. {fix}")
+        if len(exact):
+            # Another entry answers exactly: fine only if its stored key is the same as entry i's.
+            if (ix.reduce_keys(g.gather(step, exact), g.manifest.reduce) == key).all(axis=1).any():
+                continue
+            raise KBError(f"index of step {step} answers entry {int(i)}'s key with entry {int(exact[0])}: it maps keys "
+                          f"to the wrong entries, e.g. after the shard list was reordered. {fix}")
+        raise KBError(f"index of step {step} holds no key equal to entry {int(i)}'s stored one: that entry's latents "
+                      f"changed after they were indexed (an edited or damaged shard), or the index is damaged. {fix}")
