@@ -186,8 +186,8 @@ def decode(data: bytes, rec: IndexRecord, where: str, fix: str) -> faiss.Index:
     keys = t["keys"]
     if keys.dtype != np.float32 or keys.shape != (n, d):
         raise bad(f"keys are {keys.dtype} {list(keys.shape)}, expected float32 {[n, d]}")
-    if not np.isfinite(keys).all():
-        raise bad("keys hold NaN or Inf")
+    if not _distances_finite(keys):
+        raise bad("keys hold NaN, Inf or values so large that distances to them overflow float32")
     keys = np.ascontiguousarray(keys)
     if rec.structure == "flat":
         index = faiss.IndexFlatL2(d)
@@ -198,10 +198,16 @@ def decode(data: bytes, rec: IndexRecord, where: str, fix: str) -> faiss.Index:
     return _decode_hnsw(t, keys, rec, bad)
 
 
+def _distances_finite(x: np.ndarray) -> bool:
+    """Whether FAISS can compute float32 distances to every row (finite values, squared norms in range)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        return bool(np.isfinite(np.einsum("ij,ij->i", x, x)).all()) if len(x) else True
+
+
 def _decode_ivf(t: dict, keys: np.ndarray, rec: IndexRecord, bad) -> faiss.Index:
     n, d, nlist = rec.ntotal, rec.dim, rec.nlist
     centroids, assign = t["centroids"], t["assign"]
-    if centroids.dtype != np.float32 or centroids.shape != (nlist, d) or not np.isfinite(centroids).all():
+    if centroids.dtype != np.float32 or centroids.shape != (nlist, d) or not _distances_finite(centroids):
         raise bad(f"centroids are {centroids.dtype} {list(centroids.shape)}, expected finite float32 {[nlist, d]}")
     if assign.dtype != np.int64 or assign.shape != (n,) or (n and (assign.min() < 0 or assign.max() >= nlist)):
         raise bad(f"list assignments must be {n} int64 values in [0, {nlist})")

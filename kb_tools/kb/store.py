@@ -334,8 +334,8 @@ class KnowledgeBase:
         index = g.index(step, self._nprobe, self._ef_search)
         with g.lock:  # search parameters live on the shared index object
             cand = ix.candidates(index, rq, c, self._nprobe, self._ef_search)
-        if (cand >= n).any() or ((cand >= 0).sum(axis=1) < h).any():
-            raise KBError(f"the index of step {step} returned ids outside the KB or fewer than {h} candidates. "
+        if (cand >= n).any() or ((cand >= 0).sum(axis=1) < c).any():
+            raise KBError(f"the index of step {step} returned ids outside the KB or fewer than the {c} candidates asked for. "
                           f"Repair it with KnowledgeBase.open({self._path!r}, verify='size').rebuild_indexes().")
         uniq = np.unique(cand[cand >= 0])
         return ix.rerank(q, cand, uniq, g.gather(step, uniq).reshape(len(uniq), -1), h)

@@ -112,7 +112,7 @@ def _check_index(g: Generation, step: int, nprobe: int | None, ef_search: int | 
     if (found >= n).any() or (found < -1).any():
         raise KBError(f"index of step {step} returned id {int(found.max())} although the KB has {n} entries. {fix}")
     tol = 1e-5 * max(1.0, float(np.abs(rq).max())) ** 2 * rq.shape[1]
-    for i, row, dist, key in zip(ids, found, d2, rq):
+    for i, row, dist, key in zip(ids, found, d2.astype(np.float64), rq):
         exact = row[(row >= 0) & (dist <= tol)]
         if i in exact:
             continue
