@@ -190,6 +190,11 @@ class Case:
     def path(self, rel: str) -> Path:
         return Path(kb_file(self.root, rel))
 
+    def tensors(self, draw, kind: str) -> tuple[str, dict[str, np.ndarray]]:
+        """One file of `kind`, drawn, and a writable copy of its tensors."""
+        rel = draw(st.sampled_from(self.files(kind)))
+        return rel, {k: v.copy() for k, v in tensors_from_bytes(self.path(rel).read_bytes(), rel, "").items()}
+
 
 # --------------------------------------------------------------------------- damage (checksums left alone)
 
@@ -318,9 +323,8 @@ def _header_edit(draw):
 def test_forged_safetensors_headers(pristine, kind, data):
     name = data.draw(st.sampled_from(["flat", "hnsw", "ivf"]))
     with Case(pristine, name, f"forged {kind} header") as c:
-        rel = data.draw(st.sampled_from(c.files(kind)))
-        tensors = tensors_from_bytes(c.path(rel).read_bytes(), rel, "")
-        forged = forge_safetensors({k: v.copy() for k, v in tensors.items()}, _header_edit(data.draw))
+        rel, tensors = c.tensors(data.draw, kind)
+        forged = forge_safetensors(tensors, _header_edit(data.draw))
         note(f"{name} KB, {rel} with header {forged[8:8 + int.from_bytes(forged[:8], 'little')][:2000]!r}")
         replace_file_signed(c.root, rel, forged)
         c.outcome(observe(c.root, "full"))
@@ -356,8 +360,7 @@ def _forge_array(a: np.ndarray, draw) -> np.ndarray:
 def test_forged_arrays(pristine, kind, data):
     name = data.draw(st.sampled_from(["flat", "hnsw", "ivf"]))
     with Case(pristine, name, f"forged {kind} arrays") as c:
-        rel = data.draw(st.sampled_from(c.files(kind)))
-        tensors = {k: v.copy() for k, v in tensors_from_bytes(c.path(rel).read_bytes(), rel, "").items()}
+        rel, tensors = c.tensors(data.draw, kind)
         which = data.draw(st.sampled_from(sorted(tensors)))
         tensors[which] = _forge_array(tensors[which], data.draw)
         note(f"{name} KB, {rel}: tensor {which} forged to {tensors[which].dtype} {list(tensors[which].shape)}")

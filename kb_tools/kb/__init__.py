@@ -11,6 +11,7 @@ One module per job:
     generation.py        one committed generation as a reader holds it (open files, maps, derived facts)
     index.py             FAISS indexes: key reduction, build, arrays on disk, search, exact re-rank
     verify.py            KnowledgeBase.verify
+    arguments.py         checks of what callers pass in (steps, queries, ids, latents)
     store.py             KnowledgeBase (open, create, append, search, ...), open_or_create, merge
 """
 

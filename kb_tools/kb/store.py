@@ -23,6 +23,7 @@ import safetensors.numpy
 
 from ..errors import KBError, KBMismatchError
 from ..records import Difference, describe_differences, differences
+from . import arguments as args
 from . import index as ix
 from .files import check_kb_path
 from .format import (
@@ -43,21 +44,6 @@ log = logging.getLogger(__name__)
 #: A reader that finds a named file gone re-reads the manifest and starts over this many times.
 OPEN_ATTEMPTS = 10
 _WARNED_LEGACY: set[str] = set()  # KB folders already warned about (log once per process)
-
-
-def _short(value: Any, limit: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _to_numpy(x: Any) -> np.ndarray:
-    """numpy view of a numpy array or torch tensor (torch is never imported here)."""
-    if hasattr(x, "detach"):
-        t = x.detach().cpu()
-        if t.is_floating_point():
-            t = t.float()  # bfloat16 has no numpy dtype
-        return t.numpy()
-    return np.asarray(x)
 
 
 class KnowledgeBase:
@@ -88,16 +74,16 @@ class KnowledgeBase:
         if not isinstance(settings, KBSettings):
             raise KBError(f"settings must be a KBSettings, got {type(settings).__name__}. Build one with KBSettings(...).")
         if dtype not in DTYPES:
-            raise KBError(f"dtype {_short(dtype)} is not supported; use one of {list(DTYPES)}.")
+            raise KBError(f"dtype {args.short(dtype)} is not supported; use one of {list(DTYPES)}.")
         if index_type not in INDEX_TYPES:
-            raise KBError(f"index_type {_short(index_type)} is unknown; use one of {list(INDEX_TYPES)}.")
+            raise KBError(f"index_type {args.short(index_type)} is unknown; use one of {list(INDEX_TYPES)}.")
         c, h, w = settings.latent_shape
         if reduce == "auto":
             r = ix.auto_reduce(settings.latent_shape)
         elif is_int(reduce) and reduce >= 1 and h % reduce == 0 and w % reduce == 0:
             r = int(reduce)
         else:
-            raise KBError(f"reduce={_short(reduce)} does not divide the latent's H={h} and W={w}. "
+            raise KBError(f"reduce={args.short(reduce)} does not divide the latent's H={h} and W={w}. "
                           "Use 'auto' or a positive int dividing both.")
         root = _new_kb_folder(path, exist_ok)
         dim = c * (h // r) * (w // r)
@@ -118,7 +104,7 @@ class KnowledgeBase:
         checksum is always checked when it is loaded, before its arrays are used.
         """
         if verify not in VERIFY_MODES:
-            raise KBError(f"verify={_short(verify)} is unknown; use one of {list(VERIFY_MODES)}.")
+            raise KBError(f"verify={args.short(verify)} is unknown; use one of {list(VERIFY_MODES)}.")
         root = check_kb_path(path)
         try:
             return cls(root, _load(root, verify))
@@ -190,72 +176,17 @@ class KnowledgeBase:
 
     def check_step(self, step: Any, what: str = "step") -> int:
         """`step` as an int if the KB stores it, else a KBError naming the stored steps."""
-        steps = list(self.settings.stored_steps)
-        if not is_int(step):
-            raise KBError(f"the {what} must be an integer step index, got {_short(step)}. Use one of the stored steps {steps}.")
-        if int(step) not in steps:
-            raise KBError(f"KB at {self._path} has no {what} {int(step)}; it stores steps {steps}. Choose one of "
-                          f"those, or rebuild the KB with stored steps including {int(step)}.")
-        return int(step)
+        return args.check_step(step, self.settings.stored_steps, self._path, what)
 
     def as_queries(self, queries: Any) -> np.ndarray:
         """Validate queries [B, C, H, W] or [B, D] -> float32 [B, D]; every refusal names the fix."""
-        try:
-            q = _to_numpy(queries)
-        except (ValueError, TypeError) as e:
-            raise KBError(f"queries must be one array [B, C, H, W] or [B, D] of floats; got {type(queries).__name__} "
-                          f"that numpy cannot stack ({e}). Stack the latents into one array.") from None
-        shape, d = self.latent_shape, self._gen.D
-        if not np.issubdtype(q.dtype, np.floating):
-            raise KBError(f"query dtype {q.dtype} is not a floating-point type. Pass the latent as float32 "
-                          "(for a torch tensor: latent.float()).")
-        if q.ndim == 4 and tuple(q.shape[1:]) != shape:
-            raise KBError(f"query latent shape {list(q.shape[1:])} differs from the KB's {list(shape)}: the KB "
-                          "was built for a different latent size (image size or model family). Use a KB built "
-                          "for this latent size, or build one.")
-        if q.ndim == 2 and q.shape[1] != d:
-            raise KBError(f"flat query has {q.shape[1]} values per item, the KB's keys have {d} "
-                          f"({list(shape)}): the KB was built for a different latent size. Use a matching KB.")
-        if q.ndim not in (2, 4):
-            raise KBError(f"query must be [B, C, H, W] or [B, D], got shape {list(q.shape)}. Add the batch dimension.")
-        if q.shape[0] == 0:
-            raise KBError("the query batch is empty. Pass at least one latent.")
-        with np.errstate(over="ignore", invalid="ignore"):
-            q = np.ascontiguousarray(q.reshape(q.shape[0], -1), dtype=np.float32)
-            bad = ~np.isfinite(q).all(axis=1)
-            if bad.any():
-                raise KBError(f"query {int(np.argmax(bad))} of the batch contains NaN/Inf: sampling diverged before "
-                              "the key step. Check the model, cfg and input latent, or use an earlier key step.")
-            norms = np.einsum("ij,ij->i", q, q)  # float32, as FAISS computes distances
-        if not np.isfinite(norms).all():
-            i = int(np.argmax(~np.isfinite(norms)))
-            raise KBError(f"query {i} has values up to {float(np.abs(q[i]).max()):.3g}: its squared length overflows "
-                          "float32, so no distance to it can be computed. A diffusion latent is of order 1 to 100; "
-                          "check what was connected (an image instead of a latent?) or the sampler's output.")
-        return q
-
-    def _check_ids(self, ids: Any) -> np.ndarray:
-        try:
-            a = np.asarray(_to_numpy(ids))
-        except (ValueError, TypeError):
-            raise KBError("ids must be a 1-D sequence of ints. Pass entry ids as returned by search().") from None
-        if a.size == 0:
-            return np.zeros(0, np.int64)
-        if a.ndim != 1 or not np.issubdtype(a.dtype, np.integer):
-            raise KBError(f"ids must be a 1-D sequence of ints, got {a.dtype} {list(a.shape)}. Pass entry ids as "
-                          "returned by search().")
-        a = a.astype(np.int64)
-        bad = a[(a < 0) | (a >= len(self))]
-        if bad.size:
-            raise KBError(f"id {int(bad[0])} is out of range: KB at {self._path} has {len(self)} entries "
-                          f"(ids 0..{len(self) - 1}). Use ids returned by search().")
-        return a
+        return args.as_queries(queries, self.latent_shape)
 
     # ------------------------------------------------------------ reading
 
     def latents(self, step: int, ids: Any) -> np.ndarray:
         """Stored latents x_step of entries `ids` (any order, repeats allowed): float32 [len(ids), C, H, W]."""
-        return self._gen.gather(self.check_step(step), self._check_ids(ids))
+        return self._gen.gather(self.check_step(step), args.check_ids(ids, len(self), self._path))
 
     def keys_flat(self, step: int, ids: Any) -> np.ndarray:
         """Full (unreduced) keys: float32 [len(ids), D], D = C*H*W."""
@@ -273,9 +204,9 @@ class KnowledgeBase:
         """RMS distance ||key_i - mean key|| over a fixed random sample of the keys at `step` (cached per generation)."""
         step, g = self.check_step(step), self._gen
         if not is_int(sample) or sample < 1:
-            raise KBError(f"sample must be an integer >= 1, got {_short(sample)}. Pass how many keys to sample, e.g. 256.")
+            raise KBError(f"sample must be an integer >= 1, got {args.short(sample)}. Pass how many keys to sample, e.g. 256.")
         if not is_int(seed):
-            raise KBError(f"seed must be an integer, got {_short(seed)}.")
+            raise KBError(f"seed must be an integer, got {args.short(seed)}.")
         n = len(g.entries)
         if n == 0:
             raise KBError(f"the KB at {self._path} is empty; build or append entries first.")
@@ -303,7 +234,7 @@ class KnowledgeBase:
         """IVF lists probed / HNSW efSearch for this session (defaults nlist//8 and 64)."""
         for name, v in (("nprobe", nprobe), ("ef_search", ef_search)):
             if v is not None and (not is_int(v) or v < 1):
-                raise KBError(f"{name} must be a positive int or None (the default), got {_short(v)}.")
+                raise KBError(f"{name} must be a positive int or None (the default), got {args.short(v)}.")
         g = self._gen
         with g.lock:
             self._nprobe, self._ef_search = nprobe, ef_search
@@ -322,12 +253,12 @@ class KnowledgeBase:
         if n == 0:
             raise KBError(f"KB at {self._path} is empty: build or append entries first.")
         if not is_int(h) or h < 1:
-            raise KBError(f"h (number of neighbours) must be an int >= 1, got {_short(h)}. Use H between 1 and {n}.")
+            raise KBError(f"h (number of neighbours) must be an int >= 1, got {args.short(h)}. Use H between 1 and {n}.")
         h = int(h)
         if h > n:
             raise KBError(f"KB at {self._path} has only {n} entries; lower H to at most {n}, or add entries.")
         if candidates is not None and (not is_int(candidates) or candidates < 1):
-            raise KBError(f"candidates must be an int >= 1, or None for max(4H, 32); got {_short(candidates)}.")
+            raise KBError(f"candidates must be an int >= 1, or None for max(4H, 32); got {args.short(candidates)}.")
         q = self.as_queries(queries)
         c = min(max(max(4 * h, 32) if candidates is None else int(candidates), h), n)
         rq = ix.reduce_keys(q.reshape(-1, *self.latent_shape), self.reduce)
@@ -341,43 +272,6 @@ class KnowledgeBase:
         return ix.rerank(q, cand, uniq, g.gather(step, uniq).reshape(len(uniq), -1), h)
 
     # ------------------------------------------------------------ writing
-
-    def _check_latents(self, latents: Any, prompts: list[str], seeds: list[int]) -> dict[int, np.ndarray]:
-        """Validate an append and cast its latents to the storage dtype."""
-        n, steps = len(prompts), list(self.settings.stored_steps)
-        if not isinstance(latents, dict):
-            raise KBError("latents must be a dict {step: array [n, C, H, W]}, one array per stored step.")
-        if not all(is_int(k) or (isinstance(k, str) and k.isdigit()) for k in latents):
-            raise KBError(f"latents keys must be step numbers, got {sorted(map(str, latents))[:6]}.")
-        got = sorted(int(k) for k in latents)
-        if got != steps:
-            raise KBError(f"append got latents for steps {got}, the KB stores steps {steps}. Pass exactly one "
-                          "array per stored step.")
-        want, dtype = (n, *self.latent_shape), self.dtype
-        out = {}
-        for st in steps:
-            try:
-                a = _to_numpy(latents[st] if st in latents else latents[str(st)])
-            except (ValueError, TypeError):
-                raise KBError(f"latents for step {st} are not an array. Pass one array [n, C, H, W] per step.") from None
-            if tuple(a.shape) != want:
-                raise KBError(f"latents for step {st} have shape {list(a.shape)}, expected {list(want)} "
-                              f"({n} entries of latent shape {list(self.latent_shape)}). "
-                              "Pass latents of the KB's latent size, one row per prompt.")
-            if not np.issubdtype(a.dtype, np.floating):
-                raise KBError(f"latents for step {st} have dtype {a.dtype}; pass floating-point latents.")
-            with np.errstate(over="ignore"):  # overflow becomes Inf, reported just below
-                stored = np.ascontiguousarray(a, dtype=DTYPES[dtype])
-            bad = ~np.isfinite(stored.reshape(n, -1)).all(axis=1)
-            if bad.any():
-                i = int(np.argmax(bad))
-                overflow = bool(np.isfinite(np.asarray(a[i])).all())
-                why = (f"overflow {dtype} (values beyond its range); rebuild the KB with dtype='float32'"
-                       if overflow else "contain NaN/Inf: the sampler diverged for this entry; drop or "
-                       "regenerate it (e.g. lower cfg), then append again")
-                raise KBError(f"latents for step {st}, entry {i} (prompt {_short(prompts[i])}, seed {seeds[i]}) {why}.")
-            out[st] = stored
-        return out
 
     def append(self, latents: dict[int, Any], prompts: Sequence[str], seeds: Sequence[int], *,
                _before_commit: Callable[[], None] | None = None) -> None:
@@ -401,11 +295,11 @@ class KnowledgeBase:
             have, seen = g.ids_by_pair(), set()
             for p in pairs:
                 if p in have or p in seen:
-                    raise KBError(f"prompt {_short(p[0])} with seed {p[1]} is already in the KB at "
+                    raise KBError(f"prompt {args.short(p[0])} with seed {p[1]} is already in the KB at "
                                   f"{self._path}{'' if p in have else ' (twice in this append)'}. Append only new "
                                   "pairs: filter them with kb.missing(pairs) first.")
                 seen.add(p)
-            arrays = self._check_latents(latents, prompts, seeds)
+            arrays = args.check_latents(latents, prompts, seeds, self.settings.stored_steps, self.latent_shape, self.dtype)
             m = g.manifest
             with transaction(self._path, m) as txn:
                 stem = shard_stem(len(m.shards))
@@ -594,8 +488,13 @@ def open_or_create(path: str, settings: KBSettings, *, dtype: str | None = None,
         raise KBError(f"settings must be a KBSettings, got {type(settings).__name__}. Build one with KBSettings(...).")
     root = check_kb_path(path)
     if not os.path.isfile(os.path.join(root, MANIFEST)):
-        return KnowledgeBase.create(root, settings, dtype=dtype or "float16", index_type=index_type or "auto",
-                                    reduce="auto" if reduce is None else reduce, exist_ok=True)
+        try:
+            return KnowledgeBase.create(root, settings, dtype=dtype or "float16", index_type=index_type or "auto",
+                                        reduce="auto" if reduce is None else reduce, exist_ok=True)
+        except KBError:
+            if not os.path.isfile(os.path.join(root, MANIFEST)):
+                raise
+            # another process created it meanwhile: open it and compare, as if it had been there
     kb = KnowledgeBase.open(root, verify=verify)
     diffs = differences(kb.settings.to_dict(), settings.to_dict())
     for name, have, want in (("dtype", kb.dtype, dtype), ("index_type", kb.index_type, index_type), ("reduce", kb.reduce, reduce)):
@@ -626,7 +525,7 @@ def merge(out_path: str, sources: Sequence[str | KnowledgeBase], *, exist_ok: bo
     for kb in kbs:
         for p in kb._gen.entries:
             if p in owner:
-                raise KBError(f"prompt {_short(p[0])} with seed {p[1]} is in both {owner[p]} and {kb.path}. "
+                raise KBError(f"prompt {args.short(p[0])} with seed {p[1]} is in both {owner[p]} and {kb.path}. "
                               "Remove it from one source (rebuild that source without it) before merging.")
             owner[p] = kb.path
     root = _new_kb_folder(out_path, exist_ok)

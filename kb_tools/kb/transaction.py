@@ -101,10 +101,14 @@ def transaction(root: str, base: Manifest | None) -> Iterator[Transaction]:
             keep = txn.committed.files() | (base.files() if base else set())  # readers may still open `base`
             collect_garbage(root, keep)
     except BaseException as e:
-        if txn is not None and txn.committed is None:
+        committed = txn is not None and txn.committed is not None
+        if txn is not None and not committed:
             txn.discard()
-        if isinstance(e, OSError):
-            raise KBError(f"could not write to the KB at {root}: {e.strerror or e} ({getattr(e, 'filename', '')}). "
-                          "Nothing was committed: the KB is as it was. Free disk space or fix the folder's permissions, "
-                          "then retry.") from e
-        raise
+        if not isinstance(e, OSError):
+            raise
+        where = f"{e.strerror or e} ({getattr(e, 'filename', '')})"
+        if committed:
+            raise KBError(f"the change to the KB at {root} was committed, but reading it back failed: {where}. "
+                          "Reopen the KB.") from e
+        raise KBError(f"could not write to the KB at {root}: {where}. Nothing was committed: the KB is as it was. "
+                      "Free disk space or fix the folder's permissions, then retry.") from e
