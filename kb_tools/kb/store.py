@@ -166,6 +166,8 @@ class KnowledgeBase:
         """The (prompt, seed) pairs not yet stored, in input order, each once."""
         have, out, seen = self._gen.ids_by_pair(), [], set()
         for prompt, seed in pairs:
+            if not isinstance(prompt, str) or not is_int(seed):
+                raise KBError(f"pairs must be (prompt text, int seed), got ({args.short(prompt)}, {args.short(seed)}).")
             p = (prompt, int(seed))
             if p not in have and p not in seen:
                 seen.add(p)
@@ -186,7 +188,8 @@ class KnowledgeBase:
 
     def latents(self, step: int, ids: Any) -> np.ndarray:
         """Stored latents x_step of entries `ids` (any order, repeats allowed): float32 [len(ids), C, H, W]."""
-        return self._gen.gather(self.check_step(step), args.check_ids(ids, len(self), self._path))
+        g = self._gen  # one generation per call, even if another thread commits meanwhile
+        return g.gather(self.check_step(step), args.check_ids(ids, len(g.entries), self._path))
 
     def keys_flat(self, step: int, ids: Any) -> np.ndarray:
         """Full (unreduced) keys: float32 [len(ids), D], D = C*H*W."""
