@@ -4,11 +4,14 @@
     python benchmarks/kb_scale.py --sizes 1000 --quick   # smoke run
     python benchmarks/kb_scale.py --pack OTHER_CHECKOUT --label before --indexes flat,ivf,hnsw
                                                          # the same measurements of another checkout's kb_tools
+    python benchmarks/kb_scale.py --compare-with OTHER_CHECKOUT
+                                                         # both, row by row: OTHER ("before") then this ("after")
 
 Each run is stored under its --label in benchmarks/results/kb_scale.json, next to the runs
-already there, so two checkouts measured back to back sit side by side ("comparison"). Every
-run records the machine's load average: latencies on a shared machine move with it, and CPU
-time is recorded beside wall time to tell load from code.
+already there, so two checkouts sit side by side ("comparison"). --compare-with measures each
+(size, index) row for both checkouts one right after the other, so both see about the same
+machine load. Every row records the load average: latencies on a shared machine move with it,
+and CPU time is recorded beside wall time to tell load from code.
 
 Entries are synthetic but shaped like ReDi keys:
     key(prompt)   = sigma_k * z + a_k * S(prompt) + 0.1 * a_k * D(prompt)
@@ -171,8 +174,9 @@ def recall(kb, queries: np.ndarray, exact: np.ndarray) -> float:
 
 def run(n: int, index_type: str, gen: Generator, root: Path, queries: np.ndarray, exact: dict, repeats: int, pack: Path) -> dict:
     path = root / f"kb-{n}-{index_type}"
+    load = os.getloadavg()
     build_s, build_cpu_s = build(path, n, index_type, gen)
-    row = {"entries": n, "index": index_type, "build_s": build_s, "build_cpu_s": build_cpu_s,
+    row = {"entries": n, "index": index_type, "loadavg_1_5_15": load, "build_s": build_s, "build_cpu_s": build_cpu_s,
            "build_entries_per_s": n / build_s, "disk_bytes_per_entry": disk_bytes(path) / n}
     row.update(measure_open(path, pack))
     kb = kbmod.KnowledgeBase.open(str(path))
@@ -280,9 +284,14 @@ def main() -> int:
     p.add_argument("--workdir", default=None, help="where KBs are built (needs ~7 GB per 100k entries)")
     p.add_argument("--out", default=str(HERE / "benchmarks" / "results" / "kb_scale.json"))
     p.add_argument("--quick", action="store_true", help="few queries and repeats (smoke run)")
+    p.add_argument("--compare-with", default=None, metavar="CHECKOUT",
+                   help="measure CHECKOUT (label 'before') and this checkout ('after') row by row, back to back")
+    p.add_argument("--rows-only", action="store_true", help=argparse.SUPPRESS)  # one row of a --compare-with run
     args = p.parse_args()
     if args.quick:
         args.queries, args.repeats = 16, 20
+    if args.compare_with:
+        return compare(args)
     pack = Path(args.pack).resolve()
     sys.path.insert(0, str(pack))
     import kb_tools.kb
@@ -315,23 +324,65 @@ def main() -> int:
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                     # other work on the machine inflates latencies; recorded so readers can judge
                     "loadavg_1_5_15_before": load_before, "loadavg_1_5_15_after": os.getloadavg()},
-        "rows": rows, "skipped": skipped, "flat_scan": flat_scan(repeats=args.repeats),
+        "rows": rows, "skipped": skipped,
     }
-    out = Path(args.out)
+    if args.rows_only:
+        Path(args.out).write_text(json.dumps(this))
+        return 0
+    this["flat_scan"] = flat_scan(repeats=args.repeats)
+    write_results(Path(args.out), {args.label: this}, args.queries)
+    return 0
+
+
+def compare(args: argparse.Namespace) -> int:
+    """Each (size, index) row for the other checkout, then at once for this one; both runs written side by side."""
+    packs = {"before": Path(args.compare_with).resolve(), "after": HERE}
+    runs = {label: {"code": code_version(pack), "started": None, "rows": [], "skipped": []} for label, pack in packs.items()}
+    with tempfile.TemporaryDirectory(prefix="kb_scale-rows-") as tmp:
+        for n in args.sizes.split(","):
+            for index_type in args.indexes.split(","):
+                for label, pack in packs.items():
+                    if index_type == "auto" and "auto" not in probe_index_types(pack):
+                        continue  # that checkout has no "auto" index
+                    row_file = Path(tmp) / f"{label}.json"
+                    cmd = [sys.executable, __file__, "--pack", str(pack), "--label", label, "--sizes", n, "--indexes", index_type,
+                           "--queries", str(args.queries), "--repeats", str(args.repeats), "--out", str(row_file), "--rows-only"]
+                    if args.workdir:
+                        cmd += ["--workdir", args.workdir]
+                    subprocess.run(cmd, check=True)
+                    part = json.loads(row_file.read_text())
+                    run = runs[label]
+                    run["started"] = run["started"] or part["started"]
+                    first_load = run["machine"]["loadavg_1_5_15_before"] if "machine" in run else part["machine"]["loadavg_1_5_15_before"]
+                    run["machine"] = {**part["machine"], "loadavg_1_5_15_before": first_load}
+                    run["rows"] += part["rows"]
+                    run["skipped"] = part["skipped"]
+    runs["after"]["flat_scan"] = flat_scan(repeats=args.repeats)
+    write_results(Path(args.out), runs, args.queries)
+    return 0
+
+
+def probe_index_types(pack: Path) -> list[str]:
+    code = f"import sys; sys.path.insert(0, {str(pack)!r}); import kb_tools.kb as k; print(','.join(getattr(k, 'INDEX_TYPES', ())))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    return out.stdout.strip().split(",")
+
+
+def write_results(out: Path, new_runs: dict, queries: int) -> None:
+    """Merge `new_runs` into the results file, recompute the comparison and the targets."""
     result = json.loads(out.read_text()) if out.exists() else {}
-    runs = result.get("runs", {})
-    runs[args.label] = this
+    runs = {**result.get("runs", {}), **new_runs}
+    this = runs.get("after") or next(iter(new_runs.values()))
     result = {
         "benchmark": "kb_scale", "latent_shape": list(SHAPE), "stored_steps": [KEY, VALUE], "dtype": "float16", "h": H,
-        "data": "synthetic fixed-seed trajectories (see benchmarks/kb_scale.py docstring)", "queries": args.queries,
+        "data": "synthetic fixed-seed trajectories (see benchmarks/kb_scale.py docstring)", "queries": queries,
         "runs": runs,
         "comparison": comparison(runs["before"], runs["after"]) if {"before", "after"} <= set(runs) else [],
-        "targets": targets(runs.get("after", this)["rows"]),
+        "targets": targets(this["rows"]),
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out} (run '{args.label}')")
-    return 0
+    print(f"wrote {out} (runs {sorted(new_runs)})")
 
 
 if __name__ == "__main__":
