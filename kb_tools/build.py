@@ -36,7 +36,7 @@ class BuildSpec:
     negative_prompt: str = ""
     batch_size: int = 4
     dtype: str = "float16"
-    index_type: str = "flat"
+    index_type: str = "auto"
     #: T-Stitch keys: the key model runs steps [0, stitch_step), the main model the rest.
     stitch_step: int = 0
     #: entries gathered in memory before one atomic commit (a crash loses at most these).

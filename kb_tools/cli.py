@@ -82,6 +82,19 @@ def _verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _upgrade(args: argparse.Namespace) -> int:
+    from .kb import FORMAT_VERSION, KnowledgeBase
+
+    kb = KnowledgeBase.open(args.kb, verify="size")
+    before = kb.info()["format_version"]
+    if before == FORMAT_VERSION:
+        print(f"{args.kb}: already format version {FORMAT_VERSION}")
+        return 0
+    kb.rebuild_indexes()  # rewrites indexes and stats from the stored latents, in this version's format
+    print(f"{args.kb}: upgraded from format version {before} to {FORMAT_VERSION} ({len(kb)} trajectories)")
+    return 0
+
+
 def _calibrate(args: argparse.Namespace) -> int:
     from .kb import KnowledgeBase
     from .retrieval import calibrate
@@ -113,7 +126,8 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--height", type=int, default=512)
     b.add_argument("--batch-size", type=int, default=4)
     b.add_argument("--dtype", choices=["float16", "float32"], default="float16")
-    b.add_argument("--index", choices=["flat", "ivf", "hnsw"], default="flat")
+    b.add_argument("--index", choices=["auto", "flat", "ivf", "hnsw"], default="auto",
+                   help="auto: flat (exact) for small KBs, HNSW above kb_tools.kb.AUTO_FLAT_MAX_ENTRIES entries")
     b.add_argument("--shard", default=None, help="'i/N': build only every N-th prompt starting at the i-th (merge the parts later)")
     b.add_argument("--limit", type=int, default=0, help="only the first N prompts (0 = all)")
     b.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is available (default: the GPU torch sees, else the CPU)")
@@ -132,6 +146,10 @@ def parser() -> argparse.ArgumentParser:
     v = sub.add_parser("verify", help="check every file and checksum and scan latents for NaN/Inf")
     v.add_argument("kb")
     v.set_defaults(func=_verify)
+
+    u = sub.add_parser("upgrade", help="rewrite an older knowledge base's indexes and manifest in this version's format")
+    u.add_argument("kb")
+    u.set_defaults(func=_upgrade)
 
     c = sub.add_parser("calibrate", help="store the leave-one-out residual percentiles the auto guard uses")
     c.add_argument("kb")

@@ -47,8 +47,8 @@ def solve_weights(query: np.ndarray, keys: np.ndarray, mode: str = "lstsq", ridg
         rest = np.linalg.lstsq((k[:-1] - k[-1]).T, q - k[-1], rcond=None)[0]
         return np.append(rest, 1.0 - rest.sum())
     if mode == "ridge":
-        if not np.isfinite(ridge) or ridge < 0:
-            raise KBError(f"ridge must be a finite number >= 0, got {ridge!r}.")
+        if isinstance(ridge, bool) or not isinstance(ridge, (int, float, np.integer, np.floating)) or not np.isfinite(ridge) or ridge < 0:
+            raise KBError(f"ridge must be a finite number >= 0, got {ridge!r}. Pass e.g. ridge=0.01 (0 = plain least squares).")
         gram = k @ k.T
         lam = ridge * float(np.mean(np.diag(gram)))
         try:
@@ -158,26 +158,6 @@ def check_value_step(key_step: int, value_step: int) -> None:
                       "steps). Choose a value step >= the key step.")
 
 
-def sampled_key_spread(kb: KnowledgeBase, step: int, sample: int = 256, seed: int = 0) -> float:
-    """RMS distance ||key_i - mean key|| over a fixed random sample of the KB's keys at `step`.
-
-    Behind `KnowledgeBase.key_spread` until the KB library computes it itself (cached per KB generation).
-    """
-    cache_key = (kb.path, len(kb), int(step), sample, seed)
-    if cache_key not in _SPREAD_CACHE:
-        n = len(kb)
-        if n == 0:
-            raise KBError(f"the KB at {kb.path} is empty; build or append entries first.")
-        ids = np.sort(np.random.default_rng(seed).choice(n, size=min(sample, n), replace=False))
-        keys = kb.keys_flat(step, ids).astype(np.float64)
-        mean = kb.mean_key(step).astype(np.float64)
-        _SPREAD_CACHE[cache_key] = float(np.sqrt(np.mean(np.sum((keys - mean) ** 2, axis=1))))
-    return _SPREAD_CACHE[cache_key]
-
-
-_SPREAD_CACHE: dict[tuple, float] = {}
-
-
 def calibrate(kb: KnowledgeBase, step: int, h: int, *, sample: int = 256, mode: str = "lstsq",
               seed: int = 0) -> dict:
     """Leave-one-out residual percentiles: each sampled entry's key queried against all the others.
@@ -186,11 +166,13 @@ def calibrate(kb: KnowledgeBase, step: int, h: int, *, sample: int = 256, mode: 
     percentiles say what residual a query that does match the KB's distribution gets.
     """
     n = len(kb)
+    if isinstance(h, bool) or not isinstance(h, (int, np.integer)) or h < 1:
+        raise KBError(f"H (neighbours) must be an integer >= 1, got {h!r}. Pass the H the guard will use, e.g. 3.")
     if n < h + 1:
         raise KBError(f"calibration with H={h} needs at least {h + 1} entries, the KB at {kb.path} has {n}. "
                       "Add entries, or lower H.")
-    if sample < 1:
-        raise KBError(f"sample must be >= 1, got {sample}.")
+    if isinstance(sample, bool) or not isinstance(sample, (int, np.integer)) or sample < 1:
+        raise KBError(f"sample must be an integer >= 1, got {sample!r}. Pass how many entries to calibrate on, e.g. 256.")
     ids = np.sort(np.random.default_rng(seed).choice(n, size=min(sample, n), replace=False))
     q = kb.keys_flat(step, ids)
     found, _ = kb.search(step, q, h + 1)

@@ -22,7 +22,8 @@ import latent_preview
 from ..kb_tools import comfy_sampling as cs
 from ..kb_tools import redi as core
 from ..kb_tools.errors import KBError
-from ..kb_tools.kb import KnowledgeBase
+from ..kb_tools.kb import KnowledgeBase, check_kb_name
+from ..kb_tools.prompts import input_file, read_prompts
 from ..kb_tools.records import Recipe
 from ..kb_tools.retrieval import WEIGHT_MODES as WEIGHT_MODE_NAMES
 from ..kb_tools.schedule import parse_steps
@@ -63,8 +64,7 @@ def list_kbs() -> list[str]:
 
 def kb_path(name: str, for_writing: bool = False) -> Path:
     """Resolve a KB name to its folder; a new KB goes to the first redi_kb location."""
-    if not name or Path(name).name != name or name in (".", ".."):
-        raise KBError(f"knowledge base name {name!r} must be a plain folder name such as 'coco-euler-20' (no slashes).")
+    check_kb_name(name)
     for root in kb_roots():
         if (root / name / "manifest.json").is_file():
             return root / name
@@ -203,7 +203,7 @@ class BuildKnowledgeBase(io.ComfyNode):
                 io.Clip.Input("clip", tooltip="Text encoder for the prompts."),
                 io.String.Input("prompts", multiline=True, default="a photograph of a cat\na photograph of a dog",
                                 tooltip="One prompt per line (empty lines are ignored)."),
-                io.String.Input("prompts_file", default="", tooltip="Optional text file with one prompt per line, added to the prompts above. A relative path is read from ComfyUI's input folder."),
+                io.String.Input("prompts_file", default="", tooltip="Optional prompt file (.txt one prompt per line, .jsonl, or COCO captions .json) in ComfyUI's input folder, named relative to it; its prompts are added to those above."),
                 io.String.Input("negative_prompt", default="", multiline=True, tooltip="Negative prompt used for every trajectory (queries should use the same)."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=False,
                              tooltip="First seed. The official ReDi setup uses one seed for everything. Kept fixed between runs, so rerunning resumes the same KB."),
@@ -218,7 +218,7 @@ class BuildKnowledgeBase(io.ComfyNode):
                 io.Int.Input("batch_size", default=4, min=1, max=256, tooltip="Trajectories sampled together."),
                 io.String.Input("kb_name", default="my-kb", tooltip="Folder name under models/redi_kb; reuse a name to resume or extend."),
                 io.Combo.Input("dtype", options=["float16", "float32"], default="float16", tooltip="Storage precision of latents (float16 halves the disk)."),
-                io.Combo.Input("index_type", options=["flat", "ivf", "hnsw"], default="flat", tooltip="FAISS index: flat is exact (default); ivf and hnsw are faster approximate search for very large KBs."),
+                io.Combo.Input("index_type", options=["auto", "flat", "ivf", "hnsw"], default="auto", tooltip="FAISS index: auto (default) is exact flat search for small KBs and HNSW above 20,000 entries; flat is always exact; ivf and hnsw are faster approximate search for very large KBs."),
                 io.Model.Input("small_model", optional=True, tooltip="T-Stitch keys: a small model for the first stitch_step steps (cheaper queries)."),
                 io.Clip.Input("small_clip", optional=True, tooltip="Text encoder of the small model (default: clip)."),
                 io.Int.Input("stitch_step", default=0, min=0, max=1000, optional=True, tooltip="Steps run by small_model before the main model takes over (0 = no small model)."),
@@ -227,17 +227,24 @@ class BuildKnowledgeBase(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, prompts_file: str = "", kb_name: str | None = None):
+        try:
+            if isinstance(prompts_file, str) and prompts_file.strip():
+                input_file(prompts_file, folder_paths.get_input_directory())
+            if kb_name is not None:
+                check_kb_name(kb_name)
+        except KBError as e:
+            return str(e)
+        return True
+
+    @classmethod
     def execute(cls, model, clip, prompts: str, prompts_file: str, negative_prompt: str, seed: int, seeds_per_prompt: int,
                 sampler_name: str, scheduler: str, steps: int, cfg: float, store_steps: str, width: int, height: int,
                 batch_size: int, kb_name: str, dtype: str, index_type: str, small_model=None, small_clip=None,
                 stitch_step: int = 0) -> io.NodeOutput:
         lines = [p.strip() for p in prompts.splitlines() if p.strip()]
         if prompts_file.strip():
-            from ..kb_tools.prompts import read_prompts
-            path = Path(prompts_file.strip())
-            if not path.is_absolute():
-                path = Path(folder_paths.get_input_directory()) / path
-            lines += read_prompts(path)
+            lines += read_prompts(input_file(prompts_file, folder_paths.get_input_directory()))
         if not lines:
             raise KBError("no prompts: write one prompt per line, or give a prompts file.")
         channels = model.get_model_object("latent_format").latent_channels

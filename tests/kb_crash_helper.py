@@ -14,16 +14,20 @@ every file is written and before the manifest commit, then sleeps that long ther
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import sys
 import time
 import zlib
 
 import numpy as np
+import safetensors.numpy
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from kb_tools.kb import KBSettings, open_or_create
+from kb_tools.kb.format import manifest_checksum
 
 LATENT_SHAPE = (4, 8, 8)
 STEPS = 10
@@ -49,6 +53,50 @@ def toy_latents(pairs, steps=STORED_STEPS, shape=LATENT_SHAPE) -> dict[int, np.n
     z = np.stack([_rng(f"seed {s}").standard_normal(shape) for _, s in pairs])
     s = np.stack([_rng(f"prompt {p}").standard_normal(shape) for p, _ in pairs])
     return {t: (SIGMAS[t] * z + (1.0 + 0.2 * t) * s).astype(np.float32) for t in steps}
+
+
+def manifest_of(kbdir) -> dict:
+    """manifest.json of a KB folder, as plain JSON."""
+    with open(os.path.join(kbdir, "manifest.json"), "rb") as f:
+        return json.load(f)
+
+
+def write_manifest(kbdir, manifest: dict, sign: bool = True) -> None:
+    """Replace manifest.json; `sign` recomputes its checksum, as someone forging it on purpose would."""
+    if sign:
+        manifest = {**manifest, "checksum": manifest_checksum(manifest)}
+    with open(os.path.join(kbdir, "manifest.json"), "w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=1, ensure_ascii=False)
+
+
+def kb_file(kbdir, rel: str) -> str:
+    return os.path.join(kbdir, *rel.split("/"))
+
+
+def replace_file_signed(kbdir, rel: str, data: bytes) -> None:
+    """Overwrite a KB file and record its new size and sha256 in a re-signed manifest: a forgery
+    that every checksum agrees with, so only the content checks can catch it."""
+    m = manifest_of(kbdir)
+    records = [(s, "") for s in m["shards"] if s["file"] == rel] + [(s, "entries_") for s in m["shards"] if s["entries_file"] == rel]
+    records += [(i, "") for i in m["indexes"].values() if i["file"] == rel] + [(m["stats"], "")] * (m["stats"]["file"] == rel)
+    assert records, f"{rel} is not named by the manifest"
+    for rec, prefix in records:
+        rec[prefix + "bytes"], rec[prefix + "sha256"] = len(data), hashlib.sha256(data).hexdigest()
+    with open(kb_file(kbdir, rel), "wb") as f:
+        f.write(data)
+    write_manifest(kbdir, m)
+
+
+def forge_safetensors(tensors: dict, header_edit=None) -> bytes:
+    """A safetensors file of numpy arrays, its JSON header passed through `header_edit` first (if given)."""
+    data = safetensors.numpy.save({k: np.ascontiguousarray(v) for k, v in tensors.items()})
+    if header_edit is None:
+        return data
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    header = header_edit(header) or header  # edits may work in place
+    raw = json.dumps(header).encode()
+    return len(raw).to_bytes(8, "little") + raw + data[8 + n:]
 
 
 def chunk_pairs(chunk: int, size: int) -> list[tuple[str, int]]:

@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 import pytest
-from kb_crash_helper import chunk_pairs, toy_latents
+from kb_crash_helper import chunk_pairs, manifest_of, toy_latents
 
 from kb_tools.kb import KnowledgeBase
 
@@ -61,7 +61,7 @@ def _resume_and_check(kbdir) -> None:
     want = toy_latents(ALL_PAIRS)
     for step, x in want.items():
         np.testing.assert_array_equal(kb.latents(step, np.arange(len(kb))), x)  # float32 KB: bit-exact
-    referenced = {s[k] for s in kb._manifest["shards"] for k in ("file", "entries_file")}
+    referenced = {s[k] for s in manifest_of(kbdir)["shards"] for k in ("file", "entries_file")}
     on_disk = {f"shards/{n}" for n in os.listdir(os.path.join(kbdir, "shards"))}
     assert on_disk == referenced  # the crashed append's files were collected
 
@@ -96,6 +96,6 @@ def test_kill_between_shard_write_and_commit(tmp_path):
     assert len(kb) == last
     assert kb.entries == ALL_PAIRS[:last]
     assert kb.verify() == []
-    referenced = {s[k] for s in kb._manifest["shards"] for k in ("file", "entries_file")}
+    referenced = {s[k] for s in manifest_of(kbdir)["shards"] for k in ("file", "entries_file")}
     assert len(shards) == len(referenced) + 2  # the uncommitted shard and its entries were written
     _resume_and_check(kbdir)

@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from pathlib import Path
 
 import faiss
 import numpy as np
 import pytest
-from kb_crash_helper import LATENT_SHAPE, STORED_STEPS, toy_latents, toy_settings
+from kb_crash_helper import LATENT_SHAPE, STORED_STEPS, manifest_of, toy_latents, toy_settings, write_manifest
 
 from kb_tools import kb as kbmod
 from kb_tools.errors import KBError, KBMismatchError
-from kb_tools.kb import KBSettings, KnowledgeBase, auto_reduce, compare_settings, merge, open_or_create, step_name
-from kb_tools.safetensors_mmap import read_header
+from kb_tools.kb import KBSettings, KnowledgeBase, auto_reduce, merge, open_or_create, step_name
+from kb_tools.kb.safetensors_file import read_header
 
 faiss.omp_set_num_threads(1)  # the test machine's cores are shared
 
@@ -37,11 +36,11 @@ def sha(path) -> str:
 
 
 def shard_file(kb, i=0, key="file") -> str:
-    return os.path.join(kb.path, kb._manifest["shards"][i][key])
+    return os.path.join(kb.path, manifest_of(kb.path)["shards"][i][key])
 
 
 def index_file(kb, step=2) -> str:
-    return os.path.join(kb.path, kb._manifest["indexes"][str(step)]["file"])
+    return os.path.join(kb.path, manifest_of(kb.path)["indexes"][str(step)]["file"])
 
 
 # --------------------------------------------------------------------------- round trips
@@ -80,8 +79,7 @@ def test_latents_are_memory_mapped_and_read_lazily(tmp_path):
     kb = make_kb(tmp_path / "kb", n=10, chunks=2)
     kb = KnowledgeBase.open(tmp_path / "kb", verify="size")
     views = kb.shard_views(2)
-    assert len(views) == 2 and all(isinstance(v, np.memmap) for v in views)
-    assert all(not v.flags.writeable for v in views)
+    assert len(views) == 2 and all(not v.flags.owndata and not v.flags.writeable for v in views)
     # Values are read at access, not at open: a change on disk after open is visible.
     path = shard_file(kb, 1)
     with open(path, "r+b") as f:
@@ -100,16 +98,35 @@ def test_missing_keeps_order_and_skips_stored(tmp_path):
 
 def test_garbage_is_ignored_at_open_and_removed_at_next_commit(tmp_path):
     kb = make_kb(tmp_path / "kb", n=5)
-    junk = [tmp_path / "kb" / "shards" / "00009-deadbeef.safetensors", tmp_path / "kb" / "index" / "step_002-x.faiss",
-            tmp_path / "kb" / "stats-999999-00000000.safetensors"]
-    for j in junk:
+    root = tmp_path / "kb"
+    # Leftovers of crashed writers: names the store writes.
+    junk = [root / "shards" / "00009-deadbeef.safetensors", root / "shards" / "00009-deadbeef.entries.json",
+            root / "index" / "step_002-000042-0badf00d.safetensors", root / "index" / "step_004-000041-0badf00d.faiss",
+            root / "stats-999999-00000000.safetensors", root / "manifest.json.tmp-123-abcdef01",
+            root / "shards" / "00001-12345678.safetensors.tmp-77-00ff00ff"]
+    # Not the store's: a user's notes, another tool's files, a folder and a link named like ours.
+    foreign = [root / "notes.txt", root / "shards" / "README", root / "index" / "step_002-custom.faiss",
+               root / "shards" / "00010-cafebabe.bin"]
+    for j in junk + foreign:
         j.write_bytes(b"garbage")
-    kb = KnowledgeBase.open(tmp_path / "kb", verify="full")
+    (root / "index" / "step_006-000001-aaaaaaaa.safetensors").mkdir()
+    (root / "shards" / "00011-bbbbbbbb.safetensors").symlink_to(root / "notes.txt")
+    kb = KnowledgeBase.open(root, verify="full")
     assert len(kb) == 5 and kb.verify() == []
+    previous = manifest_of(root)
     ps = pairs(3, start=100)
     kb.append(toy_latents(ps), [p for p, _ in ps], [s for _, s in ps])
     assert not any(j.exists() for j in junk)
-    assert len(KnowledgeBase.open(tmp_path / "kb")) == 8
+    assert all(f.read_bytes() == b"garbage" for f in foreign)
+    assert (root / "index" / "step_006-000001-aaaaaaaa.safetensors").is_dir()
+    assert (root / "shards" / "00011-bbbbbbbb.safetensors").is_symlink()
+    # The replaced generation's index and stats files stay for readers that read its manifest ...
+    old = [previous["stats"]["file"], *(i["file"] for i in previous["indexes"].values())]
+    assert all((root / rel).exists() for rel in old)
+    assert len(KnowledgeBase.open(root)) == 8
+    ps = pairs(3, start=200)
+    kb.append(toy_latents(ps), [p for p, _ in ps], [s for _, s in ps])
+    assert not any((root / rel).exists() for rel in old)  # ... until the next commit
 
 
 def test_set_calibration_persists(tmp_path):
@@ -160,22 +177,21 @@ def test_merge_refuses_duplicate_entries(tmp_path):
 
 def test_open_or_create(tmp_path):
     kb = open_or_create(tmp_path / "kb", toy_settings())
+    assert kb.index_type == "auto" and kb.dtype == "float16"  # the defaults
     ps = pairs(4)
     kb.append(toy_latents(ps), [p for p, _ in ps], [s for _, s in ps])
     assert len(open_or_create(tmp_path / "kb", toy_settings(cfg=7.0 + 1e-9))) == 4  # float tolerance
+    assert len(open_or_create(tmp_path / "kb", toy_settings(sigmas=[s * (1 + 1e-8) for s in toy_settings().sigmas]))) == 4
     with pytest.raises(KBMismatchError, match=r"sampler: KB has 'euler', request has 'dpmpp_2m'.*new KB path"):
         open_or_create(tmp_path / "kb", toy_settings(sampler="dpmpp_2m"))
+    with pytest.raises(KBMismatchError, match=r"sigmas: KB has .*; steps: KB has 10, request has 12; stored_steps"):
+        open_or_create(tmp_path / "kb", toy_settings(steps=12, stored_steps=[2], sigmas=list(range(13))[::-1]))
+    with pytest.raises(KBMismatchError, match=r"dtype: KB has 'float16', request has 'float32'"):
+        open_or_create(tmp_path / "kb", toy_settings(), dtype="float32")
+    with pytest.raises(KBMismatchError, match=r"index_type: KB has 'auto', request has 'hnsw'"):
+        open_or_create(tmp_path / "kb", toy_settings(), index_type="hnsw")
     with pytest.raises(KBError, match="already holds a knowledge base"):
         KnowledgeBase.create(tmp_path / "kb", toy_settings())
-
-
-def test_compare_settings():
-    a = toy_settings()
-    assert compare_settings(a, toy_settings(sigmas=[s * (1 + 1e-8) for s in a.sigmas])) == []
-    diffs = compare_settings(a, toy_settings(steps=12, stored_steps=[2], sigmas=list(range(13))[::-1]))
-    assert [d[0] for d in diffs] == ["steps", "stored_steps", "sigmas"]
-    assert compare_settings(a, {"cfg": 7.5}, keys=["cfg"]) == [("cfg", 7.0, 7.5)]
-    assert compare_settings(a, a.to_dict(), keys=["latent_shape"]) == []
 
 
 # --------------------------------------------------------------------------- indexes
@@ -209,15 +225,32 @@ def test_ivf_index_trains_once_enough_keys(tmp_path):
     rng = np.random.default_rng(0)
     x = rng.standard_normal((700, 1, 4, 4)).astype(np.float32)
     kb.append({2: x[:100]}, [f"p{i}" for i in range(100)], [0] * 100)
-    assert kb._manifest["indexes"]["2"]["nlist"] is None  # too few keys to train: still flat
+    assert (kb.info()["index_structure"], kb.info()["ivf_nlist"]) == ("flat", None)  # too few keys to train
     n = 24336  # 39 * nlist with nlist = 4 * sqrt(n) = 624
     big = rng.standard_normal((n - 100, 1, 4, 4)).astype(np.float32)
     kb.append({2: big}, [f"p{i}" for i in range(100, n)], [0] * (n - 100))
     kb = KnowledgeBase.open(tmp_path / "kb")
-    assert kb._manifest["indexes"]["2"]["nlist"] == 624
-    assert isinstance(kb._index(2), faiss.IndexIVFFlat) and kb._index(2).nprobe == 78
+    assert (kb.info()["index_type"], kb.info()["index_structure"], kb.info()["ivf_nlist"]) == ("ivf", "ivf", 624)
     ids, dist = kb.search(2, x[:3], 2)
     assert ids[:, 0].tolist() == [0, 1, 2] and np.allclose(dist[:, 0], 0)
+    assert kb.verify() == []
+
+
+def test_auto_index_is_flat_up_to_the_threshold_then_hnsw(tmp_path, monkeypatch):
+    monkeypatch.setattr(kbmod.index, "AUTO_FLAT_MAX_ENTRIES", 50)  # the rule, on a small KB
+    settings = toy_settings(latent_shape=(1, 4, 4), stored_steps=[2, 4])
+    kb = KnowledgeBase.create(tmp_path / "kb", settings, dtype="float32")  # index_type defaults to "auto"
+    x = np.random.default_rng(0).standard_normal((80, 1, 4, 4)).astype(np.float32)
+    kb.append({2: x[:50], 4: -x[:50]}, [f"p{i}" for i in range(50)], [0] * 50)
+    assert manifest_of(kb.path)["indexes"]["2"] == {**manifest_of(kb.path)["indexes"]["2"], "type": "auto", "structure": "flat"}
+    kb.append({2: x[50:], 4: -x[50:]}, [f"p{i}" for i in range(50, 80)], [0] * 30)
+    for rec in manifest_of(kb.path)["indexes"].values():
+        assert (rec["type"], rec["structure"], rec["ntotal"]) == ("auto", "hnsw", 80)
+    kb = KnowledgeBase.open(tmp_path / "kb")
+    assert kb.index_type == "auto" and kb.info()["index_structure"] == "hnsw"
+    ids, dist = kb.search(4, -x[[3, 77]], 1)
+    assert ids[:, 0].tolist() == [3, 77] and np.allclose(dist, 0)
+    assert kb.verify() == []
 
 
 def test_rebuild_indexes_repairs_a_corrupt_index(tmp_path):
@@ -237,7 +270,7 @@ def test_rebuild_indexes_repairs_a_corrupt_index(tmp_path):
 def test_rebuild_indexes_repairs_corrupt_stats(tmp_path):
     kb = make_kb(tmp_path / "kb", n=10)
     want = kb.mean_key(4)
-    p = os.path.join(kb.path, kb._manifest["stats"]["file"])
+    p = os.path.join(kb.path, manifest_of(kb.path)["stats"]["file"])
     data = bytearray(Path(p).read_bytes())
     data[-3] ^= 0x55
     Path(p).write_bytes(bytes(data))
@@ -271,13 +304,13 @@ def test_manifest_not_json(tmp_path):
 
 def test_manifest_newer_format(tmp_path):
     make_kb(tmp_path / "kb", n=3)
-    m = json.loads((tmp_path / "kb" / "manifest.json").read_text())
+    m = manifest_of(tmp_path / "kb")
     m["format_version"] = kbmod.FORMAT_VERSION + 1
-    (tmp_path / "kb" / "manifest.json").write_text(json.dumps(m))
-    with pytest.raises(KBError, match=r"format version 2.*reads up to version 1.*Upgrade the pack"):
+    write_manifest(tmp_path / "kb", m)
+    with pytest.raises(KBError, match=r"format version 3.*reads versions up to 2.*Upgrade the pack"):
         KnowledgeBase.open(tmp_path / "kb")
     m["format_version"] = 0
-    (tmp_path / "kb" / "manifest.json").write_text(json.dumps(m))
+    write_manifest(tmp_path / "kb", m)
     with pytest.raises(KBError, match=r"unknown format version 0.*Rebuild"):
         KnowledgeBase.open(tmp_path / "kb")
 
@@ -307,8 +340,8 @@ def test_corrupt_shard_bytes(tmp_path):
         KnowledgeBase.open(tmp_path / "kb", verify="full")
     kb = KnowledgeBase.open(tmp_path / "kb", verify="size")  # sizes alone cannot see it
     problems = kb.verify()
-    assert "checksum" in problems[0] and kb._manifest["shards"][0]["file"] in problems[0]
-    assert any("index of step 6 does not match" in p for p in problems)  # the flipped value is in step 6
+    assert "checksum" in problems[0] and manifest_of(kb.path)["shards"][0]["file"] in problems[0]
+    assert any("index of step 6 holds no key equal to entry 2" in p for p in problems)  # the flipped value is in step 6
 
 
 def test_corrupt_entries_file(tmp_path):
@@ -319,22 +352,22 @@ def test_corrupt_entries_file(tmp_path):
         KnowledgeBase.open(tmp_path / "kb", verify="size")
 
 
-def test_corrupt_index_is_caught_before_faiss_reads_it(tmp_path, monkeypatch):
+def test_corrupt_index_is_caught_and_faiss_never_parses_a_file(tmp_path, monkeypatch):
+    def refuse(*a):
+        raise AssertionError("FAISS was asked to parse a file")
+
+    for name in ("deserialize_index", "read_index"):
+        monkeypatch.setattr(faiss, name, refuse)
     kb = make_kb(tmp_path / "kb", n=5)
     p = index_file(kb, 4)
     size = os.path.getsize(p)
     Path(p).write_bytes(os.urandom(size))  # same size: only the checksum can tell
-    calls = []
-    real = faiss.deserialize_index
-    monkeypatch.setattr(kbmod.faiss, "deserialize_index", lambda *a: calls.append(a) or real(*a))
     with pytest.raises(KBError, match=r"index.*fails its sha256 checksum.*rebuild_indexes"):
         KnowledgeBase.open(tmp_path / "kb")  # verify="auto" on a small KB hashes indexes at open
     kb = KnowledgeBase.open(tmp_path / "kb", verify="size")
     kb.search(2, kb.latents(2, [0]), 1)  # the intact index of step 2 loads
-    assert len(calls) == 1
     with pytest.raises(KBError, match=r"index.*fails its sha256 checksum"):
         kb.search(4, kb.latents(4, [0]), 1)
-    assert len(calls) == 1  # FAISS never saw the corrupt bytes
 
 
 # --------------------------------------------------------------------------- bad input

@@ -284,7 +284,7 @@ def test_lora_patch_warns_through_the_fingerprint_and_still_runs(redi, nodes, mo
     assert torch.isfinite(out).all()
     assert "weight patches (LoRA) differ" in caplog.text
     # The patched clone was loaded last; the base model's fingerprint must still read base weights.
-    assert redi.cs.model_fingerprint(model)["weight_probe"] == kb.settings.model_fingerprint["weight_probe"]
+    assert redi.cs.model_fingerprint(model)["weight_probe"] == list(kb.settings.model_fingerprint["weight_probe"])  # settings hold tuples (frozen)
 
 
 def test_interrupted_build_keeps_finished_entries_and_resumes(redi, model, tmp_path):
