@@ -7,7 +7,8 @@
 Writes benchmarks/results/paper_claims.json, paper_claims.md and paper_claims_*.png (full run).
 
 Every sample goes through the pack's own code (`embedded/sampling.py` over kb_tools: knowledge
-base build, partial sample, retrieval, blend, guarded resume, T-Stitch) on the two
+base build and guard calibration, Algorithm 2 in one sampler run or, where a sweep shares one
+query across H and v, its four documented parts, T-Stitch in one sampler run) on the two
 caption-conditional crops UNets of `embedded/` (ComfyUI's own UNet, v-prediction).
 
 Conditions: captions "<source> at <cx> <cy> size <z> [sepia <t>]" (18 sources: 8 photographs
@@ -125,6 +126,9 @@ def main(argv=None) -> dict:
                        f"from the held-out split ({cfg.queries} captions), drawn independently from one distribution"),
         "protocols": {"fixed": f"every KB trajectory and every query starts from seed {cfg.kb_seed} (official ReDi setup)",
                       "foreign": f"queries start from seeds {cfg.foreign_seed_base}+i, not in the KB (the KB is the fixed-seed one)"},
+        "guard_auto": (f"the KB's stored calibration: the leave-one-out 95th percentile of the centered residual at k = "
+                       f"{cfg.key_step}, H = {cfg.h_claim} over 64 entries, stored after each build (what `python -m kb_tools "
+                       "calibrate KB --key-step k --neighbours H --sample 64` does; a generation never calibrates)"),
         "schedule": {"steps_T": cfg.steps, "scheduler": cfg.scheduler, "cfg": cfg.cfg, "key_step_k": cfg.key_step,
                      "nfe_budgets": list(cfg.budgets), "value_step_for_budget": {n: cfg.value_step(n) for n in cfg.budgets},
                      "redi_nfe": "k + (T - v); a guard-rejected item costs T", "half_nfe": cfg.half_nfe},

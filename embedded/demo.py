@@ -5,13 +5,15 @@
     bash scripts/demo.sh --captions 12 --seeds 2 --queries 2 --output /tmp/x   # tiny run
 
 1. Builds (or resumes) a knowledge base in OUTPUT/demo_kb with the shipped large model through
-   `kb_tools.redi.build_knowledge_base`, the code path of the BuildKnowledgeBase node: C train
+   `kb_tools.build.build_knowledge_base`, the code path of the BuildKnowledgeBase node: C train
    captions ("cat at 0.40 0.62 size 0.35 sepia 0.80", ...) x seeds 0..S-1, euler, normal
-   schedule, 20 steps, cfg 3.
-2. Queries held-out captions with ReDi (partial_sample -> retrieve_neighbours -> blend_value ->
-   resume_sample: key step 4, value step 10, H=3, lstsq, automatic guard) and samples the same
-   noise with the plain sampler at full steps, with the plain sampler at ReDi's NFE, and with
-   T-Stitch (small model for the first 40% of the steps), all through ComfyUI's sampling code.
+   schedule, 20 steps, cfg 3. Then stores the automatic guard's calibration for the key step and
+   H, as a user does with `python -m kb_tools calibrate OUTPUT/demo_kb --key-step 4 --neighbours 3`
+   (a generation never calibrates; without a stored calibration the guard uses its fallback).
+2. Queries held-out captions with ReDi (`kb_tools.redi.generate`, the ReDiSampler node: key step
+   4, value step 10, H=3, lstsq, automatic guard) and samples the same noise with the plain
+   sampler at full steps, with the plain sampler at ReDi's NFE, and with T-Stitch (small model
+   for the first 40% of the steps, one sampler run), all through ComfyUI's sampling code.
    Two protocols:
    - "KB seed": query i starts from seed i mod S, a seed whose trajectories (for other,
      train captions) are in the knowledge base, as in the official ReDi setup;
@@ -173,6 +175,12 @@ def main(argv: list[str] | None = None) -> dict:
     kb = report.kb
     build_seconds = time.perf_counter() - t0
     print(f"ReDi KB {kb_path}: {len(kb)} trajectories ({added} added by this run) in {build_seconds:.1f} s", flush=True)
+    stored = kb.calibration(a.key)
+    if not stored or stored.get("h") != a.h or stored.get("kb_count") != len(kb):
+        stored = S.calibrate_guard(kb, a.key, a.h)
+        print(f"stored the guard calibration for key step {a.key}, H={a.h} (what `python -m kb_tools calibrate {kb_path} "
+              f"--key-step {a.key} --neighbours {a.h}` does): 95% of stored keys rebuilt within centered residual "
+              f"{stored['centered_p95']:.3f}", flush=True)
 
     # ------------------------------------------------------------------ 2. queries
     n = a.queries
@@ -181,7 +189,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     def plain(model, prompts, seeds, steps):
         t = _clock()
-        out = S.plain(model, prompts, seeds, dataclasses.replace(recipe, steps=steps)).latent
+        out = S.plain(model, prompts, seeds, dataclasses.replace(recipe, steps=steps)).latents
         return out, _since(t)
 
     # warm-up (first calls load the models), so the timings below compare like with like
@@ -201,15 +209,14 @@ def main(argv: list[str] | None = None) -> dict:
         ref, t_ref = plain(large, query_prompts, seeds, a.steps)
 
         t = _clock()
-        rep, state = S.redi_sample(kb, large, query_prompts, seeds, key_step=a.key, value_step=a.value, h=a.h)
+        rep = S.redi_sample(kb, large, query_prompts, seeds, key_step=a.key, value_step=a.value, h=a.h)
         t_redi = _since(t)
-        used = sum(rep.accepted)
-        nfe_redi = a.key + (used * (a.steps - a.value) + (n - used) * (a.steps - a.key)) / n
+        nfe_redi = float(rep.evaluations.per_item().mean())
 
         eq, t_eq = plain(large, query_prompts, seeds, redi_nfe)
 
         t = _clock()
-        ts_out, ts = S.tstitch(small, large, query_prompts, int(seeds[0]), recipe, a.small_fraction)
+        ts_out, ts = S.tstitch(small, large, query_prompts, seeds, recipe, a.small_fraction)
         t_ts = _since(t)
 
         methods = [(f"plain {a.steps} steps", ref, t_ref, f"{a.steps}"),
@@ -218,9 +225,10 @@ def main(argv: list[str] | None = None) -> dict:
                    (f"T-Stitch {ts.small_steps}s+{ts.steps - ts.small_steps}L", ts_out, t_ts,
                     f"{ts.small_steps}s+{ts.steps - ts.small_steps}L")]
         info = {"seeds": [int(s) for s in seeds], "redi_summary": rep.summary(), "tstitch_summary": ts.summary,
-                "accepted": rep.accepted, "centered_residual": rep.centered_residual, "guard": rep.threshold,
-                "neighbour_ids": state.neighbours.ids.tolist(), "weights": state.neighbours.weights.tolist(),
-                "methods": {}}
+                "accepted": rep.accepted.tolist(), "centered_residual": rep.centered_residual.tolist(),
+                "guard": rep.guard.threshold, "guard_source": rep.guard.source,
+                "neighbour_ids": rep.neighbour_ids.tolist(), "weight_mode": rep.weight_mode,
+                "weights": rep.weights.tolist(), "methods": {}}
         for method, lat, (sec, cpu), nfe in methods:
             mse = float(((lat.float() - ref.float()) ** 2).mean())
             acc = float((judge.read(lat).source == labels).mean())
@@ -229,7 +237,7 @@ def main(argv: list[str] | None = None) -> dict:
                                        "mse_to_full": mse, "accuracy": acc, "finite": bool(torch.isfinite(lat).all())}
         results["protocols"][name] = info
         if name == "KB seed":
-            grid = (seeds, [m[1] for m in methods], [m[0] for m in methods], state, rep)
+            grid = (seeds, [m[1] for m in methods], [m[0] for m in methods], rep)
 
     print()
     print(f"{'protocol':<13} {'method':<24} {'NFE/img':>8} {'wall s':>7} {'CPU s':>7} {'ms/img':>7} {'MSE->full':>10} {'accuracy':>8}")
@@ -245,8 +253,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"[T-Stitch] {results['protocols']['KB seed']['tstitch_summary']}")
 
     # ------------------------------------------------------------------ 4. grid
-    seeds, lats, names, state, rep = grid
-    ids = state.neighbours.ids
+    seeds, lats, names, rep = grid
+    ids = rep.neighbour_ids
     entries = kb.entries
     nb_pairs = [entries[int(i)] for i in ids.reshape(-1)]
     nb_names = [parse_prompt(p).name.replace("digit ", "") for p, _ in nb_pairs]
@@ -255,7 +263,7 @@ def main(argv: list[str] | None = None) -> dict:
     short = [f"plain {a.steps}", "ReDi", f"plain {redi_nfe}", "T-Stitch"]
     columns = [(label, [lat[r] for r in range(n)]) for label, lat in zip(short, lats)]
     columns += [(f"nb {j + 1}", [nb_final[r, j] for r in range(n)]) for j in range(a.h)]
-    corner = {(r, 4 + j): f"{nb_names[r * a.h + j][:5]} {state.neighbours.weights[r, j]:+.1f}"
+    corner = {(r, 4 + j): f"{nb_names[r * a.h + j][:5]} {rep.weights[r, j]:+.1f}"
               for r in range(n) for j in range(a.h)}
     frames = {(r, 1): (220, 40, 40) for r in range(n) if not rep.accepted[r]}
     grid_path = out_dir / "demo_grid.png"

@@ -1,30 +1,42 @@
 """The embedded models sampled through the pack's own code: plain runs, ReDi, T-Stitch and knowledge bases.
 
 The one module of embedded/ and benchmarks/ that calls kb_tools' sampling, retrieval and
-knowledge-base code (the others use only its plain records and schedule helpers): the demo,
-the training evaluation and the benchmarks sample through these functions, so moving them onto
-another kb_tools entry point changes this file only. Prompts are captions of the embedded models;
-every batch item has its own seed (the noise ComfyUI draws for a batch of one with that seed),
-unless a function says otherwise.
+knowledge-base code (the others use only its plain records and schedule helpers, and the
+typed values these functions return). Each function is the kb_tools entry point a node or
+the offline command uses, given the embedded text encoder and latent shape:
+- plain runs: `kb_tools.plain.sample_prompts` (and `sample_counted` for the prompt switch);
+- ReDi: `kb_tools.redi.generate` (Algorithm 2 in one sampler run, the ReDiSampler node) or,
+  to sweep H and v on one query, its documented parts `sample_to_key` -> `find_neighbours` ->
+  `blend_at` -> `resume` (the four-node chain);
+- T-Stitch: `kb_tools.tstitch.tstitch_sample` (the TStitchSampler node);
+- knowledge bases: `kb_tools.build.build_knowledge_base` and `retrieval.calibrate` (what
+  `python -m kb_tools calibrate` stores for the auto guard).
+Every batch item has its own seed (the noise ComfyUI draws for a batch of one with that seed).
 
 Import this module after `embedded.models.setup_comfy()`: kb_tools imports ComfyUI, which reads
 its settings (CPU, attention) on first import.
 """
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
-from kb_tools import comfy_sampling as cs
 from kb_tools import redi
-from kb_tools import retrieval
+from kb_tools.build import BuildReport, BuildSpec, build_knowledge_base
+from kb_tools.comfy_sampling import schedule_sigmas
+from kb_tools.guard import GUARD_AUTO
+from kb_tools.guiders import SwitchGuider
 from kb_tools.kb import KnowledgeBase
+from kb_tools.plain import PlainSamples, batch_conditioning, cfg_guider, sample_counted, sample_prompts
 from kb_tools.records import Recipe
-from kb_tools.redi import GUARD_AUTO, BuildReport, ReDiState, ResumeReport
+from kb_tools.redi import BlendedValue, KeyQuery, blend_at, find_neighbours  # noqa: F401 - line 6 and 7-8, for callers
+from kb_tools.results import ReDiResult
+from kb_tools.retrieval import blend_entries  # noqa: F401 - line 8 for any ids and weights, for callers
+from kb_tools.retrieval import calibrate, centered_residual, fit_weights, relative_residual
+from kb_tools.schedule import Switch, plan_redi
 from kb_tools.tstitch import TStitchResult, tstitch_sample
 
 from .rendering import LATENT_SHAPE
@@ -36,59 +48,42 @@ GUARD_OFF = 1e9
 
 def conditioning(prompts: Sequence[str]) -> tuple[list, list]:
     """(positive, negative) CONDITIONING of a batch: the prompts, and the unconditional prompt per item."""
-    positive = redi.batch_conditioning([encode(p) for p in prompts])
-    negative = redi.batch_conditioning([encode("")] * len(prompts))
+    positive = batch_conditioning([encode(p) for p in prompts])
+    negative = batch_conditioning([encode("")] * len(prompts))
     return positive, negative
 
 
-def schedule(model, recipe: Recipe) -> torch.Tensor:
-    """The recipe's sigmas [steps + 1] for `model`, as KSampler builds them."""
-    return cs.schedule_sigmas(model, recipe.sampler, recipe.scheduler, recipe.steps)
+def empty_latents(n: int) -> torch.Tensor:
+    """The empty LATENT [n, 3, 16, 16] every run starts from (what EmptyLatentImage gives)."""
+    return torch.zeros((n, *LATENT_SHAPE))
 
 
-@dataclasses.dataclass
-class PlainRun:
-    """A plain sampler run of a batch."""
-
-    latent: torch.Tensor               # float32 [B, 3, 16, 16] at the end of the schedule
-    records: dict[int, torch.Tensor]   # {step: latent [B, 3, 16, 16]} for the steps asked to record
-    evaluations: int                   # model evaluations (one cond + uncond pass each)
-
-
-def plain(model, prompts: Sequence[str], seeds: Sequence[int], recipe: Recipe, *, record: Sequence[int] = ()) -> PlainRun:
-    """The recipe's sampler over the whole schedule from each item's seed; latents at `record` steps kept."""
-    latent = torch.zeros((len(prompts), *LATENT_SHAPE))
-    positive, negative = conditioning(prompts)
-    out, records, evaluations = cs.sample_stitched(
-        [cs.Segment(model, positive, negative, 0, recipe.steps)], latent=latent, noise=cs.seeded_noise(latent, seeds),
-        cfg=recipe.cfg, sampler_name=recipe.sampler, sigmas=schedule(model, recipe), seed=int(seeds[0]),
-        record_steps=list(record))
-    return PlainRun(out.float(), records, int(evaluations[0]))
+def plain(model, prompts: Sequence[str], seeds: Sequence[int], recipe: Recipe, *,
+          record: Sequence[int] = ()) -> PlainSamples:
+    """The recipe's sampler over the whole schedule, item i from seeds[i], one batch; latents at `record` steps kept."""
+    return sample_prompts(model, encode, prompts, seeds, recipe, latent_shape=LATENT_SHAPE, batch_size=len(prompts),
+                          keep_steps=record)
 
 
 def prompt_switch(model, prompts_before: Sequence[str], prompts_after: Sequence[str], seeds: Sequence[int],
                   recipe: Recipe, switch_step: int) -> torch.Tensor:
     """One plain run that follows `prompts_before` for steps [0, switch_step) and `prompts_after` after."""
-    latent = torch.zeros((len(prompts_before), *LATENT_SHAPE))
     before, negative = conditioning(prompts_before)
     after, _ = conditioning(prompts_after)
-    segments = [cs.Segment(model, before, negative, 0, switch_step),
-                cs.Segment(model, after, negative, switch_step, recipe.steps)]
-    out, _, _ = cs.sample_stitched(segments, latent=latent, noise=cs.seeded_noise(latent, seeds), cfg=recipe.cfg,
-                                   sampler_name=recipe.sampler, sigmas=schedule(model, recipe), seed=seeds[0])
-    return out.float()
+    guider = SwitchGuider(cfg_guider(model, before, negative, recipe.cfg), cfg_guider(model, after, negative, recipe.cfg),
+                          Switch("step", switch_step), names=("model", "model"))
+    sigmas = schedule_sigmas(model, recipe.sampler, recipe.scheduler, recipe.steps)
+    out, _, _ = sample_counted(guider, empty_latents(len(prompts_before)), seeds, sigmas, recipe.sampler)
+    return out
 
 
-def tstitch(small, large, prompts: Sequence[str], seed: int, recipe: Recipe,
+def tstitch(small, large, prompts: Sequence[str], seeds: Sequence[int], recipe: Recipe,
             small_fraction: float) -> tuple[torch.Tensor, TStitchResult]:
-    """T-Stitch: the small model runs the first `small_fraction` of the steps, the large one the rest.
-
-    The whole batch draws its noise from the one `seed` (ComfyUI's batch noise).
-    """
+    """T-Stitch in one sampler run: the small model runs the first `small_fraction` of the steps, the large one the rest."""
     positive, negative = conditioning(prompts)
     out, result = tstitch_sample(small, large, small_positive=positive, small_negative=negative,
                                  large_positive=positive, large_negative=negative,
-                                 latent={"samples": torch.zeros((len(prompts), *LATENT_SHAPE))}, seed=seed,
+                                 latent={"samples": empty_latents(len(prompts))}, seed=int(seeds[0]), seeds=list(seeds),
                                  sampler_name=recipe.sampler, scheduler=recipe.scheduler, steps=recipe.steps,
                                  cfg=recipe.cfg, small_fraction=small_fraction)
     return out["samples"].float(), result
@@ -100,10 +95,20 @@ def build_kb(path: str | Path, model, prompts: Sequence[str], seeds: Sequence[in
              store_steps: Sequence[int], *, batch_size: int, commit_every: int,
              progress: Callable[[int, int], None] | None = None) -> BuildReport:
     """Build (or resume) the knowledge base of prompts x seeds at `path` (float32, flat index)."""
-    spec = redi.BuildSpec(prompts=list(prompts), seeds=list(seeds), sampler=recipe.sampler, scheduler=recipe.scheduler,
-                          steps=recipe.steps, cfg=recipe.cfg, store_steps=list(store_steps), latent_shape=LATENT_SHAPE,
-                          batch_size=batch_size, dtype="float32", commit_every=commit_every)
-    return redi.build_knowledge_base(str(path), model, encode, spec, progress=progress)
+    spec = BuildSpec(prompts=list(prompts), seeds=list(seeds), recipe=recipe, store_steps=list(store_steps),
+                     latent_shape=LATENT_SHAPE, batch_size=batch_size, dtype="float32", commit_every=commit_every)
+    return build_knowledge_base(str(path), model, encode, spec, progress=progress)
+
+
+def calibrate_guard(kb: KnowledgeBase, key_step: int, h: int, *, sample: int = 256) -> dict:
+    """Store the auto guard's calibration for key step and H: what `python -m kb_tools calibrate` does.
+
+    The guard never calibrates during a generation: without a stored calibration GUARD_AUTO
+    uses the documented fallback threshold.
+    """
+    result = calibrate(kb, key_step, h, sample=sample)
+    kb.set_calibration(key_step, result)
+    return result
 
 
 def kb_subset(kb: KnowledgeBase, path: str | Path, ids: np.ndarray) -> KnowledgeBase:
@@ -120,83 +125,58 @@ def foreign_seeds(kb: KnowledgeBase, n: int, base: int) -> tuple[list[int], list
     return redi.query_seeds(kb, n, "custom", base)
 
 
-# --------------------------------------------------------------------------- ReDi (Algorithm 2, step by step)
-
-def redi_partial(kb: KnowledgeBase, model, prompts: Sequence[str], seeds: Sequence[int], key_step: int) -> ReDiState:
-    """Sample steps [0, k) of the KB's recipe: the query x_k of each item."""
-    positive, negative = conditioning(prompts)
-    zeros = torch.zeros((len(prompts), *LATENT_SHAPE))
-    return redi.partial_sample(kb, model, positive, negative, zeros, list(seeds), key_step)
-
-
-def redi_retrieve(state: ReDiState, h: int) -> ReDiState:
-    """The top-h trajectory keys of each query and their least-squares weights."""
-    return redi.retrieve_neighbours(state, h)
-
-
-def redi_blend(state: ReDiState, value_step: int, mode: str = "lstsq") -> tuple[torch.Tensor, ReDiState]:
-    """x_v_hat [B, 3, 16, 16] blended from the neighbours' values at v, weights solved in `mode`."""
-    return redi.blend_value(state, value_step, mode)
-
-
-def redi_blend_weights(state: ReDiState, value_step: int, weights: np.ndarray, mode: str) -> tuple[torch.Tensor, ReDiState]:
-    """x_v_hat [B, 3, 16, 16] blended from the neighbours' values at v with given weights [B, H] (named `mode`).
-
-    The state keeps the retrieval's residuals (the given weights were not fit to the keys).
-    """
-    kb, ids = state.kb, state.neighbours.ids
-    values = kb.latents(value_step, ids.reshape(-1)).reshape(*ids.shape, *kb.latent_shape)
-    blended = torch.from_numpy(np.stack([retrieval.blend(v, w) for v, w in zip(values, weights)]).astype(np.float32))
-    return blended, dataclasses.replace(state, value_step=value_step, weight_mode=mode, residual=state.neighbours.residual,
-                                        centered_residual=state.neighbours.centered_residual)
-
-
-def redi_resume(state: ReDiState, blended: torch.Tensor, model, prompts: Sequence[str], h: int,
-                threshold: float = GUARD_AUTO) -> ResumeReport:
-    """Sample steps [v, T) from the blend; items whose residual exceeds the guard resume from x_k instead."""
-    positive, negative = conditioning(prompts)
-    return redi.resume_sample(state, blended, model, positive, negative, h=h, threshold=threshold)
-
+# --------------------------------------------------------------------------- ReDi
 
 def redi_sample(kb: KnowledgeBase, model, prompts: Sequence[str], seeds: Sequence[int], *, key_step: int,
-                value_step: int, h: int, mode: str = "lstsq",
-                threshold: float = GUARD_AUTO) -> tuple[ResumeReport, ReDiState]:
-    """ReDi end to end (sample to k, retrieve H, blend at v, guarded resume): (report, state after the blend)."""
-    state = redi_retrieve(redi_partial(kb, model, prompts, seeds, key_step), h)
-    blended, state = redi_blend(state, value_step, mode)
-    return redi_resume(state, blended, model, prompts, h, threshold), state
+                value_step: int, h: int, mode: str = "lstsq", guard: float = GUARD_AUTO,
+                resume_prompts: Sequence[str] | None = None) -> ReDiResult:
+    """ReDi end to end, Algorithm 2 in one sampler run (`kb_tools.redi.generate`, the ReDiSampler node).
+
+    resume_prompts: stylization, the key from `prompts` and the steps after the key step from these.
+    """
+    positive, negative = conditioning(prompts)
+    styled = conditioning(resume_prompts)[0] if resume_prompts is not None else None
+    run = redi.make_run(kb, key_step, value_step, h, mode, guard)
+    return redi.generate(kb, model, positive, negative, empty_latents(len(prompts)), seeds, run, resume_positive=styled)
 
 
-def condition_key_neighbours(state: ReDiState, h: int, query_prompts: Sequence[str]) -> ReDiState:
-    """Top-h KB entries by nearest CONDITION embedding (a NIRVANA / CLIP-style key), weights fit in that space."""
-    kb = state.kb
+def redi_key(kb: KnowledgeBase, model, prompts: Sequence[str], seeds: Sequence[int], key_step: int) -> KeyQuery:
+    """Lines 1-5: sample steps [0, k) of the KB's recipe, the query x_k of each item (ReDiPartialSample)."""
+    positive, negative = conditioning(prompts)
+    return redi.sample_to_key(kb, model, positive, negative, empty_latents(len(prompts)), seeds, key_step)
+
+
+def redi_resume(value: BlendedValue, model, prompts: Sequence[str], guard: float = GUARD_AUTO) -> ReDiResult:
+    """The guard and lines 9-11: accepted items resume from the blend at v, the others from x_k (ReDiResumeSample)."""
+    positive, negative = conditioning(prompts)
+    return redi.resume(value, model, positive, negative, guard)
+
+
+def resume_blend(query: KeyQuery, model, prompts: Sequence[str], value_step: int, value: np.ndarray) -> torch.Tensor:
+    """Lines 9-11 from any blend x_v_hat [B, 3, 16, 16] (`retrieval.blend_entries`): every item resumes at v."""
+    kb = query.kb
+    positive, negative = conditioning(prompts)
+    plan = plan_redi(kb.settings.steps, query.key_step, value_step, kb.settings.stored_steps)
+    out, _, _ = redi.resume_from(kb, plan, query.latent, torch.from_numpy(value), np.ones(len(prompts), bool),
+                                 cfg_guider(model, positive, negative, kb.settings.cfg), query.seeds)
+    return out
+
+
+def condition_key_neighbours(kb: KnowledgeBase, query_prompts: Sequence[str], h: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-h KB entries by nearest CONDITION embedding (a NIRVANA / CLIP-style key) and their least-squares
+    weights in that space: (ids int64 [B, h], weights float64 [B, h])."""
     emb_kb = condition_embedding([p for p, _ in kb.entries]).astype(np.float64)
     emb_q = condition_embedding(query_prompts).astype(np.float64)
     d2 = (emb_q ** 2).sum(1)[:, None] + (emb_kb ** 2).sum(1)[None] - 2 * emb_q @ emb_kb.T
-    ids = np.argsort(d2, axis=1)[:, :h]
-    dist = np.sqrt(np.maximum(np.take_along_axis(d2, ids, 1), 0))
-    keys = emb_kb[ids]
-    mean = emb_kb.mean(0)
-    spread = float(np.sqrt(np.mean(np.sum((emb_kb - mean) ** 2, axis=1))))
-    w = np.stack([retrieval.solve_weights(q, k) for q, k in zip(emb_q, keys)])
-    rel = np.array([retrieval.relative_residual(q, k, wi) for q, k, wi in zip(emb_q, keys, w)])
-    cen = np.array([retrieval.centered_residual(q, k, wi, spread) for q, k, wi in zip(emb_q, keys, w)])
-    nb = retrieval.Neighbours(state.key_step, ids.astype(np.int64), dist.astype(np.float32), emb_q.astype(np.float32),
-                              keys.astype(np.float32), mean.astype(np.float32), spread, w, rel, cen)
-    return dataclasses.replace(state, neighbours=nb)
+    ids = np.argsort(d2, axis=1)[:, :h].astype(np.int64)
+    return ids, fit_weights(emb_q, emb_kb[ids], 1.0, "lstsq").weights
 
 
-def neighbour_lstsq_weights(state: ReDiState) -> np.ndarray:
-    """Least-squares weights [B, H] of each query over its neighbours' keys, in the space they were retrieved in."""
-    return np.stack([retrieval.solve_weights(q, k) for q, k in zip(state.neighbours.query, state.neighbours.keys)])
-
-
-def trajectory_residual(state: ReDiState, ids: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def trajectory_residual(query: KeyQuery, ids: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Theorem 5.3's observable term for any neighbours: ||x_k - sum w key_k|| per item (relative, centered)."""
-    kb = state.kb
-    q = state.query.numpy().reshape(len(ids), -1).astype(np.float64)
-    keys = kb.keys_flat(state.key_step, ids.reshape(-1)).reshape(len(ids), ids.shape[1], -1).astype(np.float64)
-    spread = retrieval.key_spread(kb, state.key_step)
-    rel = np.array([retrieval.relative_residual(qi, ki, wi) for qi, ki, wi in zip(q, keys, weights)])
-    cen = np.array([retrieval.centered_residual(qi, ki, wi, spread) for qi, ki, wi in zip(q, keys, weights)])
+    kb, k = query.kb, query.key_step
+    keys = kb.keys_flat(k, ids.reshape(-1)).reshape(len(ids), ids.shape[1], -1)
+    spread = kb.key_spread(k)
+    rel = np.array([relative_residual(q, ki, wi) for q, ki, wi in zip(query.query, keys, weights)])
+    cen = np.array([centered_residual(q, ki, wi, spread) for q, ki, wi in zip(query.query, keys, weights)])
     return rel, cen

@@ -215,7 +215,7 @@ def generate(model, prompts, seeds, *, cfg: float = 3.0, steps: int = 20, sample
     """Plain ComfyUI sampling of caption prompts, one seed per item: latents [B, 3, 16, 16]."""
     from . import sampling  # imports ComfyUI, which setup_comfy configures first
 
-    return sampling.plain(model, prompts, seeds, Recipe(sampler, "normal", steps, cfg)).latent
+    return sampling.plain(model, prompts, seeds, Recipe(sampler, "normal", steps, cfg)).latents
 
 
 def evaluate(large_path=None, small_path=None, count: int = 200, cfg: float = 3.0, steps: int = 20) -> dict:

@@ -7,7 +7,7 @@ The BuildKnowledgeBase node and `python -m kb_tools build` call `build_knowledge
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
@@ -22,15 +22,11 @@ from .schedule import plan_redi
 
 @dataclass(frozen=True)
 class BuildSpec:
-    """What to put in a knowledge base: prompts x seeds, sampled with one fixed recipe.
-
-    Give `recipe`; the loose sampler / scheduler / steps / cfg are kept for embedded/benchmarks
-    until they are rewired, and are folded into `recipe` here.
-    """
+    """What to put in a knowledge base: prompts x seeds, sampled with one fixed recipe."""
 
     prompts: Sequence[str]
     seeds: Sequence[int]
-    recipe: Recipe | None = None
+    recipe: Recipe
     store_steps: Sequence[int] = ()
     latent_shape: tuple[int, int, int] = ()
     negative_prompt: str = ""
@@ -41,19 +37,10 @@ class BuildSpec:
     stitch_step: int = 0
     #: entries gathered in memory before one atomic commit (a crash loses at most these).
     commit_every: int = 64
-    sampler: str | None = field(default=None, repr=False)
-    scheduler: str | None = field(default=None, repr=False)
-    steps: int | None = field(default=None, repr=False)
-    cfg: float | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
-        loose = (self.sampler, self.scheduler, self.steps, self.cfg)
-        if self.recipe is None:
-            if any(v is None for v in loose):
-                raise KBError("a build needs a recipe: give recipe=Recipe(sampler, scheduler, steps, cfg).")
-            object.__setattr__(self, "recipe", Recipe(*loose))
-        elif any(v is not None for v in loose):
-            raise KBError("give the recipe once: either recipe=Recipe(...) or sampler/scheduler/steps/cfg, not both.")
+        if not isinstance(self.recipe, Recipe):
+            raise KBError(f"a build needs a recipe: give recipe=Recipe(sampler, scheduler, steps, cfg), got {self.recipe!r}.")
         if not self.seeds:
             raise KBError("give at least one seed: every trajectory starts from the noise of a seed.")
         if not self.store_steps:

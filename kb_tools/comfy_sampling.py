@@ -2,8 +2,7 @@
 a knowledge base stores, and a model's identity (so a knowledge base can be matched to it).
 
 Sampling itself runs through ComfyUI's GUIDERs and KSAMPLER (`plain`, `redi_sampler`,
-`guiders`); the segment helpers at the end are kept for embedded/ and benchmarks/ until they
-are rewired. Models are only ever extended through `model.clone()` and ComfyUI's hooks;
+`guiders`). Models are only ever extended through `model.clone()` and ComfyUI's hooks;
 nothing in ComfyUI is patched.
 
 Latent space: every latent handed in or out here is in ComfyUI's LATENT-dict space, the
@@ -19,8 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 
@@ -29,7 +27,6 @@ import comfy.samplers
 
 from .errors import KBError, KBMismatchError
 from .records import Difference, differences
-from .schedule import sigma_index
 
 log = logging.getLogger("ReDi")
 
@@ -221,111 +218,3 @@ def check_model_matches(stored: dict, model, what: str = "model") -> list[str]:
     for w in warnings:
         log.warning("ReDi: %s", w)
     return warnings
-
-
-# --------------------------------------------------------------------------- kept for embedded/benchmarks until they are rewired
-
-@dataclass
-class SamplingProbe:
-    """Post-CFG hook that counts model evaluations and records the sampler state at chosen steps.
-
-    Kept for embedded/benchmarks until they are rewired (new code: guiders.CountedDenoiser).
-
-    The hook sees every denoiser evaluation once (after CFG) with the state ``x`` it was asked
-    about. For step i we keep the last state evaluated at sigmas[i] before the sampler moves
-    below it: for single-evaluation samplers that is the only one, and for Heun-like
-    samplers the corrected state, not the predictor's.
-    """
-
-    sigmas: list[float] = field(default_factory=list)
-    record_steps: frozenset[int] = frozenset()
-    evaluations: int = 0
-    evaluated_sigmas: list[float] = field(default_factory=list)
-    records: dict[int, torch.Tensor] = field(default_factory=dict)
-
-    def __call__(self, args: dict) -> torch.Tensor:
-        self.evaluations += 1
-        sigma = float(args["sigma"].flatten()[0])
-        self.evaluated_sigmas.append(sigma)
-        if self.record_steps:
-            step = sigma_index(self.sigmas, sigma)
-            if step is not None and step in self.record_steps:
-                self.records[step] = args["input"].detach().to("cpu", torch.float32, copy=True)
-        return args["denoised"]
-
-
-def probed(model, probe: SamplingProbe):
-    """A clone of `model` whose every denoiser evaluation passes through `probe`; kept for embedded/benchmarks until they are rewired."""
-    clone = model.clone()
-    clone.set_model_sampler_post_cfg_function(probe)
-    return clone
-
-
-def sample_sigmas(model, *, latent: torch.Tensor, noise: torch.Tensor | None, positive, negative, cfg: float,
-                  sampler_name: str, sigmas: torch.Tensor, seed: int, probe: SamplingProbe | None = None,
-                  callback: Callable | None = None, disable_pbar: bool = True) -> torch.Tensor:
-    """Run `sampler_name` over exactly `sigmas` and return the latent at sigmas[-1] (LATENT space).
-
-    Kept for embedded/benchmarks until they are rewired (new code: plain.sample_counted). noise=None continues from `latent` as it is (KSamplerAdvanced with add_noise off): that
-    is how a partial run, a retrieved value or T-Stitch's hand-over is resumed.
-    """
-    if len(sigmas) < 2:
-        return latent.clone()
-    latent = comfy.sample.fix_empty_latent_channels(model, latent)
-    if noise is None:
-        noise = torch.zeros_like(latent, device="cpu")
-    run_model = probed(model, probe) if probe is not None else model
-    sampler = comfy.samplers.sampler_object(sampler_name)
-    with torch.no_grad():  # ComfyUI's executor does the same; some samplers would track gradients otherwise
-        out = comfy.sample.sample_custom(run_model, noise, cfg, sampler, sigmas, positive, negative, latent,
-                                         callback=callback, disable_pbar=disable_pbar, seed=seed)
-    return out.detach()
-
-
-@dataclass
-class Segment:
-    """One model's share of a segmented run (steps [start, stop)); kept for embedded/benchmarks until they are rewired."""
-
-    model: object
-    positive: list
-    negative: list
-    start: int
-    stop: int
-
-
-def sample_stitched(segments: Sequence[Segment], *, latent: torch.Tensor, noise: torch.Tensor | None, cfg: float,
-                    sampler_name: str, sigmas: torch.Tensor, seed: int, record_steps: Sequence[int] = (),
-                    callback: Callable | None = None) -> tuple[torch.Tensor, dict[int, torch.Tensor], list[int]]:
-    """Run consecutive schedule segments, each on its own model, over ONE sigma schedule.
-
-    Kept for embedded/benchmarks until they are rewired (new code: plain.sample_prompts, and
-    guiders.SwitchGuider for runs that switch models or prompts in one sampler run).
-
-    The first segment adds `noise` (None: continue from `latent`); later ones continue from the
-    previous segment's latent. Returns (latent at the last segment's end, {step: latent} for
-    `record_steps`, model evaluations per segment). A multistep sampler restarts its history
-    at each hand-over, exactly as at a ReDi resume.
-    """
-    if record_steps and sampler_name in SCHEDULE_FREE_SAMPLERS:
-        raise KBError(f"sampler {sampler_name!r} chooses its own noise levels, so its trajectory has no fixed steps to store; "
-                      "build the knowledge base with a schedule-following sampler such as 'euler' or 'dpmpp_2m'.")
-    sigma_list = [float(s) for s in sigmas]
-    records: dict[int, torch.Tensor] = {}
-    evaluations: list[int] = []
-    for seg in segments:
-        if seg.stop <= seg.start:
-            evaluations.append(0)
-            continue
-        wanted = frozenset(s for s in record_steps if seg.start <= s < seg.stop)
-        probe = SamplingProbe(sigmas=sigma_list, record_steps=wanted)
-        # The noise goes to the first segment that runs; empty segments before it are skipped.
-        latent = sample_sigmas(seg.model, latent=latent, noise=noise, positive=seg.positive,
-                               negative=seg.negative, cfg=cfg, sampler_name=sampler_name,
-                               sigmas=sigmas[seg.start:seg.stop + 1], seed=seed, probe=probe, callback=callback)
-        noise = None
-        for step in wanted:
-            if step not in probe.records:
-                raise KBError(f"sampler {sampler_name!r} never evaluated the model at step {step} of its schedule, so it cannot be stored; store other steps or use a sampler such as 'euler'.")
-            records[step] = to_latent_space(seg.model, sigma_list[step], probe.records[step])
-        evaluations.append(probe.evaluations)
-    return latent, records, evaluations

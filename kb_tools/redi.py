@@ -7,8 +7,8 @@
   `find_neighbours` (line 6), `blend_at` (lines 7-8), `resume` (guard and lines 9-11).
 - `KBNoise`: the NOISE object that gives every batch item the KB's seed noise.
 
-Building a knowledge base (Algorithm 1) lives in `build`; the functions below the legacy
-marker are kept for embedded/ and benchmarks/ until they are rewired.
+Building a knowledge base (Algorithm 1) lives in `build`. The nodes, the offline command, the
+demo and the benchmarks (through `embedded/sampling.py`) all call these functions.
 Shapes: latents are [B, C, H, W] float32 in ComfyUI's LATENT-dict space; B is the batch.
 """
 from __future__ import annotations
@@ -30,7 +30,7 @@ from .guard import FALLBACK_GUARD, GUARD_AUTO, Guard, resolve_guard  # noqa: F40
 from .guiders import SwitchGuider
 from .kb import KnowledgeBase
 from .plain import batch_conditioning, cfg_guider, sample_counted, stitched_guider  # noqa: F401 - public API
-from .records import describe_differences, differences
+from .records import Recipe, describe_differences, differences  # noqa: F401 - Recipe: public API (BuildSpec.recipe)
 from .redi_sampler import ReDiRun, check_latent, check_models, make_run, redi_ksampler, resume_items  # noqa: F401 - public API
 from .results import Evaluations, ReDiResult
 from .retrieval import NearestKeys, WeightFit, blend_entries, check_value_step, fit_weights, nearest_keys
@@ -268,107 +268,3 @@ def resume(value: BlendedValue, model, positive, negative, guard: float = GUARD_
                                    for n in sorted(set(q.evaluations.per_model) | set(tally.per_model))})
     return ReDiResult(out, plan, accepted, start, value.neighbours.nearest.ids, value.neighbours.nearest.distances, fit.weights,
                       fit.mode, fit.residual, fit.centered_residual, gate, spent, q.warnings)
-
-
-# --------------------------------------------------------------------------- kept for embedded/benchmarks until they are rewired
-
-
-@dataclass
-class ReDiState:
-    """Run state of the old query functions; kept for embedded/benchmarks until they are rewired."""
-
-    kb: KnowledgeBase
-    key_step: int
-    seeds: list[int]
-    query: torch.Tensor  # [B, C, H, W] latent at the key step
-    neighbours: object | None = None  # retrieval.Neighbours
-    value_step: int | None = None
-    weight_mode: str | None = None  # written by benchmarks/paper_claims (dataclasses.replace)
-    residual: np.ndarray | None = None
-    centered_residual: np.ndarray | None = None
-
-    @property
-    def settings(self):
-        return self.kb.settings
-
-    @property
-    def sigmas(self) -> torch.Tensor:
-        return torch.tensor(self.kb.settings.sigmas, dtype=torch.float32)
-
-
-def check_query_model(kb: KnowledgeBase, model, latent: torch.Tensor, key_model=None) -> list[str]:
-    """check_models + check_latent for a model (and key model); kept for embedded/benchmarks until they are rewired."""
-    s = kb.settings
-    stitch = int(s.extra.get("stitch_step", 0)) if s.key_model_fingerprint is not None else 0
-    if stitch and key_model is None:
-        raise KBMismatchError(f"this knowledge base's keys were made by a small (T-Stitch) model for the first {stitch} "
-                              "steps; connect that model to the small_model input, or use a KB built without one.")
-    at = float(s.sigmas[stitch]) if stitch else -1.0
-    warnings = check_models(kb, lambda sigma: key_model if stitch and sigma > at else model)
-    check_latent(kb, latent.shape[1:])
-    return warnings
-
-
-def partial_sample(kb: KnowledgeBase, model, positive, negative, latent: torch.Tensor, seeds: list[int], key_step: int, *,
-                   key_model=None, key_positive=None, key_negative=None, callback=None) -> ReDiState:
-    """sample_to_key as a ReDiState; kept for embedded/benchmarks until they are rewired."""
-    q = sample_to_key(kb, model, positive, negative, latent, seeds, key_step, small_model=key_model,
-                      small_positive=key_positive, small_negative=key_negative, callback=callback)
-    return ReDiState(kb=kb, key_step=key_step, seeds=list(seeds), query=q.latent)
-
-
-def retrieve_neighbours(state: ReDiState, h: int) -> ReDiState:
-    """Top-H keys and their least-squares weights; kept for embedded/benchmarks until they are rewired."""
-    from .retrieval import retrieve
-    return replace(state, neighbours=retrieve(state.kb, state.query, state.key_step, h))
-
-
-def blend_value(state: ReDiState, value_step: int, mode: str = "lstsq") -> tuple[torch.Tensor, ReDiState]:
-    """x_v_hat and the state; kept for embedded/benchmarks until they are rewired."""
-    from .retrieval import blend_values
-    if state.neighbours is None:
-        raise KBError("no neighbours to blend: connect ReDiRetrieve's output to ReDiBlend.")
-    plan_redi(state.settings.steps, state.key_step, value_step, state.settings.stored_steps)
-    latent, _weights, residual, centered = blend_values(state.kb, state.neighbours, value_step, mode=mode)
-    return torch.from_numpy(np.ascontiguousarray(latent)).float(), replace(
-        state, value_step=value_step, weight_mode=mode, residual=residual, centered_residual=centered)
-
-
-def guard_threshold(kb: KnowledgeBase, key_step: int, h: int, threshold: float) -> float:
-    """The guard's threshold (resolve_guard); kept for embedded/benchmarks until they are rewired."""
-    return resolve_guard(kb.calibration(key_step), key_step, h, threshold).threshold
-
-
-@dataclass
-class ResumeReport:
-    """What resume_sample did; kept for embedded/benchmarks until they are rewired (new code: ReDiResult)."""
-
-    latent: torch.Tensor
-    accepted: list[bool]
-    skipped_steps: int
-    evaluations: int
-    threshold: float
-    centered_residual: list[float]
-    result: ReDiResult | None = None
-
-    def summary(self) -> str:
-        return self.result.summary()
-
-
-def resume_sample(state: ReDiState, blended: torch.Tensor, model, positive, negative, *, h: int | None = None,
-                  threshold: float = GUARD_AUTO, callback=None) -> ResumeReport:
-    """The guard and lines 9-11 for a ReDiState; kept for embedded/benchmarks until they are rewired."""
-    if state.value_step is None or state.centered_residual is None:
-        raise KBError("the latent has no blended value: connect ReDiBlend's output (or a ReDiPartialSample output through ReDiRetrieve and ReDiBlend).")
-    kb = state.kb
-    h = h if h is not None else state.neighbours.ids.shape[1]
-    plan = plan_redi(kb.settings.steps, state.key_step, state.value_step, kb.settings.stored_steps)
-    gate = resolve_guard(kb.calibration(state.key_step), state.key_step, h, threshold)
-    accepted = gate.accepts(state.centered_residual)
-    guider = cfg_guider(model, positive, negative, kb.settings.cfg)
-    out, start, tally = resume_from(kb, plan, state.query, blended, accepted, guider, state.seeds, callback)
-    nb = state.neighbours
-    result = ReDiResult(out, plan, accepted, start, nb.ids, nb.distances, nb.weights, state.weight_mode or "lstsq",
-                        np.asarray(state.residual), np.asarray(state.centered_residual), gate, tally)
-    return ResumeReport(out, [bool(a) for a in result.accepted], plan.skipped_steps, tally.total(), gate.threshold,
-                        [float(r) for r in state.centered_residual], result)

@@ -10,7 +10,6 @@ least-squares problem is ill-conditioned in float32.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
@@ -187,61 +186,3 @@ def calibrate(kb: KnowledgeBase, step: int, h: int, *, sample: int = 256, mode: 
         out[f"centered_p{p}"] = float(np.percentile(cen, p))
         out[f"relative_p{p}"] = float(np.percentile(rel, p))
     return out
-
-
-# --------------------------------------------------------------------------- kept for embedded/benchmarks until they are rewired
-
-
-def key_spread(kb: KnowledgeBase, step: int) -> float:
-    """The KB's key spread at `step` (`kb.key_spread`); kept for embedded/benchmarks until they are rewired."""
-    return kb.key_spread(step)
-
-
-@dataclass
-class Neighbours:
-    """Top-H keys with their least-squares weights; kept for embedded/benchmarks until they are rewired.
-
-    New code uses NearestKeys (line 6) and WeightFit (line 7), which keep the weights the blend
-    actually used instead of always least squares.
-    """
-
-    key_step: int
-    ids: np.ndarray  # int64 [B, H]
-    distances: np.ndarray  # float32 [B, H], Euclidean, ascending
-    query: np.ndarray  # float32 [B, D]
-    keys: np.ndarray  # float32 [B, H, D]
-    mean_key: np.ndarray  # float32 [D]
-    key_spread: float  # RMS distance of the KB's keys from mean_key (normalises centered_residual)
-    weights: np.ndarray  # float64 [B, H], lstsq
-    residual: np.ndarray  # float64 [B], relative
-    centered_residual: np.ndarray  # float64 [B]
-
-    def summary(self) -> str:
-        """One line for logs: batch, H, nearest distance, residuals."""
-        b, h = self.ids.shape
-        return (f"ReDi retrieve: step {self.key_step}, {b} quer{'y' if b == 1 else 'ies'}, H={h}, "
-                f"nearest id {int(self.ids[0, 0])} at {float(self.distances[0, 0]):.4g}, residual "
-                f"{float(self.residual.max()):.3g} (centered {float(self.centered_residual.max()):.3g}, worst item)")
-
-
-def retrieve(kb: KnowledgeBase, query: Any, key_step: int, h: int, candidates: int | None = None) -> Neighbours:
-    """nearest_keys + least-squares fit_weights as one Neighbours; kept for embedded/benchmarks until they are rewired."""
-    q = kb.as_queries(query)  # validated here too: the error should name the query, not FAISS
-    near = nearest_keys(kb, q, key_step, h, candidates)
-    spread = kb.key_spread(key_step)
-    fit = fit_weights(q, near.keys, spread, "lstsq")
-    return Neighbours(int(key_step), near.ids, near.distances, q, near.keys, kb.mean_key(key_step), spread,
-                      fit.weights, fit.residual, fit.centered_residual)
-
-
-def blend_values(kb: KnowledgeBase, neighbours: Neighbours, value_step: int, mode: str = "lstsq",
-                 ridge: float = 1e-2) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """fit_weights in `mode` + blend_entries: (latent [B, C, H, W], weights, residual, centered residual).
-
-    Kept for embedded/benchmarks until they are rewired.
-    """
-    check_value_step(neighbours.key_step, value_step)
-    kb.check_step(value_step, "value step")
-    fit = fit_weights(neighbours.query, neighbours.keys, neighbours.key_spread, mode, ridge)
-    latent = blend_entries(kb, neighbours.ids, fit.weights, value_step)
-    return latent, fit.weights, fit.residual, fit.centered_residual

@@ -85,14 +85,6 @@ def parse_steps(text: str, steps: int) -> list[int]:
     return sorted(out)
 
 
-def sigma_index(sigmas: Sequence[float], sigma: float, rel_tol: float = 1e-4) -> int | None:
-    """Index of `sigma` in a schedule, or None when it is not one of its noise levels."""
-    for i, s in enumerate(sigmas):
-        if math.isclose(float(s), float(sigma), rel_tol=rel_tol, abs_tol=1e-7):
-            return i
-    return None
-
-
 def stitch_switch_step(sigmas: Sequence[float], fraction: float | None = None, switch_sigma: float | None = None) -> int:
     """Number of early steps the small model runs in T-Stitch, from a fraction of steps or a sigma."""
     steps = len(sigmas) - 1

@@ -17,7 +17,7 @@ plain Python over dicts and numbers and imports no ComfyUI; `tstitch_guider` and
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 from .errors import KBError, KBMismatchError
 from .records import differences
@@ -120,11 +120,6 @@ def stitch_summary(small_steps: int, large_steps: int, small_cost_ratio: float |
     return line
 
 
-def switch_step(sigmas, switch_mode: str, small_fraction: float, switch_sigma: float) -> int:
-    """Steps the small model runs, from the node's switch settings (see `Switch.step_in`)."""
-    return node_switch(switch_mode, small_fraction, switch_sigma).step_in(list(sigmas))
-
-
 def node_switch(switch_mode: str, small_fraction: float, switch_sigma: float) -> Switch:
     """The Switch the T-Stitch nodes' inputs describe."""
     if switch_mode not in SWITCH_MODES:
@@ -186,12 +181,12 @@ def tstitch_guider(small_guider, large_guider, switch: Switch):
 def tstitch_sample(small_model, large_model, *, small_positive, small_negative, large_positive, large_negative,
                    latent: dict, seed: int, sampler_name: str, scheduler: str, steps: int, cfg: float,
                    switch_mode: str = "fraction", small_fraction: float = 0.4, switch_sigma: float = 1.0,
-                   callback: Callable | None = None) -> tuple[dict, TStitchResult]:
+                   seeds: Sequence[int] | None = None, callback: Callable | None = None) -> tuple[dict, TStitchResult]:
     """Sample one trajectory, small model on the first steps, large model on the rest (TStitchSampler).
 
     One noise schedule spans the whole run: the large model's, built exactly as KSampler
     builds it, and one sampler run (a multistep sampler keeps its history across the
-    hand-over). Batch item i starts from the noise of seed + i. Returns (a copy of the LATENT
+    hand-over). Batch item i starts from the noise of seeds[i] (default seed + i). Returns (a copy of the LATENT
     dict with new "samples", the run's TStitchResult). The pair is checked before anything is sampled.
     """
     import torch
@@ -213,7 +208,8 @@ def tstitch_sample(small_model, large_model, *, small_positive, small_negative, 
     steps = len(sigmas) - 1
     s = guider.switch.step_in(sigmas.tolist())
     samples = comfy.sample.fix_empty_latent_channels(large_model, latent["samples"])
-    seeds = [(int(seed) + i) & 0xFFFFFFFFFFFFFFFF for i in range(samples.shape[0])]
+    if seeds is None:
+        seeds = [(int(seed) + i) & 0xFFFFFFFFFFFFFFFF for i in range(samples.shape[0])]
     with torch.no_grad():
         out_samples = guider.sample(cs.seeded_noise(samples, seeds), samples, comfy.samplers.sampler_object(sampler_name),
                                     sigmas, callback=callback, disable_pbar=True, seed=int(seed))

@@ -5,8 +5,10 @@
 For every [[template]] in example_workflows/templates.toml this writes example_workflows/<file>.jpg
 (400x400, what the front end loads as /api/workflow_templates/<pack>/<file>.jpg) with the recipe
 named by its `thumbnail` field, and a copy per recipe under web/docs/img/ for the node help pages.
-Everything runs through the pack's own code (kb_tools.redi, kb_tools.tstitch) on the shipped
-models (embedded/), in float32 with fixed seeds, so a rerun draws the same pictures:
+Everything runs through the pack's own code on the shipped models (embedded/), in float32 with
+fixed seeds, so a rerun draws the same pictures: kb_tools.build (the knowledge base), kb_tools.plain
+(plain runs), the four parts of kb_tools.redi's Algorithm 2 (ReDi, whose query and blend the
+pictures show) and kb_tools.tstitch (T-Stitch in one sampler run):
 - build: stored trajectories of a small knowledge base, noise to image across the stored steps;
 - redi / redi_four_nodes: one ReDi query, query -> weighted neighbours -> blend -> result;
 - stylize: content key with a sepia resume, next to the plain content image;
@@ -110,15 +112,20 @@ def paste(img, draw, latent, x, y, px, outline=None, caption=None):
 def setup(workdir: Path) -> Models:
     from embedded import captions as CAP, models as M, rendering as R
     M.setup_comfy(2)
-    from kb_tools import redi
+    from kb_tools.build import BuildSpec, build_knowledge_base
 
     large, small, encode = M.load_models()
     captions = CAP.sample_captions(400, "train", sepia="none")
     prompts = ([c.prompt() for c in captions if not is_digit(c)][:KB_PHOTOS] + [c.prompt() for c in captions if is_digit(c)][:KB_DIGITS])
-    spec = redi.BuildSpec(prompts=prompts, seeds=[0], sampler=SAMPLER, scheduler=SCHEDULER, steps=STEPS, cfg=CFG,
-                          store_steps=list(range(1, STEPS)), latent_shape=R.LATENT_SHAPE, batch_size=32, dtype="float32")
-    kb = redi.build_knowledge_base(str(workdir / "thumbnail_kb"), large, encode, spec).kb
+    spec = BuildSpec(prompts=prompts, seeds=[0], recipe=recipe(), store_steps=list(range(1, STEPS)),
+                     latent_shape=R.LATENT_SHAPE, batch_size=32, dtype="float32")
+    kb = build_knowledge_base(str(workdir / "thumbnail_kb"), large, encode, spec).kb
     return Models(large, small, encode, kb)
+
+
+def recipe():
+    from kb_tools.records import Recipe
+    return Recipe(SAMPLER, SCHEDULER, STEPS, CFG)
 
 
 def is_digit(caption) -> bool:
@@ -147,45 +154,44 @@ class Denoised:
 
 
 def conditioning(m: Models, prompts: list[str]):
-    from kb_tools import redi
-    return redi.batch_conditioning([m.encode(p) for p in prompts]), redi.batch_conditioning([m.encode("")] * len(prompts))
+    from kb_tools.plain import batch_conditioning
+    return batch_conditioning([m.encode(p) for p in prompts]), batch_conditioning([m.encode("")] * len(prompts))
 
 
 def denoised_at(m: Models, latent, step: int, prompts: list[str], model=None):
     """The model's denoised estimate of a latent sitting at `step` (one evaluation): what that latent will become."""
-    from kb_tools import comfy_sampling as cs
+    import torch
+    from kb_tools.comfy_sampling import schedule_sigmas
+    from kb_tools.plain import cfg_guider, sample_counted
     model = model or m.large
     pos, neg = conditioning(m, prompts)
     seen = Denoised()
-    cs.sample_sigmas(model, latent=latent.clone(), noise=None, positive=pos, negative=neg, cfg=CFG, sampler_name=SAMPLER,
-                     sigmas=cs.schedule_sigmas(model, SAMPLER, SCHEDULER, STEPS)[step:step + 2], seed=0, callback=seen)
+    sample_counted(cfg_guider(model, pos, neg, CFG), latent.clone(), [0] * len(prompts),
+                   schedule_sigmas(model, SAMPLER, SCHEDULER, STEPS)[step:step + 2], SAMPLER, noise=torch.zeros_like(latent),
+                   callback=seen)
     return seen.steps[0]
 
 
 def plain(m: Models, prompts: list[str], model=None, seeds=None, callback=None):
     """Plain sampling of `prompts` (seed 0 each, the KB's seed, unless given): the final latents."""
-    import torch
-    from kb_tools import comfy_sampling as cs
-    model = model or m.large
-    latent = torch.zeros((len(prompts), *m.kb.latent_shape))
-    pos, neg = conditioning(m, prompts)
-    return cs.sample_sigmas(model, latent=latent, noise=cs.seeded_noise(latent, seeds or [0] * len(prompts)), positive=pos,
-                            negative=neg, cfg=CFG, sampler_name=SAMPLER, sigmas=cs.schedule_sigmas(model, SAMPLER, SCHEDULER, STEPS),
-                            seed=0, callback=callback)
+    from kb_tools.plain import sample_prompts
+    return sample_prompts(model or m.large, m.encode, prompts, seeds or [0] * len(prompts), recipe(),
+                          latent_shape=m.kb.latent_shape, batch_size=len(prompts), callback=callback).latents
 
 
 def redi_query(m: Models, prompts: list[str], resume_prompts: list[str] | None = None):
-    """ReDi through the pack's pipeline: (state after blend, blended latent, ResumeReport)."""
+    """ReDi through Algorithm 2's four parts (the four-node chain): (the blended value, the ReDiResult).
+
+    The blended value carries the query x_k (`.neighbours.query.latent`) and the blend x_v_hat (`.latent`).
+    """
     import torch
     from kb_tools import redi
-    pos = redi.batch_conditioning([m.encode(p) for p in prompts])
-    neg = redi.batch_conditioning([m.encode("")] * len(prompts))
-    state = redi.partial_sample(m.kb, m.large, pos, neg, torch.zeros((len(prompts), *m.kb.latent_shape)), [0] * len(prompts), KEY)
-    state = redi.retrieve_neighbours(state, H)
-    blended, state = redi.blend_value(state, VALUE, "lstsq")
-    resume_pos = redi.batch_conditioning([m.encode(p) for p in resume_prompts]) if resume_prompts else pos
-    report = redi.resume_sample(state, blended, m.large, resume_pos, neg, threshold=1.0)
-    return state, blended, report
+    pos, neg = conditioning(m, prompts)
+    query = redi.sample_to_key(m.kb, m.large, pos, neg, torch.zeros((len(prompts), *m.kb.latent_shape)),
+                               [0] * len(prompts), KEY)
+    value = redi.blend_at(redi.find_neighbours(query, H), VALUE, "lstsq")
+    resume_pos = conditioning(m, resume_prompts)[0] if resume_prompts else pos
+    return value, redi.resume(value, m.large, resume_pos, neg, guard=1.0)
 
 
 # --------------------------------------------------------------------------- recipes
@@ -211,12 +217,11 @@ def draw_build(m: Models, template: Template):
 
 def draw_redi(m: Models, template: Template, four_nodes: bool = False):
     prompts = queries(1)
-    state, blended, report = redi_query(m, prompts)
-    nb = state.neighbours
-    neighbour_pairs = [m.kb.entries[int(i)] for i in nb.ids[0]]
+    value, result = redi_query(m, prompts)
+    neighbour_pairs = [m.kb.entries[int(i)] for i in result.neighbour_ids[0]]
     neighbour_images = plain(m, [p for p, _ in neighbour_pairs], seeds=[s for _, s in neighbour_pairs])
-    query_view = denoised_at(m, state.query, KEY, prompts)
-    blend_view = denoised_at(m, blended, VALUE, prompts)
+    query_view = denoised_at(m, value.neighbours.query.latent, KEY, prompts)
+    blend_view = denoised_at(m, value.latent, VALUE, prompts)
     title = "ReDi in four nodes" if four_nodes else "ReDi Sampler"
     img, draw = canvas(title, f"sample to step {KEY}, retrieve {H} stored trajectories, blend at step {VALUE}, finish: "
                               f"{VALUE - KEY} of {STEPS} steps skipped (shown denoised)")
@@ -232,10 +237,10 @@ def draw_redi(m: Models, template: Template, four_nodes: bool = False):
     for j in range(H):
         x = boxes[1][0] + 6 + j * (small_px + 6)
         paste(img, draw, neighbour_images[j], x, boxes[1][1] + top + 14, small_px)
-        label(draw, (x + small_px // 2, boxes[1][1] + top + 20 + small_px), f"w {nb.weights[0, j]:+.2f}", size=12, fill=MUTED, anchor="ma")
+        label(draw, (x + small_px // 2, boxes[1][1] + top + 20 + small_px), f"w {result.weights[0, j]:+.2f}", size=12, fill=MUTED, anchor="ma")
     label(draw, (boxes[1][0] + 88, boxes[1][1] + top + 90), "retrieved trajectories", size=12, fill=MUTED, anchor="ma")
     paste(img, draw, blend_view[0], boxes[2][0] + 40, boxes[2][1] + top, big, caption=f"blend at step {VALUE}")
-    paste(img, draw, report.latent[0], boxes[3][0] + 40, boxes[3][1] + top, big, outline=ACCENT, caption="finished image")
+    paste(img, draw, result.latent[0], boxes[3][0] + 40, boxes[3][1] + top, big, outline=ACCENT, caption="finished image")
     arrow(draw, (170, 150), (212, 150))
     arrow(draw, (292, 226), (150, 262))
     arrow(draw, (170, 310), (212, 310))
@@ -250,7 +255,7 @@ def draw_stylize(m: Models, template: Template):
     prompts = queries(3)
     styled = queries(3, sepia=1.0)
     content = plain(m, prompts)
-    _, _, report = redi_query(m, prompts, resume_prompts=styled)
+    _, result = redi_query(m, prompts, resume_prompts=styled)
     img, draw = canvas("Stylize with ReDi", "key from the content prompt, resumed with content + style (sepia)")
     px, x_content, x_styled, y0 = 96, 60, 244, 92
     label(draw, (x_content + px // 2, y0 - 4), "content", size=13, anchor="md")
@@ -259,21 +264,21 @@ def draw_stylize(m: Models, template: Template):
         y = y0 + r * (px + 6)
         paste(img, draw, content[r], x_content, y, px)
         arrow(draw, (x_content + px + 14, y + px // 2), (x_styled - 14, y + px // 2), fill=ACCENT)
-        paste(img, draw, report.latent[r], x_styled, y, px)
+        paste(img, draw, result.latent[r], x_styled, y, px)
     return img
 
 
 def draw_tstitch(m: Models, template: Template):
     import torch
-    from kb_tools import comfy_sampling as cs
+    from kb_tools.tstitch import tstitch_sample
     prompt = queries(1)
     pos, neg = conditioning(m, prompt)
-    switch = 4
-    latent = torch.zeros((1, *m.kb.latent_shape))
     seen = Denoised()
-    out, _, _ = cs.sample_stitched([cs.Segment(m.small, pos, neg, 0, switch), cs.Segment(m.large, pos, neg, switch, STEPS)],
-                                   latent=latent, noise=cs.seeded_noise(latent, [0]), cfg=CFG, sampler_name=SAMPLER,
-                                   sigmas=cs.schedule_sigmas(m.large, SAMPLER, SCHEDULER, STEPS), seed=0, callback=seen)
+    stitched, run = tstitch_sample(m.small, m.large, small_positive=pos, small_negative=neg, large_positive=pos,
+                                   large_negative=neg, latent={"samples": torch.zeros((1, *m.kb.latent_shape))}, seed=0,
+                                   sampler_name=SAMPLER, scheduler=SCHEDULER, steps=STEPS, cfg=CFG,
+                                   small_fraction=0.4, callback=seen)
+    out, switch = stitched["samples"], run.small_steps
     large_only = plain(m, prompt)
     img, draw = canvas("T-Stitch", f"the small model runs the first {switch} of {STEPS} steps, the large model the rest (steps shown denoised)")
     bar_y, x0, step_w = 90, 20, 36

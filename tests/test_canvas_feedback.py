@@ -37,7 +37,7 @@ def built(pack, model, tmp_path_factory):
     """A BuildReport: four prompts, one seed, steps 3, 5 and 7 of 10 stored."""
     import tiny_models
     redi = pack.kb_tools.redi
-    spec = redi.BuildSpec(prompts=PROMPTS, seeds=[SEED], sampler="euler", scheduler="normal", steps=STEPS, cfg=3.0,
+    spec = redi.BuildSpec(prompts=PROMPTS, seeds=[SEED], recipe=redi.Recipe("euler", "normal", STEPS, 3.0),
                           store_steps=[3, 5, 7], latent_shape=(4, 8, 8), dtype="float32")
     return redi.build_knowledge_base(str(tmp_path_factory.mktemp("kb") / "feedback-kb"), model, tiny_models.prompt_cond, spec)
 
@@ -133,7 +133,7 @@ def test_retrieve_lists_the_matched_prompts_without_a_vae(nodes, model, built, t
     assert sum(line.startswith("  ") for line in text.splitlines()) == 3
     assert "images" not in out.ui and not list(temp_dir.iterdir())
     # One prefix in the console (it used to read "ReDi: ReDi retrieve: ...").
-    assert any(r.getMessage().startswith("ReDi retrieve: step 3") for r in caplog.records)
+    assert any(r.getMessage().startswith("ReDi retrieve: step 3, 1 query, H=3") for r in caplog.records)
     assert not any("ReDi: ReDi" in r.getMessage() for r in caplog.records)
 
 

@@ -41,10 +41,11 @@ def model(tiny):
 
 
 class EvalCounter:
-    """Counts denoiser evaluations through ComfyUI's post-CFG hook on a model clone."""
+    """Counts denoiser evaluations through ComfyUI's post-CFG hook on a model clone, and the sigmas evaluated."""
 
     def __init__(self):
         self.count = 0
+        self.sigmas: list[float] = []
 
     def __deepcopy__(self, memo):
         # ModelPatcher.clone() deep-copies model_options; every clone must share this counter.
@@ -52,6 +53,7 @@ class EvalCounter:
 
     def __call__(self, args):
         self.count += 1
+        self.sigmas.append(float(args["sigma"].flatten()[0]))
         return args["denoised"]
 
 
@@ -64,7 +66,7 @@ def counted(model):
 
 def build(redi, model, path, prompts, seeds=(SEED,), sampler="euler", store=(3, 5, 7), dtype="float32", cfg=CFG, encode=None, tiny=None):
     import tiny_models
-    spec = redi.BuildSpec(prompts=list(prompts), seeds=list(seeds), sampler=sampler, scheduler="normal", steps=STEPS, cfg=cfg,
+    spec = redi.BuildSpec(prompts=list(prompts), seeds=list(seeds), recipe=redi.Recipe(sampler, "normal", STEPS, cfg),
                           store_steps=list(store), latent_shape=(4, 8, 8), dtype=dtype)
     return redi.build_knowledge_base(str(path), model, encode or tiny_models.prompt_cond, spec).kb
 
@@ -134,21 +136,20 @@ def test_every_sampler_resumes_on_exactly_the_remaining_sigmas(redi, model, tmp_
     for i, name in enumerate(comfy.samplers.KSampler.SAMPLERS):
         sigmas = cs.schedule_sigmas(model, name, "normal", STEPS)
         latent = tiny_models.empty_latent(1)
-        probe = cs.SamplingProbe()
+        probed, probe = counted(model)
         start = 5
-        out = cs.sample_sigmas(model, latent=latent + 0.5, noise=None, positive=tiny_models.prompt_cond("x"),
-                               negative=tiny_models.prompt_cond(""), cfg=CFG, sampler_name=name, sigmas=sigmas[start:],
-                               seed=SEED, probe=probe)
+        guider = redi.cfg_guider(probed, tiny_models.prompt_cond("x"), tiny_models.prompt_cond(""), CFG)
+        out, _, _ = redi.sample_counted(guider, latent + 0.5, [SEED], sigmas[start:], name, noise=torch.zeros_like(latent))
         if not torch.isfinite(out).all():
             problems.append(f"{name}: non-finite output")
         if name in cs.SCHEDULE_FREE_SAMPLERS:
             continue
-        seen = {round(s, 4) for s in probe.evaluated_sigmas}
+        seen = {round(s, 4) for s in probe.sigmas}
         expected = {round(float(s), 4) for s in sigmas[start:-1] if float(s) > 0}
         # Every remaining schedule sigma is evaluated; none before the resume point is.
         if not expected <= seen:
             problems.append(f"{name}: skipped sigmas {sorted(expected - seen)}")
-        if max(probe.evaluated_sigmas) > float(sigmas[start]) * 1.0001:
+        if max(probe.sigmas) > float(sigmas[start]) * 1.0001:
             problems.append(f"{name}: evaluated above the resume sigma")
     assert not problems, problems
 
@@ -291,7 +292,7 @@ def test_interrupted_build_keeps_finished_entries_and_resumes(redi, model, tmp_p
     import comfy.model_management
     import tiny_models
     prompts = [f"prompt {i}" for i in range(6)]
-    spec = redi.BuildSpec(prompts=prompts, seeds=[SEED], sampler="euler", scheduler="normal", steps=STEPS, cfg=CFG,
+    spec = redi.BuildSpec(prompts=prompts, seeds=[SEED], recipe=redi.Recipe("euler", "normal", STEPS, CFG),
                           store_steps=[3, 5], latent_shape=(4, 8, 8), batch_size=2, dtype="float32", commit_every=64)
     calls = {"n": 0}
 

@@ -11,11 +11,13 @@ from kb_tools.errors import KBError
 from kb_tools.kb import KnowledgeBase, reduce_keys
 from kb_tools.retrieval import (
     blend,
-    blend_values,
+    blend_entries,
     calibrate,
     centered_residual,
+    check_value_step,
+    fit_weights,
+    nearest_keys,
     relative_residual,
-    retrieve,
     solve_weights,
 )
 
@@ -83,52 +85,59 @@ def test_residuals_and_blend():
     np.testing.assert_allclose(blend(values, w), 2 * values[0] + 3 * values[1])
 
 
-# --------------------------------------------------------------------------- retrieval
+# --------------------------------------------------------------------------- retrieval (Algorithm 2, lines 6-8)
+
+
+def nearest_and_fit(kb, latents, step: int, h: int, mode: str = "lstsq"):
+    """Line 6 and line 7 for query latents [B, C, H, W] at `step`: (NearestKeys, WeightFit)."""
+    q = kb.as_queries(latents)
+    near = nearest_keys(kb, q, step, h)
+    return near, fit_weights(q, near.keys, kb.key_spread(step), mode)
 
 
 def test_exact_hit_returns_itself_with_weight_one(toy_kb):
     q = toy_kb.latents(2, [17, 33])
-    one = retrieve(toy_kb, q, 2, 1)
-    assert one.ids[:, 0].tolist() == [17, 33]
-    np.testing.assert_allclose(one.weights, 1.0, atol=1e-6)
-    assert (one.residual < 1e-6).all() and (one.centered_residual < 1e-6).all() and np.allclose(one.distances, 0)
-    three = retrieve(toy_kb, q, 2, 3)
-    assert three.ids[:, 0].tolist() == [17, 33] and three.ids.shape == (2, 3)
-    np.testing.assert_allclose(three.weights, [[1, 0, 0], [1, 0, 0]], atol=1e-5)
-    assert three.keys.shape == (2, 3, 256) and three.query.shape == (2, 256) and three.mean_key.shape == (256,)
-    latent, _, _, _ = blend_values(toy_kb, three, 6)
+    near, fit = nearest_and_fit(toy_kb, q, 2, 1)
+    assert near.ids[:, 0].tolist() == [17, 33]
+    np.testing.assert_allclose(fit.weights, 1.0, atol=1e-6)
+    assert (fit.residual < 1e-6).all() and (fit.centered_residual < 1e-6).all() and np.allclose(near.distances, 0)
+    near, fit = nearest_and_fit(toy_kb, q, 2, 3)
+    assert near.ids[:, 0].tolist() == [17, 33] and near.ids.shape == (2, 3)
+    np.testing.assert_allclose(fit.weights, [[1, 0, 0], [1, 0, 0]], atol=1e-5)
+    assert near.keys.shape == (2, 3, 256) and toy_kb.as_queries(q).shape == (2, 256) and toy_kb.mean_key(2).shape == (256,)
+    latent = blend_entries(toy_kb, near.ids, fit.weights, 6)
     assert latent.dtype == np.float32 and latent.shape == (2, 4, 8, 8)
     np.testing.assert_allclose(latent, toy_kb.latents(6, [17, 33]), atol=1e-3)
-    assert "H=3" in three.summary()
 
 
 def test_torch_query(toy_kb):
     torch = pytest.importorskip("torch")
     q = toy_kb.latents(4, [5])
-    assert retrieve(toy_kb, torch.from_numpy(q).half(), 4, 2).ids[0, 0] == 5
+    assert nearest_and_fit(toy_kb, torch.from_numpy(q).half(), 4, 2)[0].ids[0, 0] == 5
 
 
 def test_centered_residual_exposes_a_poor_shared_seed_match(toy_kb):
     # A prompt the KB lacks, with the KB's seed: the shared noise dominates the query.
-    q = toy_latents([("a prompt the KB lacks", 0)])[2]
-    nb = retrieve(toy_kb, q, 2, 3)
-    assert nb.residual[0] < 0.2  # looks like a good match ...
-    assert nb.centered_residual[0] > 0.8  # ... but the prompt-dependent part is not matched
+    _, fit = nearest_and_fit(toy_kb, toy_latents([("a prompt the KB lacks", 0)])[2], 2, 3)
+    assert fit.residual[0] < 0.2  # looks like a good match ...
+    assert fit.centered_residual[0] > 0.8  # ... but the prompt-dependent part is not matched
 
 
 def test_blend_modes_and_step_errors(toy_kb):
-    nb = retrieve(toy_kb, toy_latents([("another new prompt", 0)])[2], 2, 3)
-    _, w_aff, _, _ = blend_values(toy_kb, nb, 4, mode="affine")
-    assert np.isclose(w_aff.sum(), 1.0)
-    latent, w, _, _ = blend_values(toy_kb, nb, 4)
-    np.testing.assert_allclose(w, nb.weights)
-    np.testing.assert_allclose(latent[0], np.tensordot(w[0], toy_kb.latents(4, nb.ids[0]), axes=1), rtol=1e-5)
+    q = toy_kb.as_queries(toy_latents([("another new prompt", 0)])[2])
+    near = nearest_keys(toy_kb, q, 2, 3)
+    spread = toy_kb.key_spread(2)
+    assert np.isclose(fit_weights(q, near.keys, spread, "affine").weights.sum(), 1.0)
+    w = fit_weights(q, near.keys, spread).weights  # lstsq, the paper's
+    np.testing.assert_allclose(w[0], solve_weights(q[0], near.keys[0], "lstsq"))
+    latent = blend_entries(toy_kb, near.ids, w, 4)
+    np.testing.assert_allclose(latent[0], np.tensordot(w[0], toy_kb.latents(4, near.ids[0]), axes=1), rtol=1e-5)
     with pytest.raises(KBError, match=r"value step 2 is before the key step 4.*must be at or after the key step"):
-        blend_values(toy_kb, retrieve(toy_kb, toy_kb.latents(4, [0]), 4, 1), 2)
+        check_value_step(4, 2)
     with pytest.raises(KBError, match=r"has no value step 5; it stores steps \[2, 4, 6\]"):
-        blend_values(toy_kb, nb, 5)
+        blend_entries(toy_kb, near.ids, w, 5)
     with pytest.raises(KBError, match=r"unknown weight mode"):
-        blend_values(toy_kb, nb, 4, mode="mean")
+        fit_weights(q, near.keys, spread, "mean")
 
 
 def test_rerank_fixes_what_pooling_gets_wrong(tmp_path):
@@ -178,44 +187,42 @@ def test_calibrate_leaves_each_entry_out(toy_kb, tmp_path):
 
 
 def test_key_spread_is_rms_distance_from_mean(toy_kb):
-    from kb_tools.retrieval import key_spread
-
     keys = toy_kb.keys_flat(4, np.arange(len(toy_kb))).astype(np.float64)
     expected = np.sqrt(np.mean(np.sum((keys - keys.mean(0)) ** 2, axis=1)))
-    assert np.isclose(key_spread(toy_kb, 4), expected, rtol=1e-4)
+    assert np.isclose(toy_kb.key_spread(4), expected, rtol=1e-4)
 
 
 def test_centered_residual_separates_foreign_noise_from_kb_noise(toy_kb):
     """The guard metric: a held-out prompt on the KB's seed fits below 1, foreign noise far above."""
     own_seed = toy_latents([("held-out prompt", 0)])[4]
     foreign = toy_latents([("held-out prompt", 12345)])[4]
-    near = retrieve(toy_kb, own_seed, 4, 3).centered_residual[0]
-    far = retrieve(toy_kb, foreign, 4, 3).centered_residual[0]
+    near = nearest_and_fit(toy_kb, own_seed, 4, 3)[1].centered_residual[0]
+    far = nearest_and_fit(toy_kb, foreign, 4, 3)[1].centered_residual[0]
     assert near < 1.5 and far > 3 * near
 
 
 # --------------------------------------------------------------------------- Algorithm 2 lines 6-8 on their own
 
 
-def test_nearest_fit_and_blend_are_the_legacy_retrieve_in_parts(toy_kb):
-    from kb_tools.retrieval import blend_entries, fit_weights, nearest_keys
-
-    q = toy_kb.as_queries(toy_latents([("another new prompt", 0)])[2])
-    legacy = retrieve(toy_kb, q, 2, 3)
+def test_nearest_keys_and_fit_weights_solve_each_query_once_in_its_mode(toy_kb):
+    q = toy_kb.as_queries(toy_latents([("another new prompt", 0), ("a third new prompt", 0)])[2])
     near = nearest_keys(toy_kb, q, 2, 3)
-    assert np.array_equal(near.ids, legacy.ids) and np.array_equal(near.keys, legacy.keys)
-    fit = fit_weights(q, near.keys, toy_kb.key_spread(2), "lstsq")
-    np.testing.assert_allclose(fit.weights, legacy.weights)
-    np.testing.assert_allclose(fit.centered_residual, legacy.centered_residual)
-    latent, w, _, _ = blend_values(toy_kb, legacy, 4, mode="ridge")
-    ridge = fit_weights(q, near.keys, toy_kb.key_spread(2), "ridge")
-    np.testing.assert_allclose(w, ridge.weights)
-    np.testing.assert_allclose(latent, blend_entries(toy_kb, near.ids, ridge.weights, 4))
+    ids, dist = toy_kb.search(2, q, 3)
+    assert np.array_equal(near.ids, ids) and np.array_equal(near.distances, dist)
+    assert np.array_equal(near.keys, toy_kb.keys_flat(2, ids.reshape(-1)).reshape(2, 3, -1))
+    spread = toy_kb.key_spread(2)
+    for mode in ("lstsq", "affine", "ridge"):
+        fit = fit_weights(q, near.keys, spread, mode)
+        assert fit.mode == mode and fit.weights.shape == (2, 3) and fit.weights.dtype == np.float64
+        for i in range(2):
+            np.testing.assert_allclose(fit.weights[i], solve_weights(q[i], near.keys[i], mode))
+            assert np.isclose(fit.residual[i], relative_residual(q[i], near.keys[i], fit.weights[i]))
+            assert np.isclose(fit.centered_residual[i], centered_residual(q[i], near.keys[i], fit.weights[i], spread))
+        np.testing.assert_allclose(blend_entries(toy_kb, near.ids, fit.weights, 4)[1],
+                                   blend(toy_kb.latents(4, near.ids[1]), fit.weights[1]), rtol=1e-5)
 
 
 def test_blend_entries_blends_any_ids_with_any_weights(toy_kb):
-    from kb_tools.retrieval import blend_entries
-
     ids = np.array([[3, 9], [9, 9]])
     out = blend_entries(toy_kb, ids, np.array([[0.25, 0.75], [0.5, 0.5]]), 6)
     values = toy_kb.latents(6, [3, 9])

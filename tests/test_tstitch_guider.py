@@ -119,12 +119,13 @@ def test_multistep_history_is_kept_across_the_hand_over(pack, custom, models):
     assert (out - reference).abs().max().item() < 1e-5 * max(1.0, reference.abs().max().item())
 
     # Two separate runs (the segment approach) restart dpmpp_2m's history at the hand-over: a different result.
-    cs = pack.kb_tools.comfy_sampling
+    p = pack.kb_tools.plain
     pos, neg = conds()
     lat = tiny_models.empty_latent()
-    segments, _, _ = cs.sample_stitched([cs.Segment(small, pos, neg, 0, 4), cs.Segment(large, pos, neg, 4, STEPS)],
-                                        latent=lat, noise=comfy.sample.prepare_noise(lat, SEED), cfg=CFG,
-                                        sampler_name="dpmpp_2m", sigmas=sigmas, seed=SEED)
+    early, _, _ = p.sample_counted(p.cfg_guider(small, pos, neg, CFG), lat, [SEED], sigmas[:5], "dpmpp_2m",
+                                   noise=comfy.sample.prepare_noise(lat, SEED))
+    segments, _, _ = p.sample_counted(p.cfg_guider(large, pos, neg, CFG), early, [SEED], sigmas[4:], "dpmpp_2m",
+                                      noise=torch.zeros_like(early))
     assert (segments - reference).abs().max().item() > 1e-3
 
 

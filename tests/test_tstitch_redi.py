@@ -22,7 +22,7 @@ def models():
 
 def build_stitched(redi, large, small, path, prompts):
     import tiny_models
-    spec = redi.BuildSpec(prompts=prompts, seeds=[SEED], sampler="euler", scheduler="normal", steps=STEPS, cfg=CFG,
+    spec = redi.BuildSpec(prompts=prompts, seeds=[SEED], recipe=redi.Recipe("euler", "normal", STEPS, CFG),
                           store_steps=[3, 6, 8], latent_shape=(4, 8, 8), dtype="float32", stitch_step=STITCH)
     return redi.build_knowledge_base(str(path), large, tiny_models.prompt_cond, spec, key_model=small)
 
@@ -59,12 +59,9 @@ def test_redi_with_small_model_keys_counts_large_model_calls(pack, models, tmp_p
     assert large_calls.count == STEPS - 6
 
     # The query is the KB's own trajectory, so the result equals the stitched full run.
-    cs = pack.kb_tools.comfy_sampling
-    sigmas = cs.schedule_sigmas(large, "euler", "normal", STEPS)
-    lat = tiny_models.empty_latent(1)
-    full, _, _ = cs.sample_stitched([cs.Segment(small, pos, neg, 0, STITCH), cs.Segment(large, pos, neg, STITCH, STEPS)],
-                                    latent=lat, noise=cs.seeded_noise(lat, [SEED]), cfg=CFG, sampler_name="euler",
-                                    sigmas=sigmas, seed=SEED)
+    full = pack.kb_tools.plain.sample_prompts(large, tiny_models.prompt_cond, ["a dog"], [SEED],
+                                              redi.Recipe("euler", "normal", STEPS, CFG), latent_shape=(4, 8, 8),
+                                              key_model=small, stitch_step=STITCH).latents
     assert (out - full).abs().max().item() < 1e-4
 
 

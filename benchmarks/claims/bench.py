@@ -37,7 +37,7 @@ class Reference:
 
     out: torch.Tensor                 # [N, 3, 16, 16]
     traj: dict[int, torch.Tensor]     # {step: latent [N, 3, 16, 16]} for steps 1 .. T-1
-    nfe: int
+    nfe: float                        # model evaluations per item
     seconds: float
     prompts: list[str]
     seeds: list[int]
@@ -57,6 +57,8 @@ class KBBuild:
     ms_per_trajectory: float = 0.0
     evaluations_this_run: int = 0
     cached: bool = False
+    #: what the auto guard reads (stored after the build, as `python -m kb_tools calibrate` would)
+    guard_calibration: dict = dataclasses.field(default_factory=dict)
 
 
 class Bench:
@@ -130,7 +132,7 @@ class Bench:
         return [c.prompt() for c in caps], seeds, np.array([c.source for c in caps])
 
     def plain(self, sampler: str, steps: int, prompts: list[str], seeds: list[int], *, model=None,
-              record=()) -> tuple[S.PlainRun, float]:
+              record=()) -> tuple[S.PlainSamples, float]:
         """(the plain run on an `steps`-step schedule, its seconds); the large model unless `model`."""
         model = self.large if model is None else model
         t = time.perf_counter()
@@ -145,8 +147,8 @@ class Bench:
         if key not in self.refs:
             prompts, seeds, labels = self.query_set(protocol)
             run, dt = self.plain(sampler, self.cfg.steps, prompts, seeds, record=range(1, self.cfg.steps))
-            self.refs[key] = Reference(run.latent, run.records, run.evaluations, dt, prompts, seeds, labels,
-                                       self.query_captions[:len(prompts)])
+            self.refs[key] = Reference(run.latents, run.states, float(run.evaluations.per_item().mean()), dt, prompts,
+                                       seeds, labels, self.query_captions[:len(prompts)])
         return self.refs[key]
 
     # ------------------------------------------------------------------ knowledge bases
@@ -170,10 +172,14 @@ class Bench:
             self.count(report.added, c.steps, report.seconds)
             history = {"seconds": history["seconds"] + report.seconds, "added": history["added"] + report.added}
             sidecar.write_text(json.dumps(history))
+        # The auto guard reads a stored calibration (a generation never calibrates): store the one the claims' H
+        # uses, on 64 entries as the pack's guard measured it before calibration became an explicit step.
+        calibration = S.calibrate_guard(report.kb, c.key_step, c.h_claim, sample=min(64, len(report.kb)))
         info = KBBuild(kb=report.kb, entries=len(report.kb), added_this_run=report.added,
                        build_seconds_this_run=round(report.seconds, 1), build_seconds_total=round(history["seconds"], 1),
                        ms_per_trajectory=round(1000 * history["seconds"] / max(1, history["added"]), 1),
-                       evaluations_this_run=report.evaluations, cached=report.added == 0)
+                       evaluations_this_run=report.evaluations, cached=report.added == 0,
+                       guard_calibration={k: calibration[k] for k in ("step", "h", "n", "kb_count", "centered_p95")})
         self.kbs[sampler] = info
         return info
 
@@ -195,48 +201,64 @@ class Bench:
         return float(np.mean([parse_prompt(entries[int(i)][0]).source == y for row, y in zip(ids, labels) for i in row]))
 
     # ------------------------------------------------------------------ ReDi
-    def partial(self, kb, prompts, seeds, k) -> tuple[S.ReDiState, float]:
+    def book_redi(self, result, seconds: float) -> None:
+        """Book a ReDi run's model work: k steps per item, then T minus each item's start step."""
+        plan = result.plan
+        self.count(len(result.start_steps), plan.key_step, seconds)
+        self.image_steps += int((plan.steps - result.start_steps).sum())
+
+    def redi(self, kb, prompts, seeds, k, v, h, guard, resume_prompts=None) -> tuple[S.ReDiResult, float]:
+        """(one whole ReDi generation, Algorithm 2 in one sampler run; its seconds)."""
         t = time.perf_counter()
-        state = S.redi_partial(kb, self.large, prompts, seeds, k)
+        result = S.redi_sample(kb, self.large, prompts, seeds, key_step=k, value_step=v, h=h, guard=guard,
+                               resume_prompts=resume_prompts)
+        dt = time.perf_counter() - t
+        self.book_redi(result, dt)
+        return result, dt
+
+    def key(self, kb, prompts, seeds, k) -> tuple[S.KeyQuery, float]:
+        """(the query x_k of each item, lines 1-5; its seconds)."""
+        t = time.perf_counter()
+        query = S.redi_key(kb, self.large, prompts, seeds, k)
         dt = time.perf_counter() - t
         self.count(len(prompts), k, dt)
-        return state, dt
+        return query, dt
 
-    def resume(self, state, blended, prompts, h, threshold) -> tuple[S.ResumeReport, float]:
+    def resume(self, value, prompts, guard) -> tuple[S.ReDiResult, float]:
+        """(the guard and lines 9-11 from a blend; seconds)."""
         t = time.perf_counter()
-        rep = S.redi_resume(state, blended, self.large, prompts, h, threshold)
+        result = S.redi_resume(value, self.large, prompts, guard)
         dt = time.perf_counter() - t
-        n_acc = sum(rep.accepted)
         self.count(len(prompts), 0, dt)
-        self.image_steps += n_acc * (self.cfg.steps - state.value_step) + (len(prompts) - n_acc) * (self.cfg.steps - state.key_step)
-        return rep, dt
+        self.image_steps += int((result.plan.steps - result.start_steps).sum())
+        return result, dt
 
-    def redi_sweep(self, sampler: str, protocol: str, kb, k: int, hs, vs, threshold=S.GUARD_OFF,
+    def redi_sweep(self, sampler: str, protocol: str, kb, k: int, hs, vs, guard=S.GUARD_OFF,
                    tag: str = "") -> list[ReDiRow]:
         """Sample to k once, then for each H retrieve, for each v blend and resume; one row each."""
         ref = self.reference(sampler, protocol)
         prompts, seeds, labels = ref.prompts, ref.seeds, ref.labels
-        state, t_partial = self.partial(kb, prompts, seeds, k)
+        query, t_partial = self.key(kb, prompts, seeds, k)
         rows = []
         for h in hs:
             t = time.perf_counter()
-            st = S.redi_retrieve(state, h)
+            found = S.find_neighbours(query, h)
             t_retr = time.perf_counter() - t
             for v in vs:
                 t = time.perf_counter()
-                blended, st2 = S.redi_blend(st, v, "lstsq")
+                value = S.blend_at(found, v, "lstsq")
                 t_blend = time.perf_counter() - t
-                rep, t_res = self.resume(st2, blended, prompts, h, threshold)
-                acc_mask = np.array(rep.accepted)
-                nfe = np.where(acc_mask, k + self.cfg.steps - v, self.cfg.steps)
-                quality = self.quality(rep.latent, ref.captions, ref.out, xv_true=ref.traj.get(v), xv_hat=blended,
-                                       residual=st2.residual, centered=st2.centered_residual)
+                result, t_res = self.resume(value, prompts, guard)
+                nfe = np.where(result.accepted, k + self.cfg.steps - v, self.cfg.steps)
+                quality = self.quality(result.latent, ref.captions, ref.out, xv_true=ref.traj.get(v), xv_hat=value.latent,
+                                       residual=value.fit.residual, centered=value.fit.centered_residual)
                 rows.append(ReDiRow(
                     sampler=sampler, protocol=protocol, k=k, v=v, h=h, nominal_nfe=k + self.cfg.steps - v,
                     nfe=float(nfe.mean()), kb_entries=len(kb),
-                    guard="off" if threshold >= S.GUARD_OFF else ("auto" if threshold < 0 else threshold),
-                    guard_threshold=float(rep.threshold), accepted=float(acc_mask.mean()),
-                    same_source_neighbours=self.same_source(kb, st.neighbours.ids, labels),
+                    guard="off" if guard >= S.GUARD_OFF else ("auto" if guard < 0 else guard),
+                    guard_threshold=float(result.guard.threshold), guard_source=result.guard.source,
+                    accepted=float(result.accepted.mean()),
+                    same_source_neighbours=self.same_source(kb, result.neighbour_ids, labels),
                     seconds={"partial": t_partial, "retrieve": t_retr, "blend": t_blend, "resume": t_res,
                              "total": t_partial + t_retr + t_blend + t_res},
                     tag=tag, quality=quality))
@@ -274,7 +296,7 @@ class Bench:
             out, nfe, dt = ref.out, ref.nfe, ref.seconds
         else:
             run, dt = self.plain(sampler, steps, ref.prompts, ref.seeds)
-            out, nfe = run.latent, run.evaluations
+            out, nfe = run.latents, float(run.evaluations.per_item().mean())
         return PlainRow(sampler=sampler, protocol=protocol, nfe=float(nfe), nominal_nfe=steps, seconds={"total": dt},
                         quality=self.quality(out, ref.captions, ref.out))
 

@@ -60,7 +60,7 @@ def setting_check(b: Bench, sampler: str) -> SettingCheck:
     longest = max(steps)
     runs = {}
     for n in steps:
-        lat = ref.out if n == c.steps else b.plain(sampler, n, ref.prompts, ref.seeds)[0].latent
+        lat = ref.out if n == c.steps else b.plain(sampler, n, ref.prompts, ref.seeds)[0].latents
         runs[n] = np.asarray(lat, np.float32)
     rows = [SettingRow(n, b.quality(runs[n], ref.captions, runs[longest])) for n in steps]
     # How far apart two seeds of one caption are (the diversity a caption leaves open).
@@ -118,25 +118,22 @@ def condition_key(b: Bench, sampler: str = "euler") -> CondKey:
     b.afford(c.queries * (c.key_step + len(variants) * sum(c.steps - v for v in vs)), "condition-key comparison")
     ref = b.reference(sampler, "fixed")
     prompts, labels = ref.prompts, ref.labels
-    state, _ = b.partial(kb, prompts, ref.seeds, c.key_step)
+    query, _ = b.key(kb, prompts, ref.seeds, c.key_step)
     rows = []
     for name, h, mode in variants:
-        st = S.condition_key_neighbours(state, h, prompts)
+        ids, lstsq = S.condition_key_neighbours(kb, prompts, h)
+        weights = lstsq if mode == "lstsq" else np.full(ids.shape, 1.0 / h)
+        rel, cen = S.trajectory_residual(query, ids, weights)
         for v in vs:
-            if mode == "lstsq":
-                blended, st2 = S.redi_blend(st, v, "lstsq")
-                weights = S.neighbour_lstsq_weights(st)
-            else:
-                ids = st.neighbours.ids
-                weights = np.full(ids.shape, 1.0 / ids.shape[1])
-                blended, st2 = S.redi_blend_weights(st, v, weights, "uniform")
-            rel, cen = S.trajectory_residual(state, st.neighbours.ids, weights)
-            rep, _ = b.resume(st2, blended, prompts, h, S.GUARD_OFF)
+            blended = S.blend_entries(kb, ids, weights, v)
+            t = time.perf_counter()
+            out = S.resume_blend(query, b.large, prompts, v, blended)
+            b.count(len(prompts), c.steps - v, time.perf_counter() - t)
             rows.append(CondKeyRow(
                 method=name, sampler=sampler, protocol="fixed", k=c.key_step, v=v, h=h,
                 nominal_nfe=c.key_step + c.steps - v, nfe=float(c.key_step + c.steps - v),
-                same_source_neighbours=b.same_source(kb, st.neighbours.ids, labels),
-                quality=b.quality(rep.latent, ref.captions, ref.out, xv_true=ref.traj[v], xv_hat=blended,
+                same_source_neighbours=b.same_source(kb, ids, labels),
+                quality=b.quality(out, ref.captions, ref.out, xv_true=ref.traj[v], xv_hat=blended,
                                   residual=rel, centered=cen)))
     return CondKey(sampler, rows)
 
@@ -285,7 +282,7 @@ def stylization(b: Bench, sampler: str = "euler") -> Stylization:
     real_styled = b.judge.real_features(styled, c.reference_renders)
     unstyled, t_unstyled = b.plain(sampler, c.steps, pc, seeds)
     direct, t_direct = b.plain(sampler, c.steps, ps, seeds)
-    unstyled, direct = unstyled.latent, direct.latent
+    unstyled, direct = unstyled.latents, direct.latents
 
     def row(name, lat, nfe, seconds, **extra) -> StyleRow:
         lat = np.asarray(lat, np.float32)
@@ -306,15 +303,10 @@ def stylization(b: Bench, sampler: str = "euler") -> Stylization:
         b.count(n, c.steps, dt)
         rows.append(row(f"prompt switch at step {v} (no retrieval)", switched, c.steps, dt, v=v))
         # ReDi stylization: key from the content caption, blend at v, resume with the styled caption.
-        t = time.perf_counter()
-        state, _ = b.partial(kb, pc, seeds, c.key_step)
-        st = S.redi_retrieve(state, c.h_claim)
-        blended, st2 = S.redi_blend(st, v, "lstsq")
-        rep, _ = b.resume(st2, blended, ps, c.h_claim, S.GUARD_OFF)
-        dt = time.perf_counter() - t
-        rows.append(row(f"ReDi: content key at k={c.key_step}, styled resume from v={v}", rep.latent,
+        result, dt = b.redi(kb, pc, seeds, c.key_step, v, c.h_claim, S.GUARD_OFF, resume_prompts=ps)
+        rows.append(row(f"ReDi: content key at k={c.key_step}, styled resume from v={v}", result.latent,
                         c.key_step + c.steps - v, dt, v=v, k=c.key_step, h=c.h_claim,
-                        residual_centered_mean=float(np.mean(st2.centered_residual))))
+                        residual_centered_mean=float(np.mean(result.centered_residual))))
     direct_row = rows[1]
     d = direct_row.quality
     verdicts = {}
@@ -347,7 +339,7 @@ def tstitch(b: Bench, sampler: str = "euler") -> TStitchSweep:
     rows, ref = [], None
     for frac in c.tstitch_fractions:
         t = time.perf_counter()
-        lat, res = S.tstitch(b.small, b.large, prompts, seeds[0], b.recipe(sampler), frac)
+        lat, res = S.tstitch(b.small, b.large, prompts, seeds, b.recipe(sampler), frac)
         dt = time.perf_counter() - t
         b.count(len(prompts), c.steps, dt)
         if ref is None:
@@ -360,8 +352,8 @@ def tstitch(b: Bench, sampler: str = "euler") -> TStitchSweep:
     t0 = rows[0].seconds["total"]
     for r in rows:
         r.time_vs_large_only = r.seconds["total"] / t0
-    return TStitchSweep(sampler=sampler, protocol="foreign (every query its own seed)",
-                        reference="fraction 0 (large only)", rows=rows)
+    return TStitchSweep(sampler=sampler, protocol=f"foreign (query i from seed {c.foreign_seed_base}+i, one sampler run "
+                                                  "per fraction)", reference="fraction 0 (large only)", rows=rows)
 
 
 # --------------------------------------------------------------------------- 6. guard and wall clock
@@ -406,7 +398,7 @@ def guard(b: Bench, sampler: str, table: Table) -> Guard:
         off = table.redi(sampler, protocol, c.key_step, v, h)
         if off is None:
             off = b.redi_sweep(sampler, protocol, kb, c.key_step, [h], [v], tag="guard")[0]
-        auto = b.redi_sweep(sampler, protocol, kb, c.key_step, [h], [v], threshold=S.GUARD_AUTO, tag="guard")[0]
+        auto = b.redi_sweep(sampler, protocol, kb, c.key_step, [h], [v], guard=S.GUARD_AUTO, tag="guard")[0]
         p_half = table.plain(sampler, protocol, c.half_nfe) or b.plain_row(sampler, protocol, c.half_nfe)
         p_full = table.plain(sampler, protocol, c.steps) or b.plain_row(sampler, protocol, c.steps)
         rows += [GuardRow(off, "redi guard off"), GuardRow(auto, "redi guard auto"),
@@ -416,7 +408,8 @@ def guard(b: Bench, sampler: str, table: Table) -> Guard:
                               "mse_mean": M.paired_verdict(qa.mse, qp.mse), "mse_p95": M.percentile_verdict(qa.mse, qp.mse)}
         worst5[protocol] = {"guard_off": off.quality.mse_worst5_mean, "guard_auto": qa.mse_worst5_mean,
                             f"plain_{c.half_nfe}": qp.mse_worst5_mean, "accepted_auto": auto.accepted,
-                            "nfe_auto": auto.nfe, "threshold_auto": auto.guard_threshold}
+                            "nfe_auto": auto.nfe, "threshold_auto": auto.guard_threshold,
+                            "threshold_source_auto": auto.guard_source}
     return Guard(sampler=sampler, h=h, k=c.key_step, v=v, rows=rows,
                  fixed_auto_vs_plain_half=verdicts["fixed"], fixed_worst5=worst5["fixed"],
                  foreign_auto_vs_plain_half=verdicts["foreign"], foreign_worst5=worst5["foreign"])

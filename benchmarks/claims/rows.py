@@ -67,6 +67,7 @@ class ReDiRow:
     kb_entries: int
     guard: str | float           # "off", "auto" or the threshold given
     guard_threshold: float
+    guard_source: str            # where the threshold came from: "given", "calibrated" (stored in the KB) or "fallback"
     accepted: float              # share of items that used the blend
     same_source_neighbours: float
     seconds: dict                # {"partial", "retrieve", "blend", "resume", "total"}

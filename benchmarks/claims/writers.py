@@ -263,11 +263,14 @@ def write_markdown(res: dict, path: Path) -> None:
     gd = ex.get("guard")
     if gd:
         L += ["", "## Guard (euler, half NFE, H = " + str(gd["h"]) + "): worst 5% per-sample MSE to full", "",
-              "| protocol | guard off | guard auto | plain half NFE | accepted (auto) | NFE (auto) |", "|---|---|---|---|---|---|"]
+              "| protocol | guard off | guard auto | plain half NFE | accepted (auto) | NFE (auto) | auto threshold |",
+              "|---|---|---|---|---|---|---|"]
         for p in ("fixed", "foreign"):
             w = gd[f"{p}_worst5"]
             plain_key = [k for k in w if k.startswith("plain_")][0]
-            L.append(f"| {p} | {fmt(w['guard_off'])} | {fmt(w['guard_auto'])} | {fmt(w[plain_key])} | {w['accepted_auto']:.0%} | {fmt(w['nfe_auto'])} |")
+            source = w.get("threshold_source_auto", "calibrated during the run")
+            L.append(f"| {p} | {fmt(w['guard_off'])} | {fmt(w['guard_auto'])} | {fmt(w[plain_key])} | {w['accepted_auto']:.0%} | "
+                     f"{fmt(w['nfe_auto'])} | {fmt(w['threshold_auto'])} ({source}) |")
     L += ["", "## Skipped", ""] + [f"- **{x['experiment']}**: {x['reason']}" for x in res["skipped"]]
     L += ["", "## When should a user expect ReDi to pay off?", "", payoff_paragraph(res), ""]
     path.write_text("\n".join(L))
