@@ -222,12 +222,12 @@ def test_query_parameters_name_value_and_fix(kbdir):
     for call, words in cases:
         with pytest.raises(KBError, match=words):
             call()
-    n = retrieval.retrieve(kb, q, 2, 2)
+    near = retrieval.nearest_keys(kb, kb.as_queries(q), 2, 2)
     for call, words in [
-        (lambda: retrieval.blend_values(kb, n, None), r"value step must be an integer step index, got None"),
-        (lambda: retrieval.blend_values(kb, n, 4.0), r"value step must be an integer step index, got 4.0"),
-        (lambda: retrieval.blend_values(kb, n, 5), r"has no value step 5; it stores steps \[2, 4, 6\]"),
-        (lambda: retrieval.blend_values(kb, n, 4, mode="ridge", ridge="a"), r"ridge must be a finite number >= 0, got 'a'. Pass e.g."),
+        (lambda: retrieval.blend_entries(kb, near.ids, np.ones((1, 2)), None), r"value step must be an integer step index, got None"),
+        (lambda: retrieval.blend_entries(kb, near.ids, np.ones((1, 2)), 4.0), r"value step must be an integer step index, got 4.0"),
+        (lambda: retrieval.blend_entries(kb, near.ids, np.ones((1, 2)), 5), r"has no value step 5; it stores steps \[2, 4, 6\]"),
+        (lambda: retrieval.fit_weights(kb.as_queries(q), near.keys, 1.0, mode="ridge", ridge="a"), r"ridge must be a finite number >= 0, got 'a'. Pass e.g."),
         (lambda: retrieval.calibrate(kb, 2, 2, sample=2.5), r"sample must be an integer >= 1, got 2.5"),
         (lambda: retrieval.calibrate(kb, 2, None), r"H \(neighbours\) must be an integer >= 1, got None"),
     ]:
