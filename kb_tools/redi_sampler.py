@@ -52,6 +52,8 @@ class ReDiRun:
     guard: Guard
     ridge: float = 1e-2
     result: ReDiResult | None = None
+    #: Called with each run's ReDiResult (the SamplerReDi node shows it on the canvas); None: log only.
+    on_result: Callable[[ReDiResult], None] | None = None
 
 
 def make_run(kb: KnowledgeBase, key_step: int, value_step: int, neighbours: int = 3, weight_mode: str = "lstsq",
@@ -112,6 +114,8 @@ def sample_redi(model, x, sigmas, extra_args=None, callback=None, disable=None, 
                             near.distances, fit.weights, fit.mode, fit.residual, fit.centered_residual, run.guard,
                             tally, tuple(warnings))
     log.info(run.result.summary())
+    if run.on_result is not None:
+        run.on_result(run.result)
     return out
 
 

@@ -10,6 +10,7 @@ from comfy_api.latest import io
 
 from ..kb_tools import redi as core
 from ..kb_tools.redi_sampler import make_run, redi_ksampler
+from . import feedback
 from .redi import CATEGORY, GUARD_TOOLTIP, WEIGHT_MODES, kb_input
 
 
@@ -34,11 +35,15 @@ class SamplerReDi(io.ComfyNode):
                 io.Float.Input("guard", default=-1.0, min=-1.0, max=100.0, step=0.01, tooltip=GUARD_TOOLTIP),
             ],
             outputs=[io.Sampler.Output()],
+            hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
     def execute(cls, knowledge_base, key_step, value_step, neighbours, weight_mode, guard) -> io.NodeOutput:
-        return io.NodeOutput(redi_ksampler(make_run(knowledge_base, key_step, value_step, neighbours, weight_mode, guard)))
+        run = make_run(knowledge_base, key_step, value_step, neighbours, weight_mode, guard)
+        node_id = cls.hidden.unique_id  # the run happens later, inside SamplerCustomAdvanced: remember where to report
+        run.on_result = lambda result: feedback.show_text(node_id, feedback.resume_text(result))
+        return io.NodeOutput(redi_ksampler(run))
 
 
 class ReDiKBNoise(io.ComfyNode):

@@ -7,6 +7,8 @@ ComfyUI sends that dict to the page in the "executed" message and keeps it in /h
   on the node, the same key ComfyUI's own Preview-as-Text node uses;
 - "redi_kb" names a knowledge base that was just written; the web extension then refreshes the
   node definitions, so ReDiLoadKnowledgeBase lists it without a manual refresh.
+A SAMPLER node (SamplerReDi) finishes before its run starts, so it has no `ui` to return; its
+run summary goes to the node as ComfyUI's progress text (`show_text`), drawn by the front end.
 """
 from __future__ import annotations
 
@@ -15,6 +17,11 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..kb_tools.kb import KnowledgeBase
+
+try:  # the server module exists only inside a ComfyUI process; the offline command has none
+    from server import PromptServer
+except ImportError:  # pragma: no cover - depends on how the pack was imported
+    PromptServer = None
 
 #: Batch items listed one per line on the node; the rest are counted, not listed.
 MAX_ITEMS_LISTED = 8
@@ -61,6 +68,13 @@ def resume_text(result) -> str:
         lines.append(f"... {len(items) - MAX_ITEMS_LISTED} more item(s), {int(result.accepted[MAX_ITEMS_LISTED:].sum())} of them skipped steps")
     lines.append(f"{result.evaluations.total()} model evaluations in all ({result.evaluations.describe()}).")
     return "\n".join(lines)
+
+
+def show_text(node_id: str | None, text: str) -> None:
+    """Draw `text` on node `node_id` of the running prompt (ComfyUI's progress text); no server: nothing to do."""
+    server = getattr(PromptServer, "instance", None)
+    if node_id is not None and server is not None:
+        server.send_progress_text(text, node_id)
 
 
 def resume_ui(result) -> dict:

@@ -231,6 +231,31 @@ class ComfyServer:
             time.sleep(delay)
             delay = min(delay * 1.5, 2.0)
 
+    def run_collecting_texts(self, prompt: dict, timeout: float) -> tuple[dict, list[tuple[str, str]]]:
+        """Run a prompt while listening on the server's websocket, as the page does.
+
+        Returns its history entry and the progress texts (node id, text) the server sent, the
+        binary message the front end draws on a node (server.send_progress_text).
+        """
+        import websocket  # websocket-client, pinned with the browser test's requirements
+
+        ws = websocket.create_connection(f"ws://127.0.0.1:{self.port}/ws?clientId={self.client_id}", timeout=timeout)
+        try:
+            entry = self.run(prompt, timeout)
+            texts = []
+            ws.settimeout(2.0)  # the messages of a finished prompt are already in the socket
+            while True:
+                try:
+                    opcode, data = ws.recv_data()
+                except websocket.WebSocketTimeoutException:
+                    break
+                if opcode == websocket.ABNF.OPCODE_BINARY and len(data) > 8 and int.from_bytes(data[:4], "big") == 3:
+                    n = int.from_bytes(data[4:8], "big")  # event 3: [node id length][node id][text]
+                    texts.append((data[8:8 + n].decode("utf-8"), data[8 + n:].decode("utf-8")))
+            return entry, texts
+        finally:
+            ws.close()
+
     def run(self, prompt: dict, timeout: float) -> dict:
         """Queue a prompt and wait for it; raise with the error messages and the log if it failed."""
         prompt_id = self.queue(prompt)

@@ -266,3 +266,19 @@ def test_workflow_templates_list_the_examples(server):
     for name in UI_NAMES:
         served = server.get(f"/api/workflow_templates/{PACK_NAME}/{urllib.parse.quote(name)}.json")
         assert served == load_ui(name)
+
+
+def test_native_redi_sampler_shows_its_summary_on_its_node(server, built_kb):
+    """SamplerReDi runs inside SamplerCustomAdvanced, after its own node finished: the run summary
+    reaches the SamplerReDi node as progress text, the same message the page draws on a node."""
+    prompt = load_api("6. ReDi as a SamplerCustomAdvanced sampler")
+    sampler_ids = [nid for nid, node in prompt.items() if node["class_type"] == "SamplerReDi"]
+    assert len(sampler_ids) == 1
+    # Another prompt text, so the server samples again instead of answering from its cache.
+    prompt["2"]["inputs"]["text"] = "a photograph of a dog"
+    assert prompt["2"]["class_type"] == "CLIPTextEncode" and prompt["10"]["inputs"]["guider"][0] == "7"
+    entry, texts = server.run_collecting_texts(prompt, timeout=QUERY_TIMEOUT_S)
+    assert entry["status"]["status_str"] == "success"
+    on_sampler = [text for nid, text in texts if nid == sampler_ids[0]]
+    assert on_sampler, f"no progress text for node {sampler_ids[0]}; texts sent: {texts}"
+    assert "model evaluations in all" in on_sampler[-1] and "item 0:" in on_sampler[-1], on_sampler[-1]
