@@ -46,12 +46,13 @@ def _build(args: argparse.Namespace) -> int:
 
 
 def _build_here(out: str, job, prompts: list[str], progress):
-    from .build import build_knowledge_base
-    from .build_job import load_checkpoint
     from .comfy_env import choose_device, ensure_comfyui
 
     ensure_comfyui()
     choose_device(force_cpu=job.cpu)
+    from .build import build_knowledge_base
+    from .build_job import load_checkpoint
+
     model, encode, channels = load_checkpoint(job.ckpt)
     return build_knowledge_base(out, model, encode, job.spec(channels, prompts), progress=progress)
 

@@ -92,11 +92,11 @@ def _model_for(job: BuildJob) -> tuple:
 def build_shard(job: BuildJob, kb_path: str, shard_path: str, pairs: Sequence[Pair],
                 progress: Callable[[int], None] | None = None) -> int:
     """Sample the pairs a shard KB still misses into it (resumable); return how many it holds."""
+    model, encode, channels = _model_for(job)  # first: it makes ComfyUI importable
     from . import comfy_sampling as cs
     from .build import build_knowledge_base, kb_settings_for
     from .kb import open_or_create
 
-    model, encode, channels = _model_for(job)
     spec = job.spec(channels, sorted({p for p, _ in pairs}), pairs=pairs, commit_every=SHARD_COMMIT_EVERY)
     if os.path.isfile(os.path.join(kb_path, MANIFEST)):  # stop before sampling if the KB was built otherwise
         r = spec.recipe
@@ -229,7 +229,7 @@ def build_on_ray(kb_path: str, job: BuildJob, prompts: Sequence[str], *, address
                                                  max_restarts=WORKER_RETRIES, max_task_retries=WORKER_RETRIES)
         pool = [actor.remote(job, board) for _ in range(min(workers, len(shards)))]
         queue, running = list(shards), {}
-        base = len(pending)
+        base, shown = len(pending), -1
         while queue or running:
             while queue and pool:
                 path, s = queue.pop(0)
@@ -243,8 +243,10 @@ def build_on_ray(kb_path: str, job: BuildJob, prompts: Sequence[str], *, address
                 except Exception as e:  # a task's error arrives wrapped by Ray: name the shard and the fix
                     raise _task_error(ray, e, path) from None
                 pool.append(w)
-            if progress is not None:
-                progress(base + ray.get(board.total.remote()), len(todo))
+            done = base + ray.get(board.total.remote())
+            if progress is not None and done != shown:
+                progress(done, len(todo))
+                shown = done
     finally:
         ray.shutdown()
 
