@@ -208,7 +208,7 @@ def kb_part(n: int, gen: Generator, root: Path, queries: np.ndarray, repeats: in
                                      spread, repeats)
         row["by_index"][kind] = {"build_s": bs, "build_cpu_s": bc, **summary, "recall_at_3": recall(found, exact)}
         del index
-    del kb
+    kb = None  # release the maps before the folder goes
     shutil.rmtree(path)
     return row
 

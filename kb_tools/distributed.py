@@ -109,13 +109,12 @@ def build_shard(job: BuildJob, kb_path: str, shard_path: str, pairs: Sequence[Pa
 class ShardBuilder:
     """One Ray worker: loads the checkpoint on its first shard and keeps it for the next ones."""
 
-    def __init__(self, job: BuildJob, progress_actor):
-        self.job, self.progress_actor = job, progress_actor
+    def __init__(self, job: BuildJob):
+        self.job = job
 
-    def build(self, kb_path: str, shard_path: str, pairs: list[Pair]) -> int:
+    def build(self, kb_path: str, shard_path: str, pairs: list[Pair], board) -> int:
         name = os.path.basename(shard_path)
-        return build_shard(self.job, kb_path, shard_path, [tuple(p) for p in pairs],
-                           lambda n: self.progress_actor.report.remote(name, n))
+        return build_shard(self.job, kb_path, shard_path, [tuple(p) for p in pairs], lambda n: board.report.remote(name, n))
 
 
 class ProgressBoard:
@@ -227,14 +226,14 @@ def build_on_ray(kb_path: str, job: BuildJob, prompts: Sequence[str], *, address
         board = ray.remote(ProgressBoard).options(num_cpus=0).remote()
         actor = ray.remote(ShardBuilder).options(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker,
                                                  max_restarts=WORKER_RETRIES, max_task_retries=WORKER_RETRIES)
-        pool = [actor.remote(job, board) for _ in range(min(workers, len(shards)))]
+        pool = [actor.remote(job) for _ in range(min(workers, len(shards)))]
         queue, running = list(shards), {}
         base, shown = len(pending), -1
         while queue or running:
             while queue and pool:
                 path, s = queue.pop(0)
                 w = pool.pop()
-                running[w.build.remote(root, path, s)] = (w, path)
+                running[w.build.remote(root, path, s, board)] = (w, path)
             ready, _ = ray.wait(list(running), num_returns=1, timeout=0.5)
             for ref in ready:
                 w, path = running.pop(ref)

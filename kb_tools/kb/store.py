@@ -509,6 +509,14 @@ def open_or_create(path: str, settings: KBSettings, *, dtype: str | None = None,
     return kb
 
 
+def _merge_differences(a: KnowledgeBase, b: KnowledgeBase) -> list[Difference]:
+    """What keeps `b`'s entries out of a KB like `a`: differing settings or dtype."""
+    diffs = differences(a.settings.to_dict(), b.settings.to_dict())
+    if b.dtype != a.dtype:
+        diffs.append(Difference("dtype", a.dtype, b.dtype))
+    return diffs
+
+
 def merge(out_path: str, sources: Sequence[str | KnowledgeBase], *, exist_ok: bool = False) -> KnowledgeBase:
     """A new KB holding every entry of `sources`; shards are hard-linked, indexes and stats rebuilt."""
     check_kb_path(out_path)
@@ -517,9 +525,7 @@ def merge(out_path: str, sources: Sequence[str | KnowledgeBase], *, exist_ok: bo
     kbs = [s if isinstance(s, KnowledgeBase) else KnowledgeBase.open(s) for s in sources]
     first = kbs[0]
     for kb in kbs[1:]:
-        diffs = differences(first.settings.to_dict(), kb.settings.to_dict())
-        if kb.dtype != first.dtype:
-            diffs.append(Difference("dtype", first.dtype, kb.dtype))
+        diffs = _merge_differences(first, kb)
         if diffs:
             raise KBMismatchError(f"Cannot merge {kb.path} with {first.path}: they differ in "
                                   f"{describe_differences(diffs, first.path, kb.path)}. Merge only KBs built with "
@@ -564,9 +570,7 @@ def merge_into(target: str | KnowledgeBase, sources: Sequence[str | KnowledgeBas
     kbs = [s if isinstance(s, KnowledgeBase) else KnowledgeBase.open(s) for s in sources]
     owner: dict[tuple[str, int], str] = {p: kb.path for p in kb._gen.entries}
     for src in kbs:
-        diffs = differences(kb.settings.to_dict(), src.settings.to_dict())
-        if src.dtype != kb.dtype:
-            diffs.append(Difference("dtype", kb.dtype, src.dtype))
+        diffs = _merge_differences(kb, src)
         if diffs:
             raise KBMismatchError(f"Cannot merge {src.path} into {kb.path}: they differ in "
                                   f"{describe_differences(diffs, kb.path, src.path)}. Merge only KBs built with "
