@@ -1,6 +1,6 @@
 """KB build throughput against plain sampling of the same prompts, sampler and batch size (issue 14, part 2).
 
-    python benchmarks/kb_build.py                 # tiny SD1.5-format checkpoint, 256x256, 10 steps
+    python benchmarks/kb_build.py                 # tiny SD1.5-format checkpoint, 128x128, 6 steps
     python benchmarks/kb_build.py --quick         # smoke run
 
 Model: the tiny SD1.5-format test checkpoint (tests/make_checkpoint.py: SD1.5's layout and widths,
@@ -73,10 +73,10 @@ def timed(fn) -> tuple[object, float, float]:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--prompts", type=int, default=8)
+    p.add_argument("--prompts", type=int, default=6)
     p.add_argument("--seeds", type=int, default=2)
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--size", type=int, default=256, help="image width = height (latent = size / 8)")
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--size", type=int, default=128, help="image width = height (latent = size / 8)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--ray-workers", default="1,2", help="Ray rows ('' to skip)")
