@@ -137,7 +137,7 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--limit", type=int, default=0, help="only the first N prompts (0 = all)")
     b.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is available (default: the GPU torch sees, else the CPU)")
     b.add_argument("--ray", default=None, metavar="auto|ADDRESS|local",
-                   help="build on a Ray cluster (needs: pip install \"redi-sampling[ray]\"): 'auto' = the cluster started on this "
+                   help="build on a Ray cluster (needs Ray: the optional extra redi-sampling[ray]): 'auto' = the cluster started on this "
                         "machine with `ray start --head`, HOST:PORT = that cluster's head, 'local' = a private one here. "
                         "The checkpoint, --out and the pack must be at the same paths on every node.")
     b.add_argument("--workers", type=int, default=0, help="with --ray: workers (each loads the checkpoint once); 0 = one per CPU, or per --gpus-per-worker GPUs")
