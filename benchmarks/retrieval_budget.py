@@ -286,6 +286,8 @@ def main() -> int:
     p.add_argument("--workdir", default=None)
     p.add_argument("--out", default=str(HERE / "benchmarks" / "results" / "retrieval_budget.json"))
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--keep-kb-rows", action="store_true",
+                   help="keep the KB rows (10k, 100k) already in --out, measured by an earlier run; measure only --million")
     args = p.parse_args()
     if args.quick:
         args.queries, args.repeats = 16, 40
@@ -299,6 +301,9 @@ def main() -> int:
               "faiss": faiss_build_info(), "gpu_step_ms_reference": GPU_STEP_MS, "h": H, "key_step": KEY,
               "value_step": VALUE, "queries": args.queries, "repeats": args.repeats, "kb": [], "million": None}
     out = Path(args.out)
+    if args.keep_kb_rows and out.is_file():
+        earlier = json.loads(out.read_text())
+        result["kb"] = [{**row, "from_run_of": earlier["date"]} for row in earlier.get("kb", [])]
     try:
         for n in (int(s) for s in args.sizes.split(",") if s):
             print(f"KB of {n} entries ...", flush=True)
