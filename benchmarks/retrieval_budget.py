@@ -303,7 +303,8 @@ def main() -> int:
     out = Path(args.out)
     if args.keep_kb_rows and out.is_file():
         earlier = json.loads(out.read_text())
-        result["kb"] = [{**row, "from_run_of": earlier["date"]} for row in earlier.get("kb", [])]
+        result["kb"] = [{**row, "from_run_of": earlier["date"], "queries": earlier["queries"], "repeats": earlier["repeats"]}
+                        for row in earlier.get("kb", [])]
     try:
         for n in (int(s) for s in args.sizes.split(",") if s):
             print(f"KB of {n} entries ...", flush=True)
