@@ -37,6 +37,9 @@ class BuildSpec:
     stitch_step: int = 0
     #: entries gathered in memory before one atomic commit (a crash loses at most these).
     commit_every: int = 64
+    #: explicit (prompt, seed) pairs to sample instead of prompts x seeds (one shard of a distributed
+    #: build); `seeds` still names the whole build's seeds, which the KB settings record.
+    pairs: Sequence[tuple[str, int]] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.recipe, Recipe):
@@ -105,7 +108,7 @@ def build_knowledge_base(kb_path: str, model, encode: Callable[[str], list], spe
         check_stitch_compatible(cs.model_signature(key_model), cs.model_signature(model), None, None)
     settings = kb_settings_for(model, spec, sigmas, key_model)
     kb = open_or_create(kb_path, settings, dtype=spec.dtype, index_type=spec.index_type)
-    pairs = [(p, int(s)) for p in spec.prompts for s in spec.seeds]
+    pairs = [(p, int(s)) for p, s in spec.pairs] or [(p, int(s)) for p in spec.prompts for s in spec.seeds]
     todo = kb.missing(pairs)
     already = len(pairs) - len(todo)
     stop = max(settings.stored_steps) + 1  # the sampler evaluates the model at every stored step

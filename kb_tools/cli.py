@@ -15,41 +15,46 @@ from .errors import KBError
 
 
 def _build(args: argparse.Namespace) -> int:
-    from .comfy_env import choose_device, ensure_comfyui
-
-    ensure_comfyui()
-    choose_device(force_cpu=args.cpu)
-    import comfy.sd
     from tqdm import tqdm
 
-    from .build import BuildSpec, build_knowledge_base
+    from .build_job import BuildJob
     from .prompts import read_prompts, shard_of
-    from .records import Recipe
-    from .schedule import parse_steps
 
     prompts = shard_of(read_prompts(args.prompts), args.shard)
     if args.limit:
         prompts = prompts[: args.limit]
     if not prompts:
         raise KBError(f"{args.prompts} holds no prompts for this shard; check the file and --shard.")
-    model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(args.ckpt, output_vae=False, output_clip=True)
-    if model is None or clip is None:
-        raise KBError(f"{args.ckpt} has no diffusion model or text encoder ComfyUI recognises; give a full checkpoint (model + CLIP).")
-    channels = model.get_model_object("latent_format").latent_channels
-    seeds = [args.seed + i for i in range(args.seeds_per_prompt)]
-    spec = BuildSpec(prompts=prompts, seeds=seeds, recipe=Recipe(args.sampler, args.scheduler, args.steps, args.cfg),
-                     store_steps=parse_steps(args.store_steps, args.steps),
-                     latent_shape=(channels, args.height // 8, args.width // 8), negative_prompt=args.negative,
-                     batch_size=args.batch_size, dtype=args.dtype, index_type=args.index)
-    encode = lambda prompt: clip.encode_from_tokens_scheduled(clip.tokenize(prompt))  # noqa: E731
-    with tqdm(total=len(prompts) * len(seeds), desc="trajectories", unit="traj") as bar:
+    job = BuildJob(ckpt=args.ckpt, seeds=tuple(args.seed + i for i in range(args.seeds_per_prompt)), sampler=args.sampler,
+                   scheduler=args.scheduler, steps=args.steps, cfg=args.cfg, store_steps=args.store_steps, width=args.width,
+                   height=args.height, negative=args.negative, batch_size=args.batch_size, dtype=args.dtype,
+                   index=args.index, cpu=args.cpu)
+    with tqdm(total=len(prompts) * len(job.seeds), desc="trajectories", unit="traj") as bar:
         def progress(done: int, total: int) -> None:
             bar.total = total
             bar.n = done
             bar.refresh()
-        report = build_knowledge_base(args.out, model, encode, spec, progress=progress)
+        if args.ray:
+            from .distributed import build_on_ray
+
+            report = build_on_ray(args.out, job, prompts, address=args.ray, workers=args.workers,
+                                  gpus_per_worker=args.gpus_per_worker, progress=progress)
+        else:
+            report = _build_here(args.out, job, prompts, progress)
     print(report.summary())
     return 0
+
+
+def _build_here(out: str, job, prompts: list[str], progress):
+    from .comfy_env import choose_device, ensure_comfyui
+
+    ensure_comfyui()
+    choose_device(force_cpu=job.cpu)
+    from .build import build_knowledge_base
+    from .build_job import load_checkpoint
+
+    model, encode, channels = load_checkpoint(job.ckpt)
+    return build_knowledge_base(out, model, encode, job.spec(channels, prompts), progress=progress)
 
 
 def _merge(args: argparse.Namespace) -> int:
@@ -131,6 +136,12 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--shard", default=None, help="'i/N': build only every N-th prompt starting at the i-th (merge the parts later)")
     b.add_argument("--limit", type=int, default=0, help="only the first N prompts (0 = all)")
     b.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is available (default: the GPU torch sees, else the CPU)")
+    b.add_argument("--ray", default=None, metavar="auto|ADDRESS|local",
+                   help="build on a Ray cluster (needs Ray: the optional extra redi-sampling[ray]): 'auto' = the cluster started on this "
+                        "machine with `ray start --head`, HOST:PORT = that cluster's head, 'local' = a private one here. "
+                        "The checkpoint, --out and the pack must be at the same paths on every node.")
+    b.add_argument("--workers", type=int, default=0, help="with --ray: workers (each loads the checkpoint once); 0 = one per CPU, or per --gpus-per-worker GPUs")
+    b.add_argument("--gpus-per-worker", type=float, default=0.0, help="with --ray: GPUs each worker reserves (0 = CPU workers)")
     b.set_defaults(func=_build)
 
     m = sub.add_parser("merge", help="merge knowledge bases built with the same settings (e.g. --shard parts)")

@@ -40,6 +40,10 @@ def test_pack_init_is_guarded_outside_comfyui(tmp_path):
     assert out.returncode == 0, out.stderr
 
 
+# The one place that names an install command: the error when the optional `ray` extra is missing.
+INSTALL_HINTS = {("kb_tools/distributed.py", "RAY_INSTALL")}
+
+
 def test_no_pickle_eval_exec_or_runtime_installs_in_the_pack():
     # Bare eval( / exec( only: `module.eval()` is torch's inference-mode switch, not Python's eval.
     pattern = re.compile(r"\bpickle\.loads?\(|(?<![\w.])eval\(|(?<![\w.])exec\(|allow_pickle\s*=\s*True|weights_only\s*=\s*False|pip install|subprocess.*pip")
@@ -49,7 +53,7 @@ def test_no_pickle_eval_exec_or_runtime_installs_in_the_pack():
         if rel.parts[0] in ("tests", "benchmarks", ".git") or "site-packages" in rel.parts:
             continue
         for n, line in enumerate(path.read_text().splitlines(), 1):
-            if pattern.search(line):
+            if pattern.search(line) and (rel.as_posix(), line.split("=")[0].strip()) not in INSTALL_HINTS:
                 offenders.append(f"{rel}:{n}: {line.strip()}")
     assert not offenders, offenders
 

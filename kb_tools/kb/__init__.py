@@ -23,11 +23,11 @@ from .generation import AUTO_VERIFY_MAX_BYTES, VERIFY_MODES
 from .index import AUTO_FLAT_MAX_ENTRIES, MAX_AUTO_INDEX_DIM, auto_reduce, ivf_nlist, reduce_keys
 from .files import check_kb_name, check_kb_path
 from .settings import SEED_POLICIES, SETTING_KEYS, KBSettings
-from .store import KnowledgeBase, merge, open_or_create
+from .store import KnowledgeBase, merge, merge_into, open_or_create
 
 __all__ = [
     "AUTO_FLAT_MAX_ENTRIES", "AUTO_VERIFY_MAX_BYTES", "DTYPES", "FORMAT_VERSION", "INDEX_DIR", "INDEX_TYPES",
     "KBError", "KBMismatchError", "KBSettings", "KnowledgeBase", "LOCK_FILE", "MANIFEST", "MAX_AUTO_INDEX_DIM",
     "SEED_POLICIES", "SETTING_KEYS", "SHARDS_DIR", "VERIFY_MODES", "auto_reduce", "check_kb_name", "check_kb_path",
-    "ivf_nlist", "merge", "open_or_create", "reduce_keys", "step_name", "sum_name",
+    "ivf_nlist", "merge", "merge_into", "open_or_create", "reduce_keys", "step_name", "sum_name",
 ]

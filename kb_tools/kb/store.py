@@ -509,6 +509,14 @@ def open_or_create(path: str, settings: KBSettings, *, dtype: str | None = None,
     return kb
 
 
+def _merge_differences(a: KnowledgeBase, b: KnowledgeBase) -> list[Difference]:
+    """What keeps `b`'s entries out of a KB like `a`: differing settings or dtype."""
+    diffs = differences(a.settings.to_dict(), b.settings.to_dict())
+    if b.dtype != a.dtype:
+        diffs.append(Difference("dtype", a.dtype, b.dtype))
+    return diffs
+
+
 def merge(out_path: str, sources: Sequence[str | KnowledgeBase], *, exist_ok: bool = False) -> KnowledgeBase:
     """A new KB holding every entry of `sources`; shards are hard-linked, indexes and stats rebuilt."""
     check_kb_path(out_path)
@@ -517,9 +525,7 @@ def merge(out_path: str, sources: Sequence[str | KnowledgeBase], *, exist_ok: bo
     kbs = [s if isinstance(s, KnowledgeBase) else KnowledgeBase.open(s) for s in sources]
     first = kbs[0]
     for kb in kbs[1:]:
-        diffs = differences(first.settings.to_dict(), kb.settings.to_dict())
-        if kb.dtype != first.dtype:
-            diffs.append(Difference("dtype", first.dtype, kb.dtype))
+        diffs = _merge_differences(first, kb)
         if diffs:
             raise KBMismatchError(f"Cannot merge {kb.path} with {first.path}: they differ in "
                                   f"{describe_differences(diffs, first.path, kb.path)}. Merge only KBs built with "
@@ -550,3 +556,47 @@ def merge(out_path: str, sources: Sequence[str | KnowledgeBase], *, exist_ok: bo
         _remove_new_folders(root, made)
         raise
     return KnowledgeBase.open(root, verify="size")
+
+
+def merge_into(target: str | KnowledgeBase, sources: Sequence[str | KnowledgeBase]) -> KnowledgeBase:
+    """Add every entry of `sources` to the existing KB `target` in one commit; shards hard-linked, indexes grown.
+
+    What `merge` does for a new KB, for one that already holds entries (a distributed build's
+    shards joining the KB a previous run finished). A crash leaves `target` as it was.
+    """
+    kb = target if isinstance(target, KnowledgeBase) else KnowledgeBase.open(target)
+    if isinstance(sources, (str, bytes, os.PathLike)) or not sources:
+        raise KBError("merge_into needs a list of at least one source KB path.")
+    kbs = [s if isinstance(s, KnowledgeBase) else KnowledgeBase.open(s) for s in sources]
+    owner: dict[tuple[str, int], str] = {p: kb.path for p in kb._gen.entries}
+    for src in kbs:
+        diffs = _merge_differences(kb, src)
+        if diffs:
+            raise KBMismatchError(f"Cannot merge {src.path} into {kb.path}: they differ in "
+                                  f"{describe_differences(diffs, kb.path, src.path)}. Merge only KBs built with "
+                                  "the same settings; rebuild one of them to match.")
+        for p in src._gen.entries:
+            if p in owner:
+                raise KBError(f"prompt {args.short(p[0])} with seed {p[1]} is in both {owner[p]} and {src.path}. "
+                              "Remove it from one source (rebuild that source without it) before merging.")
+            owner[p] = src.path
+    with kb._lock:
+        g = kb._gen
+        m = g.manifest
+        with transaction(kb._path, m) as txn:
+            shards = list(m.shards)
+            for src in kbs:
+                for s in src._gen.manifest.shards:
+                    stem = shard_stem(len(shards))
+                    shards.append(ShardRecord(txn.link(src._gen.path(s.data.file), stem + ".safetensors", s.data),
+                                              txn.link(src._gen.path(s.entries.file), stem + ".entries.json", s.entries), s.count))
+            indexes, sums = {}, {}
+            for st in m.settings.stored_steps:
+                sums[st] = g.require_sums()[st].copy()
+                chunks = (c for src in kbs for c in src._gen.key_chunks(st))
+                keys = list(_keys_and_sums(chunks, m.reduce, sums[st]))
+                index = g.index(st, kb._nprobe, kb._ef_search)
+                indexes[st] = ix.grow(index, m.index_type, np.concatenate(keys)) if keys else index
+            new = m.evolve(shards=tuple(shards), count=sum(s.count for s in shards))
+            txn.commit(_stage_derived(txn, new, indexes, sums))
+    return KnowledgeBase.open(kb._path, verify="size")
