@@ -1,0 +1,45 @@
+"""T-Stitch (`kb_tools.tstitch.tstitch_guider`): the small model runs the first fraction of the T steps, the large one the rest.
+
+One sampler run; its cost in large-model NFE counts each small-model row at the FLOP ratio of
+the two networks (Bench.small_cost).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from kb_tools import comfy_sampling as cs
+from kb_tools.plain import cfg_guider, sample_counted
+from kb_tools.schedule import Switch
+from kb_tools.tstitch import tstitch_guider
+
+from ..registry import Method, Output, Plan, Setting, register
+
+
+def fractions(plan: Plan) -> tuple:
+    thorough = plan.depth == "full" and plan.workload in ("heldout_fixed", "heldout_foreign")
+    return plan.cfg.tstitch_fractions if thorough else (plan.cfg.tstitch_core_fraction,)
+
+
+def tstitch_settings(plan: Plan) -> list[Setting]:
+    r = plan.regime
+    return [Setting("tstitch", f"T-Stitch {r.sampler}/{r.scheduler}", f"T-Stitch small model on the first {f:.0%} of {r.steps} steps",
+                    {"small_fraction": f, "sampler": r.sampler, "scheduler": r.scheduler, "steps": r.steps}, None)
+            for f in fractions(plan)]
+
+
+def run_tstitch(bench, regime, queries, setting: Setting, *, large=None) -> Output:
+    p = setting.params
+    positive, negative = bench.conditioning(queries.prompts)
+    large = bench.models["large"] if large is None else large
+    guider = tstitch_guider(cfg_guider(bench.models["small"], positive, negative, regime.cfg),
+                            cfg_guider(large, positive, negative, regime.cfg), Switch("fraction", p["small_fraction"]))
+    sigmas = cs.schedule_sigmas(large, p["sampler"], p["scheduler"], p["steps"])
+    out, _, _ = sample_counted(guider, bench.zeros(len(queries)), list(queries.seeds), sigmas, p["sampler"])
+    s = guider.switch.step_in(sigmas.tolist())
+    n = len(queries)
+    return Output(out, claim={"large": np.full(n, p["steps"] - s), "small": np.full(n, s)},
+                  extras={"small_steps": s, "small_cost_per_row": bench.small_cost})
+
+
+register(Method("tstitch", "tstitch", tstitch_settings, run_tstitch,
+                description="T-Stitch: the small model first, the large model after, one sampler run"))
