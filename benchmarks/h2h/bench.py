@@ -1,11 +1,11 @@
 """The shared state of a head-to-head run: models counted at the forward pass, judge, KBs, query sets, references.
 
-Every sample goes through the pack's kb_tools core (plain.sample_counted with ComfyUI's
-CFGGuider, redi.generate, tstitch.tstitch_guider, build.build_knowledge_base) on the embedded
+Every sample goes through `embedded.sampling` (the pack's kb_tools code paths: plain
+`sample_prompts`, ReDi `generate`, `tstitch_sample`, `build_knowledge_base`) on the embedded
 crops UNets. Both models are clones whose diffusion model counts its forward rows per item
 (kb_tools.counting); `measure` opens a counting session on both and times the block (wall and
-CPU seconds). Caches (EasyCache, LazyCache) are applied to the plain model first and counted
-after, so their skipped calls cost nothing.
+CPU seconds). Caches (EasyCache, LazyCache) are applied to the uncounted model first and
+counted after (methods/caches.py), so the calls they answer from the cache cost nothing.
 """
 from __future__ import annotations
 
@@ -18,12 +18,12 @@ import numpy as np
 import torch
 
 from benchmarks import metrics as M
+from embedded import sampling as S
 from embedded.judge import Judge
-from embedded.models import load_models
+from embedded.models import bf16_autocast, load_models
 from embedded.rendering import LATENT_SHAPE
-from kb_tools import comfy_sampling as cs
 from kb_tools.counting import ForwardCounter, counted
-from kb_tools.plain import batch_conditioning, cfg_guider, sample_counted
+from kb_tools.records import Recipe
 
 from . import kbs
 from .config import Config, Regime
@@ -52,30 +52,29 @@ class Reference:
     measured: Measured
 
 
-def forward_flops(model, batch: int = 8) -> float:
-    """FLOPs of one forward row of the model's diffusion network (torch's FLOP counter, a 16x16 input)."""
+def forward_flops(model, batch: int = 4) -> float:
+    """FLOPs of one forward row of the model's diffusion network (torch's FLOP counter, the embedded latent size)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     net = model.model.diffusion_model
-    x = torch.zeros((batch, *LATENT_SHAPE))
-    ctx = torch.zeros((batch, 4, net.context_dim if hasattr(net, "context_dim") else 64))
+    cond = S.conditioning(["digit 0"] * batch)[0][0][0]
     with FlopCounterMode(display=False) as fc, torch.no_grad():
-        net(x, torch.full((batch,), 500.0), context=ctx)
+        net(torch.zeros((batch, *LATENT_SHAPE)), torch.full((batch,), 500.0), context=cond)
     return fc.get_total_flops() / batch
 
 
 class Bench:
     """Models, judge, knowledge bases and reference runs shared by every method of one run."""
 
-    def __init__(self, cfg: Config, scratch: Path, log: Callable[..., None] = print):
+    def __init__(self, cfg: Config, scratch: Path, precision: str = "fp32", log: Callable[..., None] = print):
         self.cfg, self.scratch, self.log = cfg, scratch, log
         scratch.mkdir(parents=True, exist_ok=True)
-        large, small, encode = load_models()
+        large, small, _ = load_models()
+        if precision == "bf16":  # as paper_claims: autocast through ComfyUI's unet wrapper, under the counter
+            large, small = bf16_autocast(large), bf16_autocast(small)
         self.plain_models = {"large": large, "small": small}
         self.counters = {role: ForwardCounter() for role in ROLES}
         self.models = {role: counted(m, self.counters[role])[0] for role, m in self.plain_models.items()}
-        self.encode = encode
-        self.latent_shape = LATENT_SHAPE
         self.judge = Judge()
         # One small-model row costs this many large-model rows (FLOPs): T-Stitch's NFE in large-model units.
         self.small_cost = forward_flops(small) / forward_flops(large)
@@ -108,30 +107,18 @@ class Bench:
         return m.nfe["large"] + self.small_cost * m.nfe["small"]
 
     # ------------------------------------------------------------------ sampling
-    def conditioning(self, prompts: Sequence[str]) -> tuple[list, list]:
-        """(positive [N items], negative) CONDITIONING: the prompts, and the unconditional prompt shared by all."""
-        return batch_conditioning([self.encode(p) for p in prompts]), self.encode("")
-
-    def zeros(self, n: int) -> torch.Tensor:
-        return torch.zeros((n, *self.latent_shape))
-
     def plain_run(self, model, prompts: Sequence[str], seeds: Sequence[int], sampler: str, scheduler: str, steps: int,
                   cfg: float) -> torch.Tensor:
         """The plain sampler over its own schedule from each item's seed, one batch: latents [N, C, H, W]."""
-        positive, negative = self.conditioning(prompts)
-        sigmas = cs.schedule_sigmas(model, sampler, scheduler, steps)
-        out, _, _ = sample_counted(cfg_guider(model, positive, negative, cfg), self.zeros(len(prompts)), list(seeds),
-                                   sigmas, sampler)
-        return out
+        return S.plain(model, list(prompts), list(seeds), Recipe(sampler, scheduler, steps, cfg)).latents
 
-    def reference(self, regime: Regime, queries: Queries, prompts: Sequence[str] | None = None) -> Reference:
-        """The regime's plain sampler at T on the queries (or on `prompts` from the same seeds), cached."""
-        prompts = tuple(queries.prompts if prompts is None else prompts)
-        key = (regime.name, queries.workload, prompts, queries.seeds)
+    def reference(self, regime: Regime, queries: Queries) -> Reference:
+        """The regime's plain sampler at T on the queries, from the same seeds (cached per query set)."""
+        key = (regime.name, queries.prompts, queries.seeds)
         if key not in self._refs:
-            with self.measure(len(prompts)) as m:
-                lat = self.plain_run(self.models["large"], prompts, queries.seeds, regime.sampler, regime.scheduler,
-                                     regime.steps, regime.cfg)
+            with self.measure(len(queries)) as m:
+                lat = self.plain_run(self.models["large"], queries.prompts, queries.seeds, regime.sampler,
+                                     regime.scheduler, regime.steps, regime.cfg)
             self._refs[key] = Reference(lat, m)
         return self._refs[key]
 
@@ -144,29 +131,18 @@ class Bench:
     def kb(self, regime: Regime) -> kbs.KBInfo:
         """The regime's KB (every step 1..T-1 stored), with a guard calibration for its main key step and H."""
         if regime.name not in self.kbs:
-            info = kbs.build(self.kb_path(regime), self.models["large"], self.encode, regime, self.latent_shape,
-                             store_steps=range(1, regime.steps))
+            info = kbs.build(self.kb_path(regime), self.models["large"], regime)
             self.kbs[regime.name] = kbs.calibrated(info, regime.key_step, self.cfg.redi_h_main)
             self.log(f"  KB {info.name}: {info.entries} entries, built in {info.build_wall_seconds:.0f} s wall / "
                      f"{info.build_cpu_seconds:.0f} s CPU ({info.added_this_run} added this run)", flush=True)
         return self.kbs[regime.name]
 
     def style_free_kb(self, regime: Regime) -> kbs.KBInfo:
+        """The regime KB's sepia-0 entries (stylization's KB, the paper's setting), calibrated as the main KB."""
         name = regime.name + ":stylefree"
         if name not in self.kbs:
-            self.kbs[name] = kbs.style_free(self.kb(regime), self.kb_path(regime, "stylefree"))
-        return self.kbs[name]
-
-    def stitched_kb(self, regime: Regime, stitch_step: int, store_steps: Sequence[int]) -> kbs.KBInfo:
-        """A KB whose keys the small model made (its first `stitch_step` steps), storing only `store_steps`."""
-        name = f"{regime.name}:stitch{stitch_step}"
-        if name not in self.kbs:
-            info = kbs.build(self.kb_path(regime, f"stitch{stitch_step}_steps{'-'.join(map(str, store_steps))}"),
-                             self.models["large"], self.encode, regime, self.latent_shape, store_steps=store_steps,
-                             stitch_step=stitch_step, key_model=self.models["small"])
-            self.kbs[name] = info
-            self.log(f"  KB {info.name}: {info.entries} entries, built in {info.build_wall_seconds:.0f} s wall / "
-                     f"{info.build_cpu_seconds:.0f} s CPU ({info.added_this_run} added this run)", flush=True)
+            info = kbs.style_free(self.kb(regime), self.kb_path(regime, "stylefree"))
+            self.kbs[name] = kbs.calibrated(info, regime.key_step, self.cfg.redi_h_main)
         return self.kbs[name]
 
     # ------------------------------------------------------------------ the judge's references

@@ -1,9 +1,9 @@
-"""The head-to-head run's knowledge bases: built with the pack (Algorithm 1), cached under .scratch across runs.
+"""The head-to-head run's knowledge bases: built with the pack (Algorithm 1), cached in the scratch folder across runs.
 
 A KB holds the trajectories of `regime.kb_entries` train captions from the one KB seed, sampled
-with the regime's recipe. What building it cost (wall and CPU seconds, summed over every run
-that added entries) is kept in a sidecar JSON next to it, so a run that reuses the cache still
-reports it. Only the KB library's public methods are used.
+with the regime's recipe, every step 1..T-1 stored. What building it cost (wall and CPU
+seconds, summed over every run that added entries) is kept in a sidecar JSON next to it, so a
+run that reuses the cache still reports it.
 """
 from __future__ import annotations
 
@@ -14,12 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-from kb_tools.build import BuildSpec, build_knowledge_base
+from embedded import sampling as S
+from embedded.captions import parse_prompt, sample_captions
 from kb_tools.kb import KnowledgeBase
 from kb_tools.records import Recipe
-from kb_tools.retrieval import calibrate
-
-from embedded.captions import parse_prompt, sample_captions
 
 from .config import Regime
 from .timing import Timer
@@ -32,7 +30,6 @@ class KBInfo:
     name: str
     entries: int
     stored_steps: list
-    stitch_step: int
     build_wall_seconds: float
     build_cpu_seconds: float
     added_this_run: int
@@ -44,29 +41,20 @@ def _sidecar(path: Path) -> Path:
     return path.parent / (path.name + ".build.json")
 
 
-def _is_kb(path: Path) -> bool:
-    return (path / "manifest.json").is_file()
-
-
-def build(path: Path, model, encode, regime: Regime, latent_shape, *, store_steps, stitch_step: int = 0,
-          key_model=None, batch_size: int = 100) -> KBInfo:
+def build(path: Path, model, regime: Regime, batch_size: int = 50) -> KBInfo:
     """Build (or complete, from the cache) the KB of the regime's train captions at `path`."""
     prompts = [c.prompt() for c in sample_captions(regime.kb_entries, "train")]
-    spec = BuildSpec(prompts=prompts, seeds=[regime.kb_seed],
-                     recipe=Recipe(regime.sampler, regime.scheduler, regime.steps, regime.cfg),
-                     store_steps=list(store_steps), latent_shape=tuple(latent_shape), batch_size=batch_size,
-                     stitch_step=stitch_step, commit_every=500)
     side = _sidecar(path)
     history = json.loads(side.read_text()) if side.is_file() else {"wall_seconds": 0.0, "cpu_seconds": 0.0, "added": 0}
     with Timer() as t:
-        report = build_knowledge_base(str(path), model, encode, spec, key_model=key_model if stitch_step else None,
-                                      key_encode=encode)
+        report = S.build_kb(path, model, prompts, [regime.kb_seed], Recipe(regime.sampler, regime.scheduler,
+                            regime.steps, regime.cfg), range(1, regime.steps), batch_size=batch_size, commit_every=500)
     if report.added:
         history = {"wall_seconds": history["wall_seconds"] + t.wall, "cpu_seconds": history["cpu_seconds"] + t.cpu,
                    "added": history["added"] + report.added}
         side.write_text(json.dumps(history))
     kb = report.kb
-    return KBInfo(path.name, len(kb), list(kb.stored_steps), stitch_step, round(history["wall_seconds"], 1),
+    return KBInfo(path.name, len(kb), list(kb.stored_steps), round(history["wall_seconds"], 1),
                   round(history["cpu_seconds"], 1), report.added, None, kb)
 
 
@@ -75,27 +63,21 @@ def calibrated(info: KBInfo, key_step: int, h: int) -> KBInfo:
     kb = info.kb
     have = kb.calibration(key_step)
     if not have or have.get("h") != h:
-        kb.set_calibration(key_step, calibrate(kb, key_step, h, sample=min(256, len(kb))))
+        S.calibrate_guard(kb, key_step, h, sample=min(64, len(kb)))
         have = kb.calibration(key_step)
     return dataclasses.replace(info, calibration={"key_step": key_step, **have})
 
 
-def subset(info: KBInfo, path: Path, keep, name: str) -> KBInfo:
-    """A KB at `path` holding the entries of `info.kb` whose prompt passes `keep` (rebuilt when stale)."""
+def style_free(info: KBInfo, path: Path) -> KBInfo:
+    """A KB at `path` with the sepia-0 entries of `info.kb`: the style-free KB of stylization (rebuilt when stale)."""
     kb = info.kb
     entries = kb.entries
-    ids = np.array([i for i, (p, _) in enumerate(entries) if keep(p)], np.int64)
-    if _is_kb(path):
+    ids = np.array([i for i, (p, _) in enumerate(entries) if parse_prompt(p).sepia == 0.0], np.int64)
+    name = info.name + "_stylefree"
+    if (path / "manifest.json").is_file():
         sub = KnowledgeBase.open(str(path))
         if len(sub) == len(ids) and sub.settings.to_dict() == kb.settings.to_dict():
             return dataclasses.replace(info, name=name, entries=len(sub), added_this_run=0, calibration=None, kb=sub)
         shutil.rmtree(path)
-    sub = KnowledgeBase.create(str(path), kb.settings, dtype=kb.dtype)
-    sub.append({s: kb.latents(s, ids) for s in kb.stored_steps}, [entries[i][0] for i in ids],
-               [entries[i][1] for i in ids])
+    sub = S.kb_subset(kb, path, ids)
     return dataclasses.replace(info, name=name, entries=len(sub), added_this_run=0, calibration=None, kb=sub)
-
-
-def style_free(info: KBInfo, path: Path) -> KBInfo:
-    """The KB's sepia-0 entries: the style-free KB of stylization (the paper's setting)."""
-    return subset(info, path, lambda p: parse_prompt(p).sepia == 0.0, info.name + "_stylefree")

@@ -26,13 +26,14 @@ def cached_model(bench, node: str, threshold: float, role: str = "large"):
     return counted(model, bench.counters[role])[0]
 
 
-def base_samplers(plan: Plan, thorough: bool) -> list[tuple[str, str, str]]:
-    """(line suffix, sampler, scheduler): the reference sampler, and the oracle's choice at T when it differs."""
+def base_samplers(plan: Plan, thorough: bool) -> list[tuple[str, str, str, int, int]]:
+    """(line suffix, sampler, scheduler, steps, NFE without a cache): the reference sampler at T, and the oracle's
+    choice at T when it differs."""
     r = plan.regime
-    out = [("", r.sampler, r.scheduler)]
+    out = [("", r.sampler, r.scheduler, r.steps, r.steps)]
     best = plan.oracle[plan.budgets[-1]]
     if thorough and (best.sampler, best.scheduler) != (r.sampler, r.scheduler):
-        out.append((" (best sampler)", best.sampler, best.scheduler))
+        out.append((" (best sampler)", best.sampler, best.scheduler, best.steps, best.nfe))
     return out
 
 
@@ -41,13 +42,13 @@ def cache_settings(node: str, plan: Plan, many: bool) -> list[Setting]:
     thorough = plan.depth == "full" and plan.workload == "heldout_fixed"
     thresholds = cfg.cache_thresholds if thorough and many else (cfg.cache_core_threshold,)
     out = []
-    for suffix, sampler, scheduler in base_samplers(plan, thorough):
+    for suffix, sampler, scheduler, steps, nfe in base_samplers(plan, thorough):
         line = f"{node} on {sampler}/{scheduler}{suffix}"
         for t in thresholds:
-            out.append(Setting(node.lower(), line, f"{node} threshold {t:g}, {sampler}/{scheduler} {r.steps} steps",
+            out.append(Setting(node.lower(), line, f"{node} threshold {t:g}, {sampler}/{scheduler} {steps} steps",
                                {"node": node, "reuse_threshold": t, "start_percent": START_PERCENT,
                                 "end_percent": END_PERCENT, "sampler": sampler, "scheduler": scheduler,
-                                "steps": r.steps}, None))
+                                "steps": steps, "uncached_nfe": nfe}, None))
     return out
 
 
@@ -55,8 +56,7 @@ def run_cache(bench, regime, queries, setting: Setting) -> Output:
     p = setting.params
     model = cached_model(bench, p["node"], p["reuse_threshold"])
     out = bench.plain_run(model, queries.prompts, queries.seeds, p["sampler"], p["scheduler"], p["steps"], regime.cfg)
-    steps = 2 * p["steps"] - 1 if p["sampler"] == "heun" else p["steps"]
-    return Output(out, claim={"large": np.full(len(queries), steps), "small": np.zeros(len(queries), np.int64)},
+    return Output(out, claim={"large": np.full(len(queries), p["uncached_nfe"]), "small": np.zeros(len(queries), np.int64)},
                   claim_kind="at_most")
 
 

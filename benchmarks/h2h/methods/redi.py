@@ -1,4 +1,4 @@
-"""ReDi (Algorithm 2, `kb_tools.redi.generate`) on the regime's KB: key step k, value step v, H neighbours, weight mode, guard.
+"""ReDi (Algorithm 2 in one sampler run, `kb_tools.redi.generate` through `embedded.sampling.redi_sample`) on the regime's KB: key step k, value step v, H neighbours, weight mode, guard.
 
 NFE = k + (T - v) for an item that jumps, T for one the guard sends back to its key step.
 Stylization keys with the content caption and resumes with the styled one on the KB's
@@ -9,14 +9,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from embedded import sampling as S
 from embedded.captions import parse_prompt
 from kb_tools.guard import GUARD_AUTO
-from kb_tools.redi import generate, make_run
 
 from ..registry import Method, Output, Plan, Setting, register
-
-#: A guard threshold no centered residual reaches: every blend is used (the paper has no guard).
-GUARD_OFF = 1e9
 
 
 def redi_setting(plan: Plan, k: int, budget: int, h: int, mode: str = "lstsq", guard: str = "off",
@@ -69,18 +66,15 @@ def redi_output(bench, regime, queries, kb, result, k: int) -> Output:
     return Output(result.latent, claim=claim, extras=extras, items=items)
 
 
-def run_redi(bench, regime, queries, setting: Setting, *, model=None, kb_info=None, small=False) -> Output:
+def run_redi(bench, regime, queries, setting: Setting) -> Output:
     p = setting.params
     style = queries.content_prompts is not None
-    if kb_info is None:
-        kb_info = bench.style_free_kb(regime) if style else bench.kb(regime)
+    kb_info = bench.style_free_kb(regime) if style else bench.kb(regime)
     kb = kb_info.kb
-    run = make_run(kb, p["k"], p["v"], p["h"], p["mode"], GUARD_OFF if p["guard"] == "off" else GUARD_AUTO)
-    positive, negative = bench.conditioning(queries.content_prompts if style else queries.prompts)
-    resume = bench.conditioning(queries.prompts)[0] if style else None
-    kw = {"small_model": bench.models["small"], "small_positive": positive, "small_negative": negative} if small else {}
-    result = generate(kb, bench.models["large"] if model is None else model, positive, negative, bench.zeros(len(queries)),
-                      list(queries.seeds), run, resume_positive=resume, **kw)
+    result = S.redi_sample(kb, bench.models["large"], list(queries.content_prompts if style else queries.prompts),
+                           list(queries.seeds), key_step=p["k"], value_step=p["v"], h=p["h"], mode=p["mode"],
+                           guard=S.GUARD_OFF if p["guard"] == "off" else GUARD_AUTO,
+                           resume_prompts=list(queries.prompts) if style else None)
     return redi_output(bench, regime, queries, kb, result, p["k"])
 
 

@@ -3,10 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from kb_tools import comfy_sampling as cs
-from kb_tools.guiders import SwitchGuider
-from kb_tools.plain import cfg_guider, sample_counted
-from kb_tools.schedule import Switch
+from embedded import sampling as S
+from kb_tools.records import Recipe
 
 from ..registry import Method, Output, Plan, Setting, register
 from .redi import budgets_for
@@ -23,13 +21,8 @@ def switch_settings(plan: Plan) -> list[Setting]:
 
 def run_switch(bench, regime, queries, setting: Setting) -> Output:
     p = setting.params
-    model = bench.models["large"]
-    content, negative = bench.conditioning(queries.content_prompts)
-    styled, _ = bench.conditioning(queries.prompts)
-    guider = SwitchGuider(cfg_guider(model, content, negative, regime.cfg), cfg_guider(model, styled, negative, regime.cfg),
-                          Switch("step", p["switch_step"]), names=("model", "model"))
-    sigmas = cs.schedule_sigmas(model, p["sampler"], p["scheduler"], p["steps"])
-    out, _, _ = sample_counted(guider, bench.zeros(len(queries)), list(queries.seeds), sigmas, p["sampler"])
+    out = S.prompt_switch(bench.models["large"], list(queries.content_prompts), list(queries.prompts), list(queries.seeds),
+                          Recipe(p["sampler"], p["scheduler"], p["steps"], regime.cfg), p["switch_step"])
     n = len(queries)
     return Output(out, claim={"large": np.full(n, p["steps"]), "small": np.zeros(n, np.int64)})
 

@@ -1,4 +1,4 @@
-"""T-Stitch (`kb_tools.tstitch.tstitch_guider`): the small model runs the first fraction of the T steps, the large one the rest.
+"""T-Stitch (`kb_tools.tstitch.tstitch_sample` through `embedded.sampling.tstitch`): the small model runs the first fraction of the T steps, the large one the rest.
 
 One sampler run; its cost in large-model NFE counts each small-model row at the FLOP ratio of
 the two networks (Bench.small_cost).
@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from kb_tools import comfy_sampling as cs
-from kb_tools.plain import cfg_guider, sample_counted
-from kb_tools.schedule import Switch
-from kb_tools.tstitch import tstitch_guider
+from embedded import sampling as S
+from kb_tools.records import Recipe
 
 from ..registry import Method, Output, Plan, Setting, register
 
@@ -27,16 +25,11 @@ def tstitch_settings(plan: Plan) -> list[Setting]:
             for f in fractions(plan)]
 
 
-def run_tstitch(bench, regime, queries, setting: Setting, *, large=None) -> Output:
+def run_tstitch(bench, regime, queries, setting: Setting) -> Output:
     p = setting.params
-    positive, negative = bench.conditioning(queries.prompts)
-    large = bench.models["large"] if large is None else large
-    guider = tstitch_guider(cfg_guider(bench.models["small"], positive, negative, regime.cfg),
-                            cfg_guider(large, positive, negative, regime.cfg), Switch("fraction", p["small_fraction"]))
-    sigmas = cs.schedule_sigmas(large, p["sampler"], p["scheduler"], p["steps"])
-    out, _, _ = sample_counted(guider, bench.zeros(len(queries)), list(queries.seeds), sigmas, p["sampler"])
-    s = guider.switch.step_in(sigmas.tolist())
-    n = len(queries)
+    out, result = S.tstitch(bench.models["small"], bench.models["large"], list(queries.prompts), list(queries.seeds),
+                            Recipe(p["sampler"], p["scheduler"], p["steps"], regime.cfg), p["small_fraction"])
+    n, s = len(queries), result.small_steps
     return Output(out, claim={"large": np.full(n, p["steps"] - s), "small": np.full(n, s)},
                   extras={"small_steps": s, "small_cost_per_row": bench.small_cost})
 
