@@ -54,6 +54,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/head_to_head.json)")
     p.add_argument("--queries", type=int, default=None, help="a reduced run: evaluation queries per workload (default 200)")
     p.add_argument("--kb-entries", type=int, default=None, help="a reduced run: KB trajectories (default 2000)")
+    p.add_argument("--oracle-captions", type=int, default=None, help="a reduced run: oracle selection captions (default 12)")
     p.add_argument("--workloads", default=None, help=f"a reduced run: comma-separated subset of {','.join(WORKLOADS)}")
     p.add_argument("--threads", type=int, default=1, help="torch and BLAS threads (default 1: the machine is shared)")
     p.add_argument("--precision", choices=["bf16", "fp32", "auto"], default="auto",
@@ -68,13 +69,24 @@ def config_from(a) -> tuple[Config, bool]:
     if a.smoke:
         return Config.smoke_config(), False
     cfg = Config()
-    if a.queries is None and a.kb_entries is None and a.workloads is None:
+    if a.queries is None and a.kb_entries is None and a.workloads is None and a.oracle_captions is None:
         return cfg, False
     workloads = tuple(w for w in (a.workloads or ",".join(WORKLOADS)).split(",") if w)
     unknown = sorted(set(workloads) - set(WORKLOADS))
     if unknown:
         raise SystemExit(f"unknown workload(s) {unknown}; choose from {list(WORKLOADS)}")
-    return cfg.reduced(a.queries or cfg.queries, a.kb_entries or cfg.regimes[0].kb_entries, workloads), True
+    cfg = cfg.reduced(a.queries or cfg.queries, a.kb_entries or cfg.regimes[0].kb_entries, workloads)
+    if a.oracle_captions:
+        cfg.oracle_captions = a.oracle_captions
+    return cfg, True
+
+
+def write_json(res: dict, path: Path) -> dict:
+    """The results as JSON at `path` (written after every workload, so a stopped run keeps what it measured)."""
+    clean = json.loads(json.dumps(to_json(res)))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(clean, indent=1))
+    return clean
 
 
 def render(res: dict, out_dir: Path, stem: str) -> None:
@@ -144,14 +156,13 @@ def main(argv=None) -> dict:
             got["summary"] = summarize(got["rows"], regime.budgets)
             got["wall_seconds"] = round(time.perf_counter() - t, 1)
             reg["workloads"][workload] = got
-        res["regimes"][regime.name] = reg
+            res["regimes"][regime.name] = reg
+            write_json({**res, "complete": False}, out_path)
     res["wall_seconds"] = round(time.perf_counter() - t_start, 1)
     res["machine"] = {"loadavg_before": list(load_before), "loadavg_after": list(os.getloadavg()),
                       "cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
                       "platform": platform.platform()}
-    clean = json.loads(json.dumps(to_json(res)))
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(clean, indent=1))
+    clean = write_json({**res, "complete": True}, out_path)
     render(clean, out_path.parent, out_path.stem)
     log(f"wrote {out_path} in {res['wall_seconds']:.0f} s", flush=True)
     return clean
