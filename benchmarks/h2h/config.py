@@ -87,6 +87,6 @@ class Config:
 
     def reduced(self, queries: int, kb_entries: int, workloads: tuple) -> Config:
         """This config with fewer queries / KB entries / workloads (a reduced run; the JSON records the sizes)."""
-        regimes = tuple(dataclasses.replace(r, kb_entries=kb_entries, workloads=tuple(w for w in r.workloads if w in workloads))
+        regimes = tuple(dataclasses.replace(r, kb_entries=kb_entries, workloads=tuple(w for w in workloads if w in r.workloads))
                         for r in self.regimes)
         return dataclasses.replace(self, regimes=regimes, queries=queries)

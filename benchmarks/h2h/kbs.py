@@ -32,6 +32,7 @@ class KBInfo:
     stored_steps: list
     build_wall_seconds: float
     build_cpu_seconds: float
+    timed_entries: int  # entries the build seconds cover (an interrupted build's entries are kept but not timed)
     added_this_run: int
     calibration: dict | None
     kb: KnowledgeBase = dataclasses.field(repr=False, metadata={"private": True})
@@ -55,7 +56,7 @@ def build(path: Path, model, regime: Regime, batch_size: int = 50) -> KBInfo:
         side.write_text(json.dumps(history))
     kb = report.kb
     return KBInfo(path.name, len(kb), list(kb.stored_steps), round(history["wall_seconds"], 1),
-                  round(history["cpu_seconds"], 1), report.added, None, kb)
+                  round(history["cpu_seconds"], 1), history["added"], report.added, None, kb)
 
 
 def calibrated(info: KBInfo, key_step: int, h: int) -> KBInfo:

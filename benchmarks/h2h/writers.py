@@ -30,8 +30,8 @@ def write_markdown(res: dict, path: Path) -> None:
     for name, reg in res["regimes"].items():
         kb = reg["kb"]
         out += [f"## Regime {name}: {reg['sampler']}/{reg['scheduler']}, T = {reg['steps']}, cfg {reg['cfg']}", "",
-                f"KB: {kb['entries']} train-caption trajectories, built in {fmt(kb['build_wall_seconds'])} s wall / "
-                f"{fmt(kb['build_cpu_seconds'])} s CPU (cached across runs). Key step k = {reg['key_step']}.", "",
+                f"KB: {kb['entries']} train-caption trajectories; building {kb['timed_entries']} of them took "
+                f"{fmt(kb['build_wall_seconds'])} s wall / {fmt(kb['build_cpu_seconds'])} s CPU (cached across runs). Key step k = {reg['key_step']}.", "",
                 f"Oracle: {reg['oracle']['protocol']}.", "", "| budget | winner | counted NFE | selection MSE |",
                 "|---|---|---|---|"]
         for b, c in reg["oracle"]["winners"].items():
