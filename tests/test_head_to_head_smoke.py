@@ -25,7 +25,8 @@ SCRIPT = PACK / "benchmarks" / "head_to_head.py"
 pytestmark = [pytest.mark.comfy, pytest.mark.slow]
 
 WORKLOADS = {"heldout_fixed", "heldout_foreign", "reuse", "style"}
-METHODS = {"plain", "oracle", "easycache", "lazycache", "redi", "tstitch", "prompt_switch"}
+METHODS = {"plain", "oracle", "easycache", "lazycache", "redi", "tstitch", "redi_easycache", "tstitch_easycache",
+           "prompt_switch"}
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +55,7 @@ def test_structure(smoke):
         assert c["nfe"] <= int(b)  # the oracle never spends more than its budget (counted on the selection set)
     for wname, w in reg["workloads"].items():
         assert w["n"] == 8 and w["noise_floor"]["draws"] >= 2
+        assert w["errors"] == [], w["errors"]
         applicable = {m for m, info in res["methods"].items() if wname in info["workloads"]}
         assert {r["method"] for r in w["rows"]} == applicable, wname
         s = w["summary"]
@@ -88,6 +90,11 @@ def test_every_output_finite_and_counted_nfe_is_what_the_plan_spends(smoke):
                 assert r["nfe_min"] == r["nfe_max"] == k + T - p["v"] and r["accepted"] == 1.0, where
         elif r["family"] == "cache":
             assert 1 <= r["nfe_large"] <= p["uncached_nfe"], where
+        elif r["method"] == "redi_easycache":
+            assert 1 <= r["nfe_min"] and r["nfe_max"] <= k + T - p["v"], where
+        elif r["method"] == "tstitch_easycache":
+            s = round(p["small_fraction"] * T)
+            assert r["nfe_small"] == s and 1 <= r["nfe_large"] <= T - s, where
         elif r["family"] == "tstitch":
             s = round(p["small_fraction"] * T)
             assert (r["nfe_small"], r["nfe_large"]) == (s, T - s), where
@@ -95,5 +102,7 @@ def test_every_output_finite_and_counted_nfe_is_what_the_plan_spends(smoke):
         elif r["family"] == "style":
             assert r["nfe_large"] == T, where
         assert r["nfe_small"] == 0 or r["family"] == "tstitch", where
+    caches = [r for r in rows(res) if r["family"] == "cache"]
+    assert any(r["nfe_large"] < r["params"]["uncached_nfe"] for r in caches)  # the counter sees the steps a cache skips
     plain_full = [r for r in rows(res) if r["family"] == "plain" and r["nfe"] == T]
     assert plain_full and all(r["mse_mean"] == 0.0 for r in plain_full)  # the full-step run is its own reference

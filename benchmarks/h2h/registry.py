@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 #: Built-in method modules in report order; other modules in methods/ follow alphabetically.
-BUILTIN = ("plain", "caches", "redi", "tstitch", "style")
+BUILTIN = ("plain", "caches", "redi", "tstitch", "stacks", "style")
 
 
 @dataclasses.dataclass(frozen=True)

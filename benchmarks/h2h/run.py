@@ -35,7 +35,7 @@ def run_workload(bench, regime, queries: Queries, plan: Plan, log=print) -> dict
     real = bench.real_features(queries)
     floor = bench.noise_floor(queries)
     n = len(queries)
-    rows, qualities, done = [], [], {}
+    rows, qualities, done, errors = [], [], {}, []
     for method in all_methods():
         if plan.workload not in method.workloads:
             continue
@@ -45,8 +45,14 @@ def run_workload(bench, regime, queries: Queries, plan: Plan, log=print) -> dict
             if reused:
                 out, m = done[key]
             else:
-                with bench.measure(n) as m:
-                    out = method.run(bench, regime, queries, setting)
+                try:
+                    with bench.measure(n) as m:
+                        out = method.run(bench, regime, queries, setting)
+                except Exception as e:  # a method that cannot run here is a result: say exactly why
+                    errors.append({"workload": plan.workload, "method": method.name, "label": setting.label,
+                                   "error": f"{type(e).__name__}: {e}"})
+                    log(f"    {setting.label}: FAILED {type(e).__name__}: {e}", flush=True)
+                    continue
                 if key is not None:
                     done[key] = (out, m)
             ok, why = claim_check(out, m.nfe)
@@ -69,7 +75,7 @@ def run_workload(bench, regime, queries: Queries, plan: Plan, log=print) -> dict
     return {"queries": queries.description, "n": n, "noise_floor": floor,
             "reference": {"sampler": regime.sampler, "scheduler": regime.scheduler, "steps": regime.steps,
                           "wall_s_per_image": ref.measured.wall / n, "cpu_s_per_image": ref.measured.cpu / n},
-            "rows": rows}
+            "rows": rows, "errors": errors}
 
 
 def baseline_at(rows: list[dict], family: str, nfe: float) -> int | None:

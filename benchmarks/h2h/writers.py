@@ -46,6 +46,8 @@ def write_markdown(res: dict, path: Path) -> None:
                     "| run | NFE | FD | acc | geo err | sepia err | MSE to full | ms/image wall / CPU | vs plain / oracle at <= NFE |",
                     "|---|---|---|---|---|---|---|---|---|"]
             out += [_row_line(r) for r in w["rows"]]
+            out += [f"\n{len(w.get('errors', []))} run(s) failed:"] * bool(w.get("errors"))
+            out += [f"- {e['label']}: {e['error']}" for e in w.get("errors", [])]
             sm = w["summary"]
             out += ["", "Frontier (lowest FD and lowest MSE among runs spending at most the budget):", ""]
             out += [f"- {f['budget']} NFE: FD {f['best_fd']} ({fmt(f['best_fd_value'])}; "

@@ -66,12 +66,13 @@ def redi_output(bench, regime, queries, kb, result, k: int) -> Output:
     return Output(result.latent, claim=claim, extras=extras, items=items)
 
 
-def run_redi(bench, regime, queries, setting: Setting) -> Output:
+def run_redi(bench, regime, queries, setting: Setting, model=None) -> Output:
+    """ReDi on `model` (default: the counted large model; stacks pass a cached one)."""
     p = setting.params
     style = queries.content_prompts is not None
     kb_info = bench.style_free_kb(regime) if style else bench.kb(regime)
     kb = kb_info.kb
-    result = S.redi_sample(kb, bench.models["large"], list(queries.content_prompts if style else queries.prompts),
+    result = S.redi_sample(kb, bench.models["large"] if model is None else model, list(queries.content_prompts if style else queries.prompts),
                            list(queries.seeds), key_step=p["k"], value_step=p["v"], h=p["h"], mode=p["mode"],
                            guard=S.GUARD_OFF if p["guard"] == "off" else GUARD_AUTO,
                            resume_prompts=list(queries.prompts) if style else None)

@@ -25,9 +25,10 @@ def tstitch_settings(plan: Plan) -> list[Setting]:
             for f in fractions(plan)]
 
 
-def run_tstitch(bench, regime, queries, setting: Setting) -> Output:
+def run_tstitch(bench, regime, queries, setting: Setting, large=None) -> Output:
+    """T-Stitch with `large` as the large model (default: the counted large model; stacks pass a cached one)."""
     p = setting.params
-    out, result = S.tstitch(bench.models["small"], bench.models["large"], list(queries.prompts), list(queries.seeds),
+    out, result = S.tstitch(bench.models["small"], bench.models["large"] if large is None else large, list(queries.prompts), list(queries.seeds),
                             Recipe(p["sampler"], p["scheduler"], p["steps"], regime.cfg), p["small_fraction"])
     n, s = len(queries), result.small_steps
     return Output(out, claim={"large": np.full(n, p["steps"] - s), "small": np.full(n, s)},
