@@ -55,6 +55,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--queries", type=int, default=None, help="a reduced run: evaluation queries per workload (default 200)")
     p.add_argument("--kb-entries", type=int, default=None, help="a reduced run: KB trajectories (default 2000)")
     p.add_argument("--oracle-captions", type=int, default=None, help="a reduced run: oracle selection captions (default 12)")
+    p.add_argument("--cache-thresholds", default=None, help="a reduced run: EasyCache / LazyCache thresholds, comma-separated "
+                   "(default 0.05,0.1,0.2,0.4)")
     p.add_argument("--workloads", default=None, help=f"a reduced run: comma-separated subset of {','.join(WORKLOADS)}")
     p.add_argument("--threads", type=int, default=1, help="torch and BLAS threads (default 1: the machine is shared)")
     p.add_argument("--precision", choices=["bf16", "fp32", "auto"], default="auto",
@@ -69,7 +71,8 @@ def config_from(a) -> tuple[Config, bool]:
     if a.smoke:
         return Config.smoke_config(), False
     cfg = Config()
-    if a.queries is None and a.kb_entries is None and a.workloads is None and a.oracle_captions is None:
+    if a.queries is None and a.kb_entries is None and a.workloads is None and a.oracle_captions is None \
+            and a.cache_thresholds is None:
         return cfg, False
     workloads = tuple(w for w in (a.workloads or ",".join(WORKLOADS)).split(",") if w)
     unknown = sorted(set(workloads) - set(WORKLOADS))
@@ -78,6 +81,8 @@ def config_from(a) -> tuple[Config, bool]:
     cfg = cfg.reduced(a.queries or cfg.queries, a.kb_entries or cfg.regimes[0].kb_entries, workloads)
     if a.oracle_captions:
         cfg.oracle_captions = a.oracle_captions
+    if a.cache_thresholds:
+        cfg.cache_thresholds = tuple(float(x) for x in a.cache_thresholds.split(","))
     return cfg, True
 
 
@@ -126,7 +131,9 @@ def main(argv=None) -> dict:
     bench = Bench(cfg, scratch, precision, log)
     res: dict = {"benchmark": "head_to_head", "smoke": a.smoke, "reduced": reduced,
                  "sizes": {"queries_per_workload": cfg.queries, "reference_renders": cfg.reference_renders,
-                           "floor_draws": cfg.floor_draws, "oracle_selection_captions": cfg.oracle_captions},
+                           "floor_draws": cfg.floor_draws, "oracle_selection_captions": cfg.oracle_captions,
+                           "kb_entries": cfg.regimes[0].kb_entries, "cache_thresholds": list(cfg.cache_thresholds),
+                           "workloads": list(cfg.regimes[0].workloads)},
                  "methods": {m.name: {"family": m.family, "description": m.description, "workloads": list(m.workloads)}
                              for m in all_methods()},
                  "setting": {"models": "embedded crops UNets (ComfyUI BaseModel, v-prediction, 3x16x16 latent), large 64 ch "
