@@ -21,11 +21,16 @@ def write_markdown(res: dict, path: Path) -> None:
     if res.get("smoke"):
         out += ["**Smoke run: tiny sizes, the numbers mean nothing.**", ""]
     elif res.get("reduced"):
-        out += [f"**Reduced run** ({s['queries_per_workload']} queries per workload; KB sizes below): not the issue's "
-                "full protocol (200 queries, 2000-entry KB, T = 10 / 20 / 30); verdicts are weaker at this size.", ""]
-    out += [f"Machine load before / after: {res['machine']['loadavg_before'][0]:.1f} / "
-            f"{res['machine']['loadavg_after'][0]:.1f} on {res['machine']['cpus']} CPUs; total {res['wall_seconds']:.0f} s. "
-            f"Precision {res['setting']['precision']}, {res['setting']['torch_threads']} torch thread(s).", "",
+        out += [f"**Reduced run** ({s['queries_per_workload']} queries per workload, {s.get('kb_entries')}-entry KB, "
+                f"{s['oracle_selection_captions']} oracle selection captions): not the issue's full protocol (200 queries, "
+                "2000-entry KB, T = 10 / 20 / 30); FD and accuracy separate little at this size.", ""]
+    if not res.get("complete", True):
+        out += ["**Partial: the run was stopped; only the workloads below finished.**", ""]
+    if "machine" in res:
+        out += [f"Machine load before / after: {res['machine']['loadavg_before'][0]:.1f} / "
+                f"{res['machine']['loadavg_after'][0]:.1f} on {res['machine']['cpus']} CPUs; total {res['wall_seconds']:.0f} s.", ""]
+    out += [f"Precision {res['setting']['precision']}, {res['setting']['torch_threads']} torch thread(s). "
+            f"Sizes: {s}.", "",
             f"NFE: {res['setting']['nfe']}. Decision rule: {res['setting']['decision_rule']}.", ""]
     for name, reg in res["regimes"].items():
         kb = reg["kb"]
