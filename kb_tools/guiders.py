@@ -28,6 +28,7 @@ import comfy.conds
 import comfy.samplers
 import comfy.utils
 
+from .counting import evaluating
 from .errors import KBError, KBMismatchError
 from .results import Evaluations
 from .schedule import Switch
@@ -295,7 +296,8 @@ class CountedDenoiser:
         for step, s in self.keep.items():
             if abs(level - s) <= 1e-4 * max(abs(s), 1e-7):
                 self.states[step] = x.detach().clone()
-        return self.denoiser(x, sigma, **kwargs)
+        with evaluating(self.items):  # the forward counter (counting.py) credits these items
+            return self.denoiser(x, sigma, **kwargs)
 
 
 def run_sampler(sampler, denoiser, x: torch.Tensor, sigmas: torch.Tensor, extra_args: dict, callback, disable,

@@ -1,0 +1,83 @@
+"""ReDi (Algorithm 2 in one sampler run, `kb_tools.redi.generate` through `embedded.sampling.redi_sample`) on the regime's KB: key step k, value step v, H neighbours, weight mode, guard.
+
+NFE = k + (T - v) for an item that jumps, T for one the guard sends back to its key step.
+Stylization keys with the content caption and resumes with the styled one on the KB's
+style-free entries (the paper's setting). The guard is off (the paper) or auto (the KB's stored
+leave-one-out calibration for the main key step and H, else the documented fallback).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from embedded import sampling as S
+from embedded.captions import parse_prompt
+from kb_tools.guard import GUARD_AUTO
+
+from ..registry import Method, Output, Plan, Setting, register
+
+
+def redi_setting(plan: Plan, k: int, budget: int, h: int, mode: str = "lstsq", guard: str = "off",
+                 method: str = "redi", line_prefix: str = "ReDi", extra: dict | None = None) -> Setting:
+    """ReDi at `budget` NFE: v = k + T - budget."""
+    v = k + plan.regime.steps - budget
+    line = f"{line_prefix} k{k} H{h} {mode}, guard {guard}"
+    return Setting(method, line, f"{line}, v{v} ({budget} NFE)",
+                   {"k": k, "v": v, "h": h, "mode": mode, "guard": guard, **(extra or {})}, budget)
+
+
+def budgets_for(plan: Plan, k: int) -> list[int]:
+    """Budgets below T that leave a value step in k..T-1."""
+    return [b for b in plan.budgets if k < b < plan.regime.steps]
+
+
+def redi_settings(plan: Plan) -> list[Setting]:
+    cfg, r = plan.cfg, plan.regime
+    k, h = r.key_step, cfg.redi_h_main
+    budgets = budgets_for(plan, k)
+    mid = plan.middle_budget
+    guards = ("off",) if plan.workload == "style" else ("off", "auto")
+    out = [redi_setting(plan, k, b, h, guard=g) for g in guards for b in budgets]
+    if plan.workload == "style" and mid in budgets:
+        out.append(redi_setting(plan, k, mid, h, guard="auto"))
+    if plan.depth == "full" and mid in budgets:
+        if plan.workload == "heldout_fixed":
+            out += [redi_setting(plan, k, mid, hh) for hh in cfg.redi_h_extra]
+            out += [redi_setting(plan, k, mid, cfg.redi_modes_h, mode) for mode in cfg.redi_modes_extra]
+            if 2 * k < mid:
+                out.append(redi_setting(plan, 2 * k, mid, h))
+        elif plan.workload == "reuse":
+            out += [redi_setting(plan, k, mid, hh) for hh in cfg.redi_h_extra if hh <= cfg.redi_modes_h]
+    return out
+
+
+def redi_output(bench, regime, queries, kb, result, k: int) -> Output:
+    """Output of a ReDi run: its claimed NFE from the plan, and what the guard and retrieval did."""
+    n = len(queries)
+    entries = kb.entries
+    same = np.array([[parse_prompt(entries[int(j)][0]).source == c.source for j in row]
+                     for row, c in zip(result.neighbour_ids, queries.captions)], float)
+    claim = {"large": k + regime.steps - result.start_steps, "small": np.zeros(n, np.int64)}
+    extras = {"accepted": float(result.accepted.mean()), "guard_threshold": float(result.guard.threshold),
+              "guard_source": result.guard.source, "kb_entries": len(kb),
+              "centered_residual_median": float(np.median(result.centered_residual)),
+              "neighbours_same_source": float(same.mean())}
+    items = {"accepted": result.accepted.astype(int).tolist(),
+             "centered_residual": [round(float(x), 4) for x in result.centered_residual]}
+    return Output(result.latent, claim=claim, extras=extras, items=items)
+
+
+def run_redi(bench, regime, queries, setting: Setting, model=None) -> Output:
+    """ReDi on `model` (default: the counted large model; stacks pass a cached one)."""
+    p = setting.params
+    style = queries.content_prompts is not None
+    kb_info = bench.style_free_kb(regime) if style else bench.kb(regime)
+    kb = kb_info.kb
+    result = S.redi_sample(kb, bench.models["large"] if model is None else model, list(queries.content_prompts if style else queries.prompts),
+                           list(queries.seeds), key_step=p["k"], value_step=p["v"], h=p["h"], mode=p["mode"],
+                           guard=S.GUARD_OFF if p["guard"] == "off" else GUARD_AUTO,
+                           resume_prompts=list(queries.prompts) if style else None)
+    return redi_output(bench, regime, queries, kb, result, p["k"])
+
+
+register(Method("redi", "redi", redi_settings, run_redi,
+                description="ReDi, Algorithm 2, on a KB of train-caption trajectories from one seed"))

@@ -1,0 +1,100 @@
+"""The query sets users run, per regime: held-out captions (KB seed / foreign seeds), near-repeats of KB captions, stylization.
+
+Pure captions and seeds (no models): what the model is asked for, from which noise, and what
+the output should show (the captions the judge reads it against and renders real crops of).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+
+from embedded.captions import Caption, sample_captions
+
+from .config import Config, Regime
+
+#: Held-out captions at these indices and above are the oracle's selection set, never evaluation queries.
+SELECTION_OFFSET = 10_000
+
+
+@dataclasses.dataclass(frozen=True)
+class Queries:
+    """One workload's queries: item i asks for prompts[i] from the noise of seeds[i]."""
+
+    workload: str
+    prompts: tuple[str, ...]           # what the sampler is asked for (stylization: the styled caption)
+    seeds: tuple[int, ...]
+    captions: tuple[Caption, ...]      # what the output should show (faithfulness, FD reference renderings)
+    content_prompts: tuple[str, ...] | None = None   # stylization: the content caption (key and early steps)
+    description: str = ""
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+
+def heldout(cfg: Config, regime: Regime, seeds: str) -> Queries:
+    """(a) The paper's protocol: held-out captions from the KB seed ("fixed") or from seeds the KB never saw."""
+    caps = sample_captions(cfg.queries, "heldout")
+    if seeds == "fixed":
+        s, text = [regime.kb_seed] * len(caps), f"every query from the KB seed {regime.kb_seed} (the paper's protocol)"
+    else:
+        s = [cfg.foreign_seed_base + i for i in range(len(caps))]
+        text = f"every query from its own seed {cfg.foreign_seed_base}+i, none in the KB (what a user does)"
+    return Queries(f"heldout_{seeds}", tuple(c.prompt() for c in caps), tuple(s), tuple(caps),
+                   description=f"{len(caps)} held-out captions; {text}")
+
+
+def nudge(caption: Caption, rng: np.random.Generator, shift: float, log_size: float, sepia: float) -> Caption:
+    """A KB caption changed a little, as an artist iterating on a prompt: centre, size and sepia moved."""
+    from embedded.captions import SIZE_RANGE, source_kind
+
+    lo, hi = SIZE_RANGE[source_kind(caption.source)]
+    cx = float(np.clip(caption.cx + rng.uniform(-shift, shift), 0.0, 1.0))
+    cy = float(np.clip(caption.cy + rng.uniform(-shift, shift), 0.0, 1.0))
+    size = float(np.clip(caption.size * math.exp(rng.uniform(-log_size, log_size)), lo, hi))
+    t = float(np.clip(caption.sepia + rng.choice([-1.0, 1.0]) * sepia, 0.0, 1.0))
+    return Caption(caption.source, round(cx, 2), round(cy, 2), round(size, 2), round(t, 2))
+
+
+def reuse(cfg: Config, regime: Regime) -> Queries:
+    """(b) Prompt reuse: each query is a KB caption with small changes, from the KB seed."""
+    rng = np.random.default_rng(11)
+    kb_caps = sample_captions(regime.kb_entries, "train")
+    picks = rng.choice(len(kb_caps), size=min(cfg.queries, len(kb_caps)), replace=False)
+    caps = [nudge(kb_caps[int(i)], rng, cfg.reuse_shift, cfg.reuse_log_size, cfg.reuse_sepia) for i in picks]
+    return Queries("reuse", tuple(c.prompt() for c in caps), tuple([regime.kb_seed] * len(caps)), tuple(caps),
+                   description=(f"{len(caps)} KB captions changed a little (centre +-{cfg.reuse_shift}, size x "
+                                f"exp(+-{cfg.reuse_log_size}), sepia +-{cfg.reuse_sepia}), from the KB seed "
+                                f"{regime.kb_seed}: an artist iterating on a prompt"))
+
+
+def style(cfg: Config, regime: Regime) -> Queries:
+    """(c) Stylization: held-out content captions (sepia 0) asked for with the style appended, from the KB seed."""
+    content = [c.with_sepia(0.0) for c in sample_captions(cfg.queries, "heldout")]
+    styled = [c.with_sepia(cfg.style_sepia) for c in content]
+    return Queries("style", tuple(c.prompt() for c in styled), tuple([regime.kb_seed] * len(content)), tuple(styled),
+                   content_prompts=tuple(c.prompt() for c in content),
+                   description=(f"{len(content)} held-out captions without style (content) and with 'sepia "
+                                f"{cfg.style_sepia:.2f}' (styled), from the KB seed {regime.kb_seed}"))
+
+
+def make(cfg: Config, regime: Regime, workload: str) -> Queries:
+    if workload == "heldout_fixed":
+        return heldout(cfg, regime, "fixed")
+    if workload == "heldout_foreign":
+        return heldout(cfg, regime, "foreign")
+    if workload == "reuse":
+        return reuse(cfg, regime)
+    if workload == "style":
+        return style(cfg, regime)
+    raise ValueError(f"unknown workload {workload!r}")
+
+
+def selection(cfg: Config) -> Queries:
+    """The oracle's selection set: held-out captions that are no evaluation query, each from its own seed."""
+    caps = sample_captions(cfg.oracle_captions, "heldout", offset=SELECTION_OFFSET)
+    seeds = [cfg.foreign_seed_base + SELECTION_OFFSET + i for i in range(len(caps))]
+    return Queries("oracle_selection", tuple(c.prompt() for c in caps), tuple(seeds), tuple(caps),
+                   description=f"{len(caps)} held-out captions (indices {SELECTION_OFFSET}+, not evaluation queries), "
+                               "each from its own seed")

@@ -1,0 +1,101 @@
+"""The head-to-head report: a markdown page and one quality-versus-cost plot per workload, from the results JSON."""
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+from benchmarks.report import fmt, noise_floor_band, pyplot
+
+
+def _row_line(r: dict) -> str:
+    vs = [f"{k[3:]}: " + "/".join(f"{m} {r[k][m]}" for m in ("fd", "acc", "mse")) for k in ("vs_plain", "vs_oracle")
+          if r.get(k)]
+    return (f"| {r['label']} | {fmt(r['nfe'])} | {fmt(r['fd'])} +- {fmt(r['fd_sd'])} | {fmt(r['acc'])} | "
+            f"{fmt(r['geo_err'])} | {fmt(r['sepia_err'])} | {fmt(r['mse_mean'])} | {fmt(1000 * r['wall_s_per_image'])} / "
+            f"{fmt(1000 * r['cpu_s_per_image'])} | {'; '.join(vs) or '-'} |")
+
+
+def write_markdown(res: dict, path: Path) -> None:
+    s = res["sizes"]
+    out = ["# Head to head: ReDi and T-Stitch against what a ComfyUI user already has", ""]
+    if res.get("smoke"):
+        out += ["**Smoke run: tiny sizes, the numbers mean nothing.**", ""]
+    elif res.get("reduced"):
+        out += [f"**Reduced run** ({s['queries_per_workload']} queries per workload, {s.get('kb_entries')}-entry KB, "
+                f"{s['oracle_selection_captions']} oracle selection captions): not the issue's full protocol (200 queries, "
+                "2000-entry KB, T = 10 / 20 / 30); FD and accuracy separate little at this size.", ""]
+    if not res.get("complete", True):
+        out += ["**Partial: the run was stopped; only the workloads below finished.**", ""]
+    if "machine" in res:
+        out += [f"Machine load before / after: {res['machine']['loadavg_before'][0]:.1f} / "
+                f"{res['machine']['loadavg_after'][0]:.1f} on {res['machine']['cpus']} CPUs; total {res['wall_seconds']:.0f} s.", ""]
+    out += [f"Precision {res['setting']['precision']}, {res['setting']['torch_threads']} torch thread(s). "
+            f"Sizes: {s}.", "",
+            f"NFE: {res['setting']['nfe']}. Decision rule: {res['setting']['decision_rule']}.", ""]
+    for name, reg in res["regimes"].items():
+        kb = reg["kb"]
+        out += [f"## Regime {name}: {reg['sampler']}/{reg['scheduler']}, T = {reg['steps']}, cfg {reg['cfg']}", "",
+                f"KB: {kb['entries']} train-caption trajectories; building {kb['timed_entries']} of them took "
+                f"{fmt(kb['build_wall_seconds'])} s wall / {fmt(kb['build_cpu_seconds'])} s CPU (cached across runs). Key step k = {reg['key_step']}.", "",
+                f"Oracle: {reg['oracle']['protocol']}.", "", "| budget | winner | counted NFE | selection MSE |",
+                "|---|---|---|---|"]
+        for b, c in reg["oracle"]["winners"].items():
+            out.append(f"| {b} | {c['sampler']}/{c['scheduler']} {c['steps']} steps | {c['nfe']} | {fmt(c['selection_mse'])} |")
+        out.append("")
+        for wname, w in reg["workloads"].items():
+            fl = w["noise_floor"]
+            out += [f"### {wname}: {w['queries']}", "",
+                    f"Real-vs-real FD floor {fmt(fl['mean'])} +- {fmt(fl['sd'])} ({fl['draws']} draws of {fl['n']}). "
+                    f"Reference: plain {w['reference']['sampler']}/{w['reference']['scheduler']} {w['reference']['steps']} "
+                    f"steps, {fmt(1000 * w['reference']['wall_s_per_image'])} ms wall per image.", "",
+                    "| run | NFE | FD | acc | geo err | sepia err | MSE to full | ms/image wall / CPU | vs plain / oracle at <= NFE |",
+                    "|---|---|---|---|---|---|---|---|---|"]
+            out += [_row_line(r) for r in w["rows"]]
+            out += [f"\n{len(w.get('errors', []))} run(s) failed:"] * bool(w.get("errors"))
+            out += [f"- {e['label']}: {e['error']}" for e in w.get("errors", [])]
+            sm = w["summary"]
+            out += ["", "Frontier (lowest FD and lowest MSE among runs spending at most the budget):", ""]
+            out += [f"- {f['budget']} NFE: FD {f['best_fd']} ({fmt(f['best_fd_value'])}; "
+                    f"{len(f['within_noise_of_best_fd'])} runs within noise of it); MSE {f['best_mse']} "
+                    f"({fmt(f['best_mse_value'])})" for f in sm["frontier"]]
+            out += ["", "Least NFE at which each line is within noise of plain at T (FD and accuracy):", ""]
+            out += [f"- {line}: {fmt(n) if n is not None else 'never'}" for line, n in sm["first_full_quality_nfe"].items()]
+            out += ["", f"ReDi lost {len(sm['redi_losses'])} comparison(s) here:", ""]
+            out += [f"- {x['row']} (NFE {fmt(x['nfe'])}) vs {x['against']} (NFE {fmt(x['against_nfe'])}): "
+                    f"{', '.join(x['lost_on'])}" for x in sm["redi_losses"]]
+            out.append("")
+    path.write_text("\n".join(out) + "\n")
+
+
+def write_plots(res: dict, out_dir: Path, stem: str) -> list[Path]:
+    """One figure per workload: FD against NFE, MSE to full against NFE, FD against wall ms per image."""
+    plt = pyplot()
+    paths = []
+    for name, reg in res["regimes"].items():
+        for wname, w in reg["workloads"].items():
+            lines = defaultdict(list)
+            for r in w["rows"]:
+                lines[r["line"]].append(r)
+            fig, axes = plt.subplots(1, 3, figsize=(18, 5.5))
+            noise_floor_band(axes[0], w["noise_floor"])
+            noise_floor_band(axes[2], w["noise_floor"])
+            for line, rs in lines.items():
+                rs = sorted(rs, key=lambda r: r["nfe"])
+                nfe = [r["nfe"] for r in rs]
+                style = "-o" if len(rs) > 1 else "s"
+                axes[0].errorbar(nfe, [r["fd"] for r in rs], yerr=[2 * r["fd_sd"] for r in rs], fmt=style, ms=4,
+                                 capsize=2, label=line)
+                axes[1].plot(nfe, [max(r["mse_mean"], 1e-8) for r in rs], style, ms=4, label=line)
+                axes[2].plot([1000 * r["wall_s_per_image"] for r in rs], [r["fd"] for r in rs], style, ms=4, label=line)
+            axes[0].set(xlabel="NFE per image (counted, large-model units)", ylabel="FD (judge features), +-2 sd",
+                        title=f"{name} {wname}: quality vs NFE")
+            axes[1].set(xlabel="NFE per image", ylabel="per-sample MSE to plain full-step output", yscale="log",
+                        title="distance to the full-step output")
+            axes[2].set(xlabel="wall ms per image (shared machine)", ylabel="FD", title="quality vs wall time")
+            axes[0].legend(fontsize=6, loc="upper right")
+            fig.tight_layout()
+            p = out_dir / f"{stem}_{name}_{wname}.png"
+            fig.savefig(p, dpi=90)
+            plt.close(fig)
+            paths.append(p)
+    return paths

@@ -1,0 +1,108 @@
+"""The head-to-head benchmark runs end to end at tiny sizes: every method once on every workload, NFE as counted.
+
+Runs `python benchmarks/head_to_head.py --smoke` in a subprocess with this interpreter and
+environment (scripts/test.sh provides ComfyUI): T = 6, a 24-entry KB, 8 queries per workload,
+two NFE budgets (3 and 6). Checks the JSON's structure, that every registered method produced
+finite outputs on every workload it applies to, and that the NFE each row reports, counted at
+the diffusion model's forward pass, is what that method's plan spends (computed here from its
+parameters, independently of the benchmark's own claim check). The numbers themselves mean
+nothing at this size; nothing here depends on the clock (the timeout is a safety net).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PACK = Path(__file__).resolve().parent.parent
+SCRIPT = PACK / "benchmarks" / "head_to_head.py"
+
+pytestmark = [pytest.mark.comfy, pytest.mark.slow]
+
+WORKLOADS = {"heldout_fixed", "heldout_foreign", "reuse", "style"}
+METHODS = {"plain", "oracle", "easycache", "lazycache", "redi", "tstitch", "redi_easycache", "tstitch_easycache",
+           "prompt_switch"}
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory, comfy_root):
+    out = tmp_path_factory.mktemp("head_to_head") / "smoke.json"
+    env = dict(os.environ, COMFYUI_PATH=str(comfy_root), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--out", str(out), "--scratch", str(out.parent / "scratch")],
+                          cwd=PACK, env=env, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, json.loads(out.read_text())
+
+
+def rows(res):
+    return [r for reg in res["regimes"].values() for w in reg["workloads"].values() for r in w["rows"]]
+
+
+def test_structure(smoke):
+    path, res = smoke
+    assert res["benchmark"] == "head_to_head" and res["smoke"] is True and res["complete"] is True
+    assert set(res["methods"]) == METHODS
+    (name, reg), = res["regimes"].items()
+    assert reg["budgets"] == [3, 6] and reg["steps"] == 6
+    assert set(reg["workloads"]) == WORKLOADS
+    assert set(reg["oracle"]["winners"]) == {"3", "6"}
+    for b, c in reg["oracle"]["winners"].items():
+        assert c["nfe"] <= int(b)  # the oracle never spends more than its budget (counted on the selection set)
+    for wname, w in reg["workloads"].items():
+        assert w["n"] == 8 and w["noise_floor"]["draws"] >= 2
+        assert w["errors"] == [], w["errors"]
+        applicable = {m for m, info in res["methods"].items() if wname in info["workloads"]}
+        assert {r["method"] for r in w["rows"]} == applicable, wname
+        s = w["summary"]
+        assert [f["budget"] for f in s["frontier"]] == [3, 6]
+        assert set(s["first_full_quality_nfe"]) == {r["line"] for r in w["rows"]}
+        for r in w["rows"]:
+            if r["family"] != "plain":
+                assert "vs_plain" in r, r["label"]
+    assert path.with_suffix(".md").is_file()
+    assert sorted(p.name for p in path.parent.glob("smoke_*.png")) == sorted(f"smoke_{name}_{w}.png" for w in WORKLOADS)
+
+
+def test_every_output_finite_and_counted_nfe_is_what_the_plan_spends(smoke):
+    _, res = smoke
+    (reg,) = res["regimes"].values()
+    T, k = reg["steps"], reg["key_step"]
+    small_cost = res["setting"]["small_model_cost_in_large_nfe"]
+    assert 0 < small_cost < 1  # the small UNet is cheaper per row than the large one
+    for r in rows(res):
+        where = (r["workload"], r["label"])
+        assert r["finite"] is True and r["claim_ok"] is True, (where, r["claim_check"])
+        for key in ("nfe", "fd", "fd_sd", "acc", "mse_mean", "wall_s_per_image", "cpu_s_per_image"):
+            assert isinstance(r[key], (int, float)) and math.isfinite(r[key]), (where, key)
+        p = r["params"]
+        if r["family"] in ("plain", "oracle"):
+            steps = p["steps"]
+            assert r["nfe_large"] == (2 * steps - 1 if p["sampler"] == "heun" else steps), where
+            assert r["nfe_large"] <= r["target_nfe"], where
+        elif r["family"] == "redi":
+            assert p["k"] == k and r["nfe_min"] >= k + T - p["v"] and r["nfe_max"] <= T, where
+            if p["guard"] == "off":  # every blend used: every item skips v - k steps
+                assert r["nfe_min"] == r["nfe_max"] == k + T - p["v"] and r["accepted"] == 1.0, where
+        elif r["family"] == "cache":
+            assert 1 <= r["nfe_large"] <= p["uncached_nfe"], where
+        elif r["method"] == "redi_easycache":
+            assert 1 <= r["nfe_min"] and r["nfe_max"] <= k + T - p["v"], where
+        elif r["method"] == "tstitch_easycache":
+            s = round(p["small_fraction"] * T)
+            assert r["nfe_small"] == s and 1 <= r["nfe_large"] <= T - s, where
+        elif r["family"] == "tstitch":
+            s = round(p["small_fraction"] * T)
+            assert (r["nfe_small"], r["nfe_large"]) == (s, T - s), where
+            assert r["nfe"] == pytest.approx(T - s + s * small_cost, rel=1e-3), where
+        elif r["family"] == "style":
+            assert r["nfe_large"] == T, where
+        assert r["nfe_small"] == 0 or "tstitch" in r["method"], where
+    caches = [r for r in rows(res) if r["family"] == "cache"]
+    assert any(r["nfe_large"] < r["params"]["uncached_nfe"] for r in caches)  # the counter sees the steps a cache skips
+    plain_full = [r for r in rows(res) if r["family"] == "plain" and r["nfe"] == T]
+    assert plain_full and all(r["mse_mean"] == 0.0 for r in plain_full)  # the full-step run is its own reference
