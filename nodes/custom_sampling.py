@@ -41,7 +41,9 @@ class SamplerReDi(io.ComfyNode):
     @classmethod
     def execute(cls, knowledge_base, key_step, value_step, neighbours, weight_mode, guard) -> io.NodeOutput:
         run = make_run(knowledge_base, key_step, value_step, neighbours, weight_mode, guard)
-        node_id = cls.hidden.unique_id  # the run happens later, inside SamplerCustomAdvanced: remember where to report
+        # The run happens later, inside SamplerCustomAdvanced: remember which node to report to
+        # (no hidden inputs when the node is called directly, outside a prompt: then only the log).
+        node_id = cls.hidden.unique_id if cls.hidden is not None else None
         run.on_result = lambda result: feedback.show_text(node_id, feedback.resume_text(result))
         return io.NodeOutput(redi_ksampler(run))
 
