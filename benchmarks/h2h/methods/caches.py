@@ -38,7 +38,7 @@ def base_samplers(plan: Plan, thorough: bool) -> list[tuple[str, str, str, int, 
 
 
 def cache_settings(node: str, plan: Plan, many: bool) -> list[Setting]:
-    cfg, r = plan.cfg, plan.regime
+    cfg = plan.cfg
     thorough = plan.depth == "full" and plan.workload == "heldout_fixed"
     thresholds = cfg.cache_thresholds if thorough and many else (cfg.cache_core_threshold,)
     out = []
