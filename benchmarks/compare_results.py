@@ -78,12 +78,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"compare_results: cannot read the result files: {e}. Pass two JSON result files.", file=sys.stderr)
         return 2
     result = {"label": a.label, "before": str(a.before), "after": str(a.after), **compare(before, after)}
+    if a.out:  # written before anything is printed, so a closed pipe cannot lose it
+        a.out.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
     print(f"{result['equal']} values equal, {len(result['differ'])} differ, {len(result['timings_differ'])} timings "
           f"differ, {len(result['only_before'])} only before, {len(result['only_after'])} only after")
     for row in result["differ"]:
         print(f"  {row['key']}: {row['before']!r} -> {row['after']!r}")
-    if a.out:
-        a.out.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
     return 0
 
 
