@@ -73,7 +73,7 @@ def cluster(comfy_root):
     procs = psutil.Process(head.pid).children(recursive=True)
     head.send_signal(signal.SIGTERM)  # `ray start --block` stops what it started
     try:
-        head.wait(timeout=120)
+        head.wait(timeout=1200)  # teardown: a busy machine may stop Ray slowly; kill only if it never does
     except subprocess.TimeoutExpired:
         head.kill()
     for p in procs:  # whatever it left behind, by pid
