@@ -75,6 +75,26 @@ def test_round_trip_float16_within_precision(tmp_path):
     assert not np.array_equal(got, want)  # it really was stored in half precision
 
 
+def test_float16_widening_is_exact_for_every_bit_pattern():
+    """The torch widening used for reads agrees with numpy on all 65,536 float16 values (NaN stays NaN)."""
+    from kb_tools.kb.generation import as_float32
+
+    every = np.arange(2**16, dtype=np.uint16).view(np.float16).reshape(2, 32768)  # crosses the chunk size
+    got, want = as_float32(every), every.astype(np.float32)
+    assert got.dtype == np.float32 and got.shape == every.shape
+    np.testing.assert_array_equal(got, want)  # assert_array_equal treats NaN == NaN
+    num = ~np.isnan(want)
+    assert np.array_equal(np.signbit(got[num]), np.signbit(want[num]))  # -0.0 stays -0.0 (a NaN's sign may not)
+    assert as_float32(np.zeros((0, 4), np.float16)).shape == (0, 4)
+
+
+def test_gather_reads_ids_spread_over_many_shards_in_any_order(tmp_path):
+    kb = make_kb(tmp_path / "kb", n=5, chunks=8, dtype="float16")  # 8 shards of 5
+    want = toy_latents(pairs(40))[4].astype(np.float16).astype(np.float32)
+    ids = np.array([39, 0, 17, 17, 5, 33, 4, 20])
+    np.testing.assert_array_equal(kb.latents(4, ids), want[ids])
+
+
 def test_latents_are_memory_mapped_and_read_lazily(tmp_path):
     kb = make_kb(tmp_path / "kb", n=10, chunks=2)
     kb = KnowledgeBase.open(tmp_path / "kb", verify="size")

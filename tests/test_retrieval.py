@@ -16,6 +16,7 @@ from kb_tools.retrieval import (
     centered_residual,
     check_value_step,
     fit_weights,
+    least_squares,
     nearest_keys,
     relative_residual,
     solve_weights,
@@ -43,6 +44,21 @@ def test_lstsq_weights_match_numpy():
     dup = np.stack([keys[0], keys[0], keys[1]])  # rank-deficient: minimum-norm solution, no error
     w = solve_weights(q, dup)
     assert np.isfinite(w).all() and np.isclose(w[0], w[1])
+
+
+def test_gram_solve_matches_svd_lstsq_on_shared_seed_keys():
+    """The fast normal-equation path gives numpy's SVD answer on keys that share one noise (ill-conditioned)."""
+    rng = np.random.default_rng(5)
+    z = 14.0 * rng.standard_normal(16384)
+    for h in (1, 3, 16, 64):
+        keys = z + rng.standard_normal((h, 16384))
+        q = z + rng.standard_normal(16384)
+        ref = np.linalg.lstsq(keys.T, q, rcond=None)[0]
+        np.testing.assert_allclose(least_squares(keys, q), ref, rtol=1e-7, atol=1e-9)
+        np.testing.assert_allclose(solve_weights(q, keys, "affine").sum(), 1.0)
+    # Near-dependent keys (condition beyond the Gram limit) take the SVD path: the minimum-norm answer.
+    keys = np.stack([z, z + 1e-9 * rng.standard_normal(16384), rng.standard_normal(16384)])
+    np.testing.assert_array_equal(least_squares(keys, z), np.linalg.lstsq(keys.T, z, rcond=None)[0])
 
 
 def test_affine_weights_sum_to_one_and_are_optimal():

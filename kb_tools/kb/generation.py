@@ -33,6 +33,30 @@ VERIFY_MODES = ("auto", "full", "size")
 CHUNK = 4096
 
 
+# torch copies a tensor on several threads from 32,768 values up; on busy cores the thread
+# hand-off costs far more than the copy (32 SD1.5 keys: 7.9 ms wall instead of 0.25 ms), so
+# float16 is widened in pieces that stay on the calling thread.
+_WIDEN_CHUNK = 2**15 - 1
+
+
+def as_float32(x: np.ndarray) -> np.ndarray:
+    """A float32 copy of stored latents (any shape).
+
+    float16 widens through torch (a pack dependency), whose cast is vectorized: numpy 2.4
+    converts float16 one value at a time, 1.2 ms for the 32 SD1.5 keys of one re-rank
+    against 0.25 ms, most of a query's budget.
+    """
+    if x.dtype != np.float16:
+        return x.astype(np.float32)
+    import torch  # imported on first read: opening a KB stays torch-free
+
+    out = np.empty(x.shape, np.float32)
+    src, dst = torch.from_numpy(np.ascontiguousarray(x).reshape(-1)), torch.from_numpy(out.reshape(-1))
+    for lo in range(0, src.numel(), _WIDEN_CHUNK):
+        dst[lo:lo + _WIDEN_CHUNK].copy_(src[lo:lo + _WIDEN_CHUNK])
+    return out
+
+
 class FileVanished(Exception):
     """A file the manifest names is missing; the opener decides whether a writer's commit explains it."""
 
@@ -227,20 +251,24 @@ class Generation:
 
     def gather(self, step: int, ids: np.ndarray) -> np.ndarray:
         """Rows of the memmaps for global ids -> float32 [len(ids), C, H, W]."""
-        out = np.empty((len(ids), *self.manifest.settings.latent_shape), np.float32)
+        # Copy the rows in the stored dtype first and widen once: the widening is most of the cost.
+        raw = np.empty((len(ids), *self.manifest.settings.latent_shape), DTYPES[self.manifest.dtype])
         shard = np.searchsorted(self.starts, ids, side="right") - 1
         for s in np.unique(shard):
             self.check_mapped(int(s))
-            sel = shard == s
-            out[sel] = self.views[step][s][ids[sel] - self.starts[s]]
-        return out
+        views = self.views[step]
+        # Row by row: a query's candidates lie in as many shards as there are candidates, where one
+        # fancy index per shard costs 4x more (32 ids over 100 shards: 0.75 ms vs 0.17 ms).
+        for j, (s, row) in enumerate(zip(shard.tolist(), (ids - self.starts[shard]).tolist())):
+            raw[j] = views[s][row]
+        return as_float32(raw)
 
     def key_chunks(self, step: int) -> Iterator[np.ndarray]:
         """Every stored latent of `step` in id order, float32 chunks [<=4096, C, H, W] (bounded memory)."""
         for s, v in enumerate(self.views[step]):
             self.check_mapped(s)
             for lo in range(0, len(v), CHUNK):
-                yield np.asarray(v[lo:lo + CHUNK], dtype=np.float32)
+                yield as_float32(np.asarray(v[lo:lo + CHUNK]))
 
     def require_sums(self) -> dict[int, np.ndarray]:
         if self.sums is None:

@@ -306,8 +306,11 @@ def rerank(q: np.ndarray, cand: np.ndarray, uniq: np.ndarray, full: np.ndarray, 
     dist = np.empty((len(q), h), np.float32)
     for b in range(len(q)):
         rows = np.searchsorted(uniq, np.unique(cand[b][cand[b] >= 0]))  # sorted ids: ties -> lower id
-        diff = full[rows] - q[b]  # float32 differences are exact enough to rank; squares summed in float64
-        d2 = np.einsum("ij,ij->i", diff, diff, dtype=np.float64)
+        diff = full[rows]  # a fresh copy, so the subtraction can run in place
+        np.subtract(diff, q[b], out=diff)
+        # Summed in float32 (SIMD, half the cost of a float64 sum): relative error ~1e-6 here,
+        # far below the gaps between neighbours; exact duplicates still tie exactly.
+        d2 = np.einsum("ij,ij->i", diff, diff)
         top = np.argsort(d2, kind="stable")[:h]
         ids[b], dist[b] = uniq[rows[top]], np.sqrt(d2[top])
     return ids, dist
