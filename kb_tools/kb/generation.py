@@ -50,8 +50,10 @@ def as_float32(x: np.ndarray) -> np.ndarray:
         return x.astype(np.float32)
     import torch  # imported on first read: opening a KB stays torch-free
 
+    if not (x.flags.writeable and x.flags.c_contiguous):
+        x = x.copy()  # torch wraps only writable arrays (a read-only memmap slice: copy, a quarter of the cost)
     out = np.empty(x.shape, np.float32)
-    src, dst = torch.from_numpy(np.ascontiguousarray(x).reshape(-1)), torch.from_numpy(out.reshape(-1))
+    src, dst = torch.from_numpy(x.reshape(-1)), torch.from_numpy(out.reshape(-1))
     for lo in range(0, src.numel(), _WIDEN_CHUNK):
         dst[lo:lo + _WIDEN_CHUNK].copy_(src[lo:lo + _WIDEN_CHUNK])
     return out
