@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from kb_tools import redi
+from kb_tools.blend_error import fit_error_model, measure_blend_errors, store_error_model
 from kb_tools.build import BuildReport, BuildSpec, build_knowledge_base
 from kb_tools.comfy_sampling import schedule_sigmas
 from kb_tools.guard import GUARD_AUTO
@@ -101,13 +102,15 @@ def build_kb(path: str | Path, model, prompts: Sequence[str], seeds: Sequence[in
 
 
 def calibrate_guard(kb: KnowledgeBase, key_step: int, h: int, *, sample: int = 256) -> dict:
-    """Store the auto guard's calibration for key step and H: what `python -m kb_tools calibrate` does.
+    """Store the auto guard's calibration and the blend-error model for key step and H (`python -m kb_tools calibrate`).
 
     The guard never calibrates during a generation: without a stored calibration GUARD_AUTO
     uses the documented fallback threshold.
     """
     result = calibrate(kb, key_step, h, sample=sample)
     kb.set_calibration(key_step, result)
+    if any(s > key_step for s in kb.stored_steps):  # the error model needs a value step after the key step
+        store_error_model(kb, key_step, fit_error_model(measure_blend_errors(kb, key_step, h, sample=sample)))
     return result
 
 

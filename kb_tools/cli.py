@@ -108,6 +108,12 @@ def _calibrate(args: argparse.Namespace) -> int:
     result = calibrate(kb, args.key_step, args.neighbours, sample=args.sample)
     kb.set_calibration(args.key_step, result)
     print(json.dumps(result, indent=2))
+    if not args.skip_blend_error:
+        from .blend_error import describe_error_model, fit_error_model, measure_blend_errors, store_error_model
+
+        model = fit_error_model(measure_blend_errors(kb, args.key_step, args.neighbours, sample=args.sample))
+        store_error_model(kb, args.key_step, model)
+        print(describe_error_model(model))
     return 0
 
 
@@ -162,11 +168,15 @@ def parser() -> argparse.ArgumentParser:
     u.add_argument("kb")
     u.set_defaults(func=_upgrade)
 
-    c = sub.add_parser("calibrate", help="store the leave-one-out residual percentiles the auto guard uses")
+    c = sub.add_parser("calibrate", help="store the leave-one-out residual percentiles the auto guard uses, and the "
+                                         "blend-error model the error guard and the adaptive skip use")
     c.add_argument("kb")
     c.add_argument("--key-step", type=int, required=True)
     c.add_argument("--neighbours", type=int, default=3)
-    c.add_argument("--sample", type=int, default=256)
+    c.add_argument("--sample", type=int, default=256, help="entries left out, one at a time")
+    c.add_argument("--skip-blend-error", action="store_true",
+                   help="store only the residual percentiles: skip measuring the blend error (one blend of H stored "
+                        "latents per sampled entry and stored step after the key step)")
     c.set_defaults(func=_calibrate)
     return p
 

@@ -9,12 +9,19 @@ The threshold is fixed before a run starts and never measured during one: it is 
 read from the calibration stored in the KB (`python -m kb_tools calibrate`), or, when the KB
 holds none for this key step and H, the documented fallback FALLBACK_GUARD, and the run's
 summary line says which.
+
+The error guard (`resolve_error_guard`) judges the same residual through the blend-error model
+the KB stores (kb_tools.blend_error): it accepts an item when the predicted error of its blend
+at the value step is within a tolerance given as a fraction of the KB's spread there.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
+
+from .blend_error import check_tolerance, error_model_of, predict_error
+from .errors import KBError
 
 #: Guard value meaning "use the KB's stored calibration" (the nodes' -1).
 GUARD_AUTO = -1.0
@@ -60,3 +67,40 @@ def resolve_guard(calibration: dict | None, key_step: int, h: int, guard: float)
     if calibration and calibration.get("h") == h and "centered_p95" in calibration:
         return Guard(min(MAX_AUTO_GUARD, float(calibration["centered_p95"])), "calibrated", int(key_step), int(h))
     return Guard(FALLBACK_GUARD, "fallback", int(key_step), int(h))
+
+
+@dataclass(frozen=True)
+class ErrorGuard:
+    """Accepts an item when its predicted blend error at `value_step` (p95 upper, spread units) is <= tolerance."""
+
+    model: dict  # blend_error.fit_error_model's dict, as the KB stores it
+    value_step: int
+    tolerance: float
+
+    def predicted(self, centered_residual: np.ndarray) -> np.ndarray:
+        """float64 [B]: each item's predicted blend error at the value step (inf beyond the calibrated range)."""
+        return predict_error(self.model, centered_residual, self.value_step)
+
+    def accepts(self, centered_residual: np.ndarray) -> np.ndarray:
+        """bool [B]: True where the item's predicted error is within the tolerance."""
+        return self.predicted(centered_residual) <= self.tolerance
+
+    def describe(self) -> str:
+        """'error guard: predicted blend error at step 8 <= 0.1 of the KB's spread (KB calibration, ...)'."""
+        row = next(r for r in self.model["steps"] if r["value_step"] == self.value_step)
+        return (f"error guard: predicted blend error at step {self.value_step} <= {self.tolerance:.3g} of the KB's spread "
+                f"(KB calibration of key step {self.model['key_step']}, H={self.model['h']}, {self.model['n']} entries, "
+                f"rank correlation {row['spearman']:+.2f})")
+
+
+def resolve_error_guard(calibration: dict | None, key_step: int, h: int, value_step: int, tolerance: float) -> ErrorGuard:
+    """The ErrorGuard of the blend-error model stored for `key_step` and H; reads only, never measures.
+
+    calibration: what the KB stores for `key_step` (`KnowledgeBase.calibration(key_step)`), or None.
+    """
+    model = error_model_of(calibration, key_step, h)
+    if model is None:
+        raise KBError(f"the KB stores no blend-error model for key step {key_step} and H={h}. Store one with "
+                      f"`python -m kb_tools calibrate KB --key-step {key_step} --neighbours {h}`, or use the residual guard.")
+    predict_error(model, np.zeros(1), value_step)  # refuses a value step the model does not hold here, not mid-run
+    return ErrorGuard(model, int(value_step), check_tolerance(tolerance))
