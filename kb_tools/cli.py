@@ -101,17 +101,18 @@ def _upgrade(args: argparse.Namespace) -> int:
 
 
 def _calibrate(args: argparse.Namespace) -> int:
+    from .blend_error import describe_error_model, fit_error_model, measure_blend_errors, store_error_model
     from .kb import KnowledgeBase
     from .retrieval import calibrate
 
     kb = KnowledgeBase.open(args.kb)
     result = calibrate(kb, args.key_step, args.neighbours, sample=args.sample)
+    model = None  # measured before anything is stored: a refusal stores nothing
+    if not args.skip_blend_error:
+        model = fit_error_model(measure_blend_errors(kb, args.key_step, args.neighbours, sample=args.sample))
     kb.set_calibration(args.key_step, result)
     print(json.dumps(result, indent=2))
-    if not args.skip_blend_error:
-        from .blend_error import describe_error_model, fit_error_model, measure_blend_errors, store_error_model
-
-        model = fit_error_model(measure_blend_errors(kb, args.key_step, args.neighbours, sample=args.sample))
+    if model is not None:
         store_error_model(kb, args.key_step, model)
         print(describe_error_model(model))
     return 0
