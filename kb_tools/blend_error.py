@@ -100,11 +100,10 @@ def measure_blend_errors(kb: KnowledgeBase, key_step: int, h: int, *, value_step
     """Leave-one-out blend error of `sample` entries (drawn as retrieval.calibrate draws them) at each value step."""
     key_step = kb.check_step(key_step, "key step")
     steps = _value_steps(kb, key_step, value_steps)
-    if not isinstance(sample, bool) and isinstance(sample, (int, np.integer)) and 1 <= min(sample, len(kb)) < MIN_ENTRIES:
-        raise KBError(f"measuring the blend error needs at least {MIN_ENTRIES} entries left out, got "
-                      f"{min(sample, len(kb))} (sample={sample}, the KB at {kb.path} has {len(kb)}). Add entries, or "
-                      f"pass sample >= {MIN_ENTRIES}.")
     ids, nbr, fit = leave_one_out(kb, key_step, h, sample=sample, mode=mode, seed=seed)
+    if len(ids) < MIN_ENTRIES:
+        raise KBError(f"measuring the blend error needs at least {MIN_ENTRIES} entries left out, got {len(ids)} "
+                      f"(sample={sample}, the KB at {kb.path} has {len(kb)}). Add entries, or pass sample >= {MIN_ENTRIES}.")
     _spread(kb, key_step)
     spread = np.array([_spread(kb, v) for v in steps])
     err, rms = np.empty((len(ids), len(steps))), np.empty((len(ids), len(steps)))
