@@ -230,6 +230,7 @@ def predict_error(model: Mapping, centered_residual, value_step: int) -> np.ndar
 
 
 def check_tolerance(tolerance: object) -> float:
+    """`tolerance` as a float if it is a finite number >= 0 (spread units), else a KBError naming an example."""
     if not (isinstance(tolerance, (int, float, np.integer, np.floating)) and not isinstance(tolerance, bool)
             and math.isfinite(tolerance) and tolerance >= 0):
         raise KBError(f"tolerance must be a finite number >= 0 (a fraction of the KB's spread at the value step, "
