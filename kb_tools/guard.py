@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .blend_error import check_tolerance, error_model_of, predict_error
+from .blend_error import check_tolerance, choose_value_steps, error_model_of, predict_error
 from .errors import KBError
 
 #: Guard value meaning "use the KB's stored calibration" (the nodes' -1).
@@ -71,36 +71,79 @@ def resolve_guard(calibration: dict | None, key_step: int, h: int, guard: float)
 
 @dataclass(frozen=True)
 class ErrorGuard:
-    """Accepts an item when its predicted blend error at `value_step` (p95 upper, spread units) is <= tolerance."""
+    """Accepts an item when its predicted blend error (p95 upper, spread units) is <= tolerance.
+
+    Fixed skip: at `value_step`. Adaptive (`adaptive`): at the largest measured step <= value_step
+    where it is within the tolerance (blend_error.choose_value_steps), so a close neighbour earns a
+    long jump and a poor one a short jump or none.
+    """
 
     model: dict  # blend_error.fit_error_model's dict, as the KB stores it
     value_step: int
     tolerance: float
+    adaptive: bool = False
+
+    @property
+    def candidate_steps(self) -> list[int]:
+        """The measured value steps an item may jump to: the value step, or (adaptive) every measured step <= it."""
+        if not self.adaptive:
+            return [self.value_step]
+        return [r["value_step"] for r in self.model["steps"] if r["value_step"] <= self.value_step]
 
     def predicted(self, centered_residual: np.ndarray) -> np.ndarray:
         """float64 [B]: each item's predicted blend error at the value step (inf beyond the calibrated range)."""
         return predict_error(self.model, centered_residual, self.value_step)
 
     def accepts(self, centered_residual: np.ndarray) -> np.ndarray:
-        """bool [B]: True where the item's predicted error is within the tolerance."""
+        """bool [B]: True where the item's predicted error at the value step is within the tolerance."""
         return self.predicted(centered_residual) <= self.tolerance
+
+    def start_steps(self, centered_residual: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(start step int64 [B], predicted error float64 [B]) of each item; the key step where nothing qualifies.
+
+        The predicted error is the one at the item's start step, or, for an item that stays at the
+        key step, at the shortest jump it was refused (for a fixed skip: the value step).
+        """
+        k, steps = self.model["key_step"], self.candidate_steps
+        if not self.adaptive:
+            predicted = self.predicted(centered_residual)
+            return np.where(predicted <= self.tolerance, self.value_step, k).astype(np.int64), predicted
+        allowed = {**self.model, "steps": [r for r in self.model["steps"] if r["value_step"] <= self.value_step]}
+        start = choose_value_steps(allowed, centered_residual, self.tolerance)
+        predicted = np.empty(len(start), np.float64)
+        for step in set(start.tolist()):
+            rows = start == step
+            at = step if step != k or k in steps else steps[0]  # staying at k: report the shortest refused jump
+            predicted[rows] = predict_error(self.model, np.asarray(centered_residual)[rows], at)
+        return start, predicted
 
     def describe(self) -> str:
         """'error guard: predicted blend error at step 8 <= 0.1 of the KB's spread (KB calibration, ...)'."""
+        source = f"KB calibration of key step {self.model['key_step']}, H={self.model['h']}, {self.model['n']} entries"
+        if self.adaptive:
+            steps = self.candidate_steps
+            return (f"adaptive error guard: each item jumps to the latest of steps {steps[0]}..{steps[-1]} where its "
+                    f"predicted blend error <= {self.tolerance:.3g} of the KB's spread ({source})")
         row = next(r for r in self.model["steps"] if r["value_step"] == self.value_step)
         return (f"error guard: predicted blend error at step {self.value_step} <= {self.tolerance:.3g} of the KB's spread "
-                f"(KB calibration of key step {self.model['key_step']}, H={self.model['h']}, {self.model['n']} entries, "
-                f"rank correlation {row['spearman']:+.2f})")
+                f"({source}, rank correlation {row['spearman']:+.2f})")
 
 
-def resolve_error_guard(calibration: dict | None, key_step: int, h: int, value_step: int, tolerance: float) -> ErrorGuard:
+def resolve_error_guard(calibration: dict | None, key_step: int, h: int, value_step: int, tolerance: float,
+                        adaptive: bool = False) -> ErrorGuard:
     """The ErrorGuard of the blend-error model stored for `key_step` and H; reads only, never measures.
 
     calibration: what the KB stores for `key_step` (`KnowledgeBase.calibration(key_step)`), or None.
+    Adaptive: any measured step <= value_step may be chosen; else value_step must be a measured step.
     """
     model = error_model_of(calibration, key_step, h)
     if model is None:
         raise KBError(f"the KB stores no blend-error model for key step {key_step} and H={h}. Store one with "
                       f"`python -m kb_tools calibrate KB --key-step {key_step} --neighbours {h}`, or use the residual guard.")
-    predict_error(model, np.zeros(1), value_step)  # refuses a value step the model does not hold here, not mid-run
-    return ErrorGuard(model, int(value_step), check_tolerance(tolerance))
+    guard = ErrorGuard(model, int(value_step), check_tolerance(tolerance), bool(adaptive))
+    if not guard.candidate_steps:
+        raise KBError(f"the blend-error model of key step {key_step} measured no step <= the value step {value_step} "
+                      f"(it holds {[r['value_step'] for r in model['steps']]}); choose a later value step.")
+    for step in guard.candidate_steps:  # refuses a value step the model does not hold here, not mid-run
+        predict_error(model, np.zeros(1), step)
+    return guard

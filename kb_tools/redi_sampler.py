@@ -27,12 +27,12 @@ import comfy.samplers
 
 from . import comfy_sampling as cs
 from .errors import KBError, KBMismatchError
-from .guard import GUARD_AUTO, Guard, resolve_guard
+from .guard import GUARD_AUTO, ErrorGuard, Guard, resolve_error_guard, resolve_guard
 from .guiders import CountedDenoiser, batch_view, patcher_at, run_sampler
 from .kb import KnowledgeBase
 from .records import describe_differences, differences
 from .results import Evaluations, ReDiResult
-from .retrieval import WEIGHT_MODES, blend_entries, fit_weights, nearest_keys
+from .retrieval import WEIGHT_MODES, WeightFit, blend_entries, fit_weights, nearest_keys
 from .schedule import ReDiPlan, plan_redi
 
 log = logging.getLogger("ReDi")
@@ -49,7 +49,7 @@ class ReDiRun:
     plan: ReDiPlan
     neighbours: int
     weight_mode: str
-    guard: Guard
+    guard: Guard | ErrorGuard  # residual guard, or (an error tolerance given) the error guard, fixed or adaptive
     ridge: float = 1e-2
     result: ReDiResult | None = None
     #: Called with each run's ReDiResult (the SamplerReDi node shows it on the canvas); None: log only.
@@ -57,8 +57,14 @@ class ReDiRun:
 
 
 def make_run(kb: KnowledgeBase, key_step: int, value_step: int, neighbours: int = 3, weight_mode: str = "lstsq",
-             guard: float = GUARD_AUTO) -> ReDiRun:
-    """Check every choice against the KB once, before anything is sampled."""
+             guard: float = GUARD_AUTO, tolerance: float | None = None, adaptive: bool = False) -> ReDiRun:
+    """Check every choice against the KB once, before anything is sampled.
+
+    tolerance None: the residual guard `guard`. A number >= 0: the error guard replaces it, accepting
+    an item when its predicted blend error (in units of the KB's spread there, read from the KB's
+    stored blend-error model) is within it; `adaptive` lets each item jump to the latest step <= the
+    value step that qualifies.
+    """
     s = kb.settings
     plan = plan_redi(s.steps, key_step, value_step, s.stored_steps)
     if len(kb) == 0:
@@ -68,8 +74,27 @@ def make_run(kb: KnowledgeBase, key_step: int, value_step: int, neighbours: int 
                       f"choose H between 1 and {len(kb)}.")
     if weight_mode not in WEIGHT_MODES:
         raise KBError(f"unknown weight mode {weight_mode!r}; valid modes are {list(WEIGHT_MODES)}.")
-    return ReDiRun(kb, plan, int(neighbours), weight_mode, resolve_guard(kb.calibration(key_step), key_step,
-                                                                            int(neighbours), guard))
+    if tolerance is None:
+        if adaptive:
+            raise KBError("the adaptive skip needs the error guard: give an error tolerance >= 0 (error_tolerance on "
+                          "the node, e.g. 0.1 of the KB's spread), or turn adaptive_skip off.")
+        return ReDiRun(kb, plan, int(neighbours), weight_mode, resolve_guard(kb.calibration(key_step), key_step,
+                                                                                int(neighbours), guard))
+    gate = resolve_error_guard(kb.calibration(key_step), key_step, int(neighbours), value_step, tolerance, adaptive)
+    return ReDiRun(kb, plan, int(neighbours), weight_mode, gate)
+
+
+def start_steps(guard: Guard | ErrorGuard, fit: WeightFit, plan: ReDiPlan
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Per item (start step int64 [B], accepted bool [B], predicted error float64 [B] or None for the residual guard).
+
+    An accepted item resumes from its blend at its start step; the others continue from x_k (start = key step).
+    """
+    if isinstance(guard, ErrorGuard):
+        start, predicted = guard.start_steps(fit.centered_residual)
+        return start, start != plan.key_step, predicted
+    accepted = guard.accepts(fit.centered_residual)
+    return np.where(accepted, plan.value_step, plan.key_step).astype(np.int64), accepted, None
 
 
 def redi_ksampler(run: ReDiRun) -> comfy.samplers.KSAMPLER:
@@ -79,7 +104,7 @@ def redi_ksampler(run: ReDiRun) -> comfy.samplers.KSAMPLER:
 
 @torch.no_grad()
 def sample_redi(model, x, sigmas, extra_args=None, callback=None, disable=None, *, run: ReDiRun):
-    """ReDi inference, Algorithm 2 of Zhang et al. (2023), with a per-item residual guard.
+    """ReDi inference, Algorithm 2 of Zhang et al. (2023), with a per-item guard and start step.
 
     model: the k-diffusion denoiser (ComfyUI's KSamplerX0Inpaint around a GUIDER); x [B, C, H, W]:
     the scaled starting noise; sigmas: the KB's schedule. Returns x at sigmas[-1] and leaves a
@@ -88,7 +113,7 @@ def sample_redi(model, x, sigmas, extra_args=None, callback=None, disable=None, 
     extra_args = {} if extra_args is None else extra_args
     run.result = None  # a failed run leaves no stale result behind
     kb, plan = run.kb, run.plan
-    k, v = plan.key_step, plan.value_step
+    k = plan.key_step
     base = model.inner_model.inner_model  # the BaseModel: latent format and noise scaling
     warnings = check_sampling(run, model, x, sigmas, extra_args)
     sampler = comfy.samplers.sampler_object(kb.settings.sampler)  # the KB's own sampler
@@ -101,18 +126,20 @@ def sample_redi(model, x, sigmas, extra_args=None, callback=None, disable=None, 
     near = nearest_keys(kb, query, k, run.neighbours)
     # Line 7: w* = argmin_w d(q, sum_i w_i key^(j_i)), solved once, in the chosen mode.
     fit = fit_weights(query, near.keys, kb.key_spread(k), run.weight_mode, run.ridge)
-    # Line 8: x_v_hat = sum_i w*_i val^(j_i).
-    x_v = torch.from_numpy(blend_entries(kb, near.ids, fit.weights, v)).to(x_k)
-    # The guard (not in the paper): an item whose keys do not rebuild its query continues from x_k.
-    accepted = run.guard.accepts(fit.centered_residual)
-    start = np.where(accepted, v, k).astype(np.int64)
-    jumped = torch.from_numpy(accepted).to(x_k.device).view(-1, 1, 1, 1)
-    states = torch.where(jumped, cs.from_latent_space(base, sigmas[v], x_v), x_k)
+    # The guard (not in the paper): per item its start step, the value step (or, adaptive, the latest
+    # step whose predicted error is within the tolerance); an item the guard refuses continues from x_k.
+    start, accepted, predicted = start_steps(run.guard, fit, plan)
+    # Line 8: x_v_hat = sum_i w*_i val^(j_i), at each accepted item's own start step, in its own sigma.
+    states = x_k.clone()
+    for step in sorted(set(start[accepted].tolist())):
+        rows = np.flatnonzero(accepted & (start == step))
+        x_v = torch.from_numpy(blend_entries(kb, near.ids[rows], fit.weights[rows], step)).to(x_k)
+        states[torch.from_numpy(rows).to(x_k.device)] = cs.from_latent_space(base, sigmas[step], x_v)
     # Lines 9-11: sample x_v_hat -> x_0 (each item from its own start step).
     out = resume_items(model, states, start, sigmas, extra_args, callback, disable, sampler, tally)
     run.result = ReDiResult(cs.to_latent_space(base, sigmas[-1], out).float().cpu(), plan, accepted, start, near.ids,
                             near.distances, fit.weights, fit.mode, fit.residual, fit.centered_residual, run.guard,
-                            tally, tuple(warnings))
+                            tally, tuple(warnings), predicted)
     log.info(run.result.summary())
     if run.on_result is not None:
         run.on_result(run.result)

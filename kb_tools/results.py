@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Iterable
 
 import numpy as np
 
-from .guard import Guard
+from .guard import ErrorGuard, Guard
 from .schedule import ReDiPlan
 
 if TYPE_CHECKING:
@@ -65,8 +65,10 @@ class ReDiResult:
     """One ReDi run (Algorithm 2), per batch item: where it resumed, whom it blended, what it cost.
 
     Shapes: B batch items, H neighbours. `accepted[i]`: the guard let item i resume from its
-    blended value, at `start_steps[i]` (the value step); otherwise it continued from its own
-    query latent at the key step (nothing skipped).
+    blended value, at `start_steps[i]` (the value step, or with the adaptive error guard the
+    item's own step); otherwise it continued from its own query latent at the key step (nothing
+    skipped). `predicted_error[i]` (error guard only): the predicted blend error at the item's
+    start step, or for an item sent back at the shortest jump it was refused.
     """
 
     latent: torch.Tensor  # [B, C, H, W] float32, LATENT-dict space
@@ -79,9 +81,10 @@ class ReDiResult:
     weight_mode: str
     residual: np.ndarray  # float64 [B], ||q - sum w key|| / ||q||
     centered_residual: np.ndarray  # float64 [B], ||q - sum w key|| / KB key spread
-    guard: Guard
+    guard: Guard | ErrorGuard
     evaluations: Evaluations
     warnings: tuple[str, ...] = ()
+    predicted_error: np.ndarray | None = None  # float64 [B], spread units; None for the residual guard
 
     @property
     def skipped_steps(self) -> np.ndarray:
@@ -90,6 +93,8 @@ class ReDiResult:
 
     def summary(self) -> str:
         """The one line a user can act on."""
+        if isinstance(self.guard, ErrorGuard):
+            return self._error_guard_summary()
         total = len(self.start_steps)
         used = int(self.accepted.sum())
         res = ", ".join(f"{r:.3f}" for r in self.centered_residual[:4]) + ("..." if total > 4 else "")
@@ -103,3 +108,27 @@ class ReDiResult:
                     f"prompts to the KB, or raise the guard; {cost}")
         return (f"ReDi: skipped {self.plan.skipped_steps} steps for {used} of {total} items; the guard sent the rest back "
                 f"to plain sampling (residual {res}, {guard}); {cost}")
+
+    def _error_guard_summary(self) -> str:
+        """'ReDi: 3 of 4 items jumped 8 steps, 1 item 2 steps (error guard: ...); ...; N model evaluations (...)'."""
+        total, used = len(self.start_steps), int(self.accepted.sum())
+        cost = f"{self.evaluations.total()} model evaluations ({self.evaluations.describe()})"
+        refused = self.predicted_error[~self.accepted]
+        errors = ", ".join(f"{e:.3g}" for e in refused[:4]) + ("..." if len(refused) > 4 else "")
+        why = (f"predicted error {errors} > {self.guard.tolerance:.3g}; inf: residual beyond the KB's calibrated range")
+        if used == 0:
+            return (f"ReDi: the error guard sent all {total} item(s) back to plain sampling ({why}; "
+                    f"{self.guard.describe()}): raise error_tolerance, use a KB seed (seed_mode 'kb' or ReDiKBNoise), "
+                    f"or add similar prompts to the KB; {cost}")
+        steps, counts = np.unique(self.skipped_steps[self.accepted], return_counts=True)
+        jumps = [f"{_items(int(n))} {int(s)} steps" for s, n in zip(steps[::-1], counts[::-1])]  # longest first
+        first = int(counts[-1])
+        jumps[0] = f"{first} of {total} item{'s' if total > 1 else ''} jumped {int(steps[-1])} steps"
+        line = f"ReDi: {', '.join(jumps)} ({self.guard.describe()})"
+        if used < total:
+            line += f"; {_items(total - used)} continued from the key step ({why})"
+        return f"{line}; {cost}"
+
+
+def _items(n: int) -> str:
+    return f"{n} item" if n == 1 else f"{n} items"

@@ -11,7 +11,7 @@ from comfy_api.latest import io
 from ..kb_tools import redi as core
 from ..kb_tools.redi_sampler import make_run, redi_ksampler
 from . import feedback
-from .redi import CATEGORY, GUARD_TOOLTIP, WEIGHT_MODES, kb_input
+from .redi import CATEGORY, GUARD_TOOLTIP, WEIGHT_MODES, error_guard_inputs, kb_input, tolerance_of
 
 
 class SamplerReDi(io.ComfyNode):
@@ -33,14 +33,17 @@ class SamplerReDi(io.ComfyNode):
                 io.Combo.Input("weight_mode", options=WEIGHT_MODES, default="lstsq",
                                tooltip="lstsq: least squares (paper). affine: weights sum to 1. ridge: shrunk weights."),
                 io.Float.Input("guard", default=-1.0, min=-1.0, max=100.0, step=0.01, tooltip=GUARD_TOOLTIP),
+                *error_guard_inputs(),
             ],
             outputs=[io.Sampler.Output()],
             hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
-    def execute(cls, knowledge_base, key_step, value_step, neighbours, weight_mode, guard) -> io.NodeOutput:
-        run = make_run(knowledge_base, key_step, value_step, neighbours, weight_mode, guard)
+    def execute(cls, knowledge_base, key_step, value_step, neighbours, weight_mode, guard, error_tolerance: float = -1.0,
+                adaptive_skip: bool = False) -> io.NodeOutput:
+        run = make_run(knowledge_base, key_step, value_step, neighbours, weight_mode, guard, tolerance_of(error_tolerance),
+                       adaptive_skip)
         # The run happens later, inside SamplerCustomAdvanced: remember which node to report to
         # (no hidden inputs when the node is called directly, outside a prompt: then only the log).
         node_id = cls.hidden.unique_id if cls.hidden is not None else None

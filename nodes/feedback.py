@@ -54,18 +54,24 @@ def build_ui(report, kb_name: str) -> dict:
 
 # --------------------------------------------------------------------------- resume
 
+def item_line(result, i: int) -> str:
+    """One batch item: how many steps it skipped, or that it was sent back, and the guard's number behind it."""
+    skipped = int(result.skipped_steps[i])
+    if result.predicted_error is not None:  # the error guard
+        why, bound = f"predicted error {result.predicted_error[i]:.3g}", f"{result.guard.tolerance:.3g}"
+    else:
+        why, bound = f"residual {result.centered_residual[i]:.3f}", f"guard {result.guard.threshold:.3f}"
+    if result.accepted[i]:
+        return f"item {i}: skipped {skipped} steps ({why} <= {bound})"
+    return f"item {i}: fell back to plain sampling ({why} > {bound})"
+
+
 def resume_text(result) -> str:
     """ReDiResult -> its summary line, then one line per batch item: skipped or sent back by the guard."""
-    lines = [result.summary()]
-    threshold = result.guard.threshold
-    items = list(zip(result.accepted, result.centered_residual, result.skipped_steps))
-    for i, (accepted, residual, skipped) in enumerate(items[:MAX_ITEMS_LISTED]):
-        if accepted:
-            lines.append(f"item {i}: skipped {int(skipped)} steps (residual {residual:.3f} <= guard {threshold:.3f})")
-        else:
-            lines.append(f"item {i}: fell back to plain sampling (residual {residual:.3f} > guard {threshold:.3f})")
-    if len(items) > MAX_ITEMS_LISTED:
-        lines.append(f"... {len(items) - MAX_ITEMS_LISTED} more item(s), {int(result.accepted[MAX_ITEMS_LISTED:].sum())} of them skipped steps")
+    total = len(result.accepted)
+    lines = [result.summary(), *(item_line(result, i) for i in range(min(total, MAX_ITEMS_LISTED)))]
+    if total > MAX_ITEMS_LISTED:
+        lines.append(f"... {total - MAX_ITEMS_LISTED} more item(s), {int(result.accepted[MAX_ITEMS_LISTED:].sum())} of them skipped steps")
     lines.append(f"{result.evaluations.total()} model evaluations in all ({result.evaluations.describe()}).")
     return "\n".join(lines)
 

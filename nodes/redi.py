@@ -42,6 +42,27 @@ FROM_KB = "from KB"
 GUARD_TOOLTIP = ("Largest accepted centered residual ||q - sum w key|| / (RMS spread of the KB's keys); an item above it "
                  "continues from its own key-step latent (plain sampling). -1 = auto: the calibration stored in the KB "
                  "(python -m kb_tools calibrate), else 0.5; the run's log line says which.")
+ERROR_TOLERANCE_TOOLTIP = (
+    "-1 = off (the residual guard above decides). 0 or more = the error guard replaces it: an item jumps only when the "
+    "blend is predicted to land within this distance of the true latent, as a fraction of how much the KB's latents "
+    "differ from each other at that step (e.g. 0.1 = within 10%; 0 = never jump). The prediction comes from the "
+    "blend-error model the KB stores (python -m kb_tools calibrate); a KB without one is refused.")
+ADAPTIVE_SKIP_TOOLTIP = (
+    "Off: every accepted item jumps to value_step. On: each item jumps as far as its own match allows, to the latest "
+    "stored step up to value_step whose predicted error is within error_tolerance (a close match skips more steps, a "
+    "poor one fewer or none). Needs error_tolerance >= 0.")
+
+
+def error_guard_inputs() -> list[io.Input]:
+    """The error guard's two optional inputs (defaults keep the residual guard and every saved workflow as it was)."""
+    return [io.Float.Input("error_tolerance", default=-1.0, min=-1.0, max=100.0, step=0.01, optional=True,
+                           tooltip=ERROR_TOLERANCE_TOOLTIP),
+            io.Boolean.Input("adaptive_skip", default=False, optional=True, tooltip=ADAPTIVE_SKIP_TOOLTIP)]
+
+
+def tolerance_of(error_tolerance: float | None) -> float | None:
+    """The node's error_tolerance as make_run's tolerance: None (residual guard) for -1 or any negative value."""
+    return None if error_tolerance is None or error_tolerance < 0 else float(error_tolerance)
 
 # Knowledge bases live in models/redi_kb/<name>/ by default; extra_model_paths.yaml can add
 # more locations under the key `redi_kb` (ComfyUI registers those before loading packs).
@@ -413,14 +434,17 @@ class ReDiSampler(io.ComfyNode):
                 io.Conditioning.Input("resume_positive", optional=True,
                                       tooltip="Stylization: conditioning for the resumed steps (content + style), while positive (content) makes the key."),
                 *small_model_inputs(),
+                *error_guard_inputs(),
             ],
             outputs=[io.Latent.Output(display_name="LATENT")],
         )
 
     @classmethod
     def execute(cls, model, positive, negative, latent_image, knowledge_base, key_step, value_step, neighbours, weight_mode,
-                guard, seed_mode, seed, resume_positive=None, small_model=None, small_positive=None, small_negative=None) -> io.NodeOutput:
-        run = core.make_run(knowledge_base, key_step, value_step, neighbours, weight_mode, guard)
+                guard, seed_mode, seed, resume_positive=None, small_model=None, small_positive=None, small_negative=None,
+                error_tolerance: float = -1.0, adaptive_skip: bool = False) -> io.NodeOutput:
+        run = core.make_run(knowledge_base, key_step, value_step, neighbours, weight_mode, guard,
+                            tolerance_of(error_tolerance), adaptive_skip)
         result = core.generate(knowledge_base, model, positive, negative, latent_image["samples"].float(),
                                query_seeds(knowledge_base, latent_image, seed_mode, seed), run,
                                resume_positive=resume_positive, small_model=small_model, small_positive=small_positive,
