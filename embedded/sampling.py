@@ -132,14 +132,16 @@ def foreign_seeds(kb: KnowledgeBase, n: int, base: int) -> tuple[list[int], list
 
 def redi_sample(kb: KnowledgeBase, model, prompts: Sequence[str], seeds: Sequence[int], *, key_step: int,
                 value_step: int, h: int, mode: str = "lstsq", guard: float = GUARD_AUTO,
-                resume_prompts: Sequence[str] | None = None) -> ReDiResult:
+                resume_prompts: Sequence[str] | None = None, tolerance: float | None = None,
+                adaptive: bool = False) -> ReDiResult:
     """ReDi end to end, Algorithm 2 in one sampler run (`kb_tools.redi.generate`, the ReDiSampler node).
 
     resume_prompts: stylization, the key from `prompts` and the steps after the key step from these.
+    tolerance / adaptive: the error guard and the adaptive skip instead of the residual guard (`make_run`).
     """
     positive, negative = conditioning(prompts)
     styled = conditioning(resume_prompts)[0] if resume_prompts is not None else None
-    run = redi.make_run(kb, key_step, value_step, h, mode, guard)
+    run = redi.make_run(kb, key_step, value_step, h, mode, guard, tolerance, adaptive)
     return redi.generate(kb, model, positive, negative, empty_latents(len(prompts)), seeds, run, resume_positive=styled)
 
 
