@@ -9,36 +9,17 @@ import numpy as np
 import pytest
 import torch
 
+import test_native_sampling as native
 from test_native_sampling import PerItemNoise, cfg_guider, cond
 from test_redi_nodes import SEED, STEPS, build
 
 pytestmark = pytest.mark.comfy
+# The native-sampling tests' module fixtures, shared (each still made once per module here).
+redi, nodes, custom, model = native.redi, native.nodes, native.custom, native.model
 
 KEY, VALUE, H = 3, 7, 2
 PROMPTS = ["prompt 2", "prompt 4", "a prompt the KB lacks", "prompt 7"]
 SEEDS = [SEED, SEED + 1, SEED, SEED + 2]  # SEED + 1 is foreign noise
-
-
-@pytest.fixture(scope="module")
-def redi(pack):
-    return pack.kb_tools.redi
-
-
-@pytest.fixture(scope="module")
-def nodes(pack):
-    return pack.nodes
-
-
-@pytest.fixture(scope="module")
-def custom():
-    from comfy_extras import nodes_custom_sampler
-    return nodes_custom_sampler
-
-
-@pytest.fixture(scope="module")
-def model():
-    import tiny_models
-    return tiny_models.make_tiny_model(0, "V_PREDICTION")
 
 
 @pytest.fixture(scope="module")
