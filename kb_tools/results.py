@@ -115,7 +115,8 @@ class ReDiResult:
         cost = f"{self.evaluations.total()} model evaluations ({self.evaluations.describe()})"
         refused = self.predicted_error[~self.accepted]
         errors = ", ".join(f"{e:.3g}" for e in refused[:4]) + ("..." if len(refused) > 4 else "")
-        why = (f"predicted error {errors} > {self.guard.tolerance:.3g}; inf: residual beyond the KB's calibrated range")
+        why = f"predicted error {errors} > {self.guard.tolerance:.3g}" + (
+            "; inf: residual beyond the KB's calibrated range" if np.isinf(refused).any() else "")
         if used == 0:
             return (f"ReDi: the error guard sent all {total} item(s) back to plain sampling ({why}; "
                     f"{self.guard.describe()}): raise error_tolerance, use a KB seed (seed_mode 'kb' or ReDiKBNoise), "
