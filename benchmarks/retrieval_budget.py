@@ -58,6 +58,7 @@ kb_scale.kbmod = kbmod
 POOL = 2048
 IVF_FULL_TRAIN_MAX = 300_000
 GPU_STEP_MS = (20.0, 50.0)  # an SD1.5 UNet step on a GPU (issue 14's reference)
+EF_SWEEP = (64, 128, 256, 512)  # HNSW efSearch values tried at 1M (64 is kb_tools' default)
 
 
 def faiss_build_info() -> dict:
@@ -264,10 +265,27 @@ def million_part(n: int, gen: Generator, queries: np.ndarray, repeats: int, kind
         row["by_index"][kind] = {"build_s": bs, "build_cpu_s": bc, **summary,
                                  "recall_at_3_vs_exact_reduced_search": recall(approx, exact),
                                  "exact_top3_among_candidates": recall(cand, exact)}
+        if kind == "hnsw":
+            row["by_index"][kind]["ef_search_sweep"] = ef_sweep(index, rq, q, synthetic_keys, pool_values, spread,
+                                                                repeats, exact)
         print(f"  1M {kind}: p50 {summary['total']['p50_ms']:.2f} ms", flush=True)
         if index is not flat:
             del index
     return row
+
+
+def ef_sweep(index, rq, q, full_keys, pool_values, spread: float, repeats: int, exact: np.ndarray) -> dict:
+    """The same whole query at larger HNSW beams: what a wider search buys in recall and costs in time."""
+    out = {}
+    for ef in EF_SWEEP:
+        index.hnsw.efSearch = ef
+        summary, _ = index_query(index, rq, q, full_keys, lambda ids: pool_values[ids % POOL], spread, repeats)
+        cand = ix.candidates(index, rq, max(4 * H, 32), None, ef)
+        out[str(ef)] = {**summary, "exact_top3_among_candidates": recall(cand, exact)}
+        print(f"  1M hnsw efSearch {ef}: p50 {summary['total']['p50_ms']:.2f} ms, "
+              f"top 3 among candidates {out[str(ef)]['exact_top3_among_candidates']:.3f}", flush=True)
+    ix.apply_params(index, None, None)
+    return out
 
 
 def goals(rows: list[dict], million: dict | None) -> list[dict]:
@@ -297,7 +315,8 @@ def main() -> int:
     p.add_argument("--out", default=str(HERE / "benchmarks" / "results" / "retrieval_budget.json"))
     p.add_argument("--quick", action="store_true")
     p.add_argument("--keep-kb-rows", action="store_true",
-                   help="keep the KB rows (10k, 100k) already in --out, measured by an earlier run; measure only --million")
+                   help="keep the KB rows (10k, 100k) already in --out, measured by an earlier run, and its 1M rows of the "
+                        "index types --indexes leaves out; measure only --million")
     args = p.parse_args()
     if args.quick:
         args.queries, args.repeats = 16, 40
@@ -311,8 +330,8 @@ def main() -> int:
               "faiss": faiss_build_info(), "gpu_step_ms_reference": GPU_STEP_MS, "h": H, "key_step": KEY,
               "value_step": VALUE, "queries": args.queries, "repeats": args.repeats, "kb": [], "million": None}
     out = Path(args.out)
-    if args.keep_kb_rows and out.is_file():
-        earlier = json.loads(out.read_text())
+    earlier = json.loads(out.read_text()) if args.keep_kb_rows and out.is_file() else None
+    if earlier:
         result["kb"] = [{**row, "from_run_of": earlier["date"], "queries": earlier["queries"], "repeats": earlier["repeats"]}
                         for row in earlier.get("kb", [])]
     try:
@@ -323,6 +342,9 @@ def main() -> int:
         if args.million:
             print(f"index-only run at {args.million} entries ...", flush=True)
             result["million"] = million_part(args.million, gen, queries, args.repeats, kinds)
+            for kind, row in ((earlier or {}).get("million") or {}).get("by_index", {}).items():
+                if kind not in result["million"]["by_index"]:  # index types this run did not measure again
+                    result["million"]["by_index"][kind] = {**row, "from_run_of": earlier["date"]}
     finally:
         shutil.rmtree(root, ignore_errors=True)
     result["goals"] = goals(result["kb"], result["million"])

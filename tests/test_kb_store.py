@@ -273,6 +273,21 @@ def test_auto_index_is_flat_up_to_the_threshold_then_hnsw(tmp_path, monkeypatch)
     assert kb.verify() == []
 
 
+def test_large_hnsw_kbs_search_with_a_wider_beam(tmp_path, monkeypatch):
+    monkeypatch.setattr(kbmod.index, "AUTO_FLAT_MAX_ENTRIES", 50)
+    settings = toy_settings(latent_shape=(1, 4, 4), stored_steps=[2, 4])
+    kb = KnowledgeBase.create(tmp_path / "kb", settings, dtype="float32")
+    x = np.random.default_rng(0).standard_normal((80, 1, 4, 4)).astype(np.float32)
+    kb.append({2: x, 4: -x}, [f"p{i}" for i in range(80)], [0] * 80)
+    efs = lambda kb: {st: kb._gen.index(st, None, None).hnsw.efSearch for st in (2, 4)}  # noqa: E731
+    assert efs(KnowledgeBase.open(tmp_path / "kb")) == {2: 64, 4: 64}
+    monkeypatch.setattr(kbmod.index, "LARGE_HNSW_MIN_ENTRIES", 60)  # the rule, on a small KB
+    kb = KnowledgeBase.open(tmp_path / "kb")
+    assert efs(kb) == {2: 512, 4: 512}
+    kb.set_search_params(ef_search=32)  # a session's own choice wins
+    assert efs(kb) == {2: 32, 4: 32}
+
+
 def test_rebuild_indexes_repairs_a_corrupt_index(tmp_path):
     kb = make_kb(tmp_path / "kb", n=10)
     p = index_file(kb)

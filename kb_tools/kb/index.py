@@ -31,6 +31,12 @@ MAX_AUTO_INDEX_DIM = 256
 IVF_POINTS_PER_LIST = 39
 HNSW_M = 32
 HNSW_EF_SEARCH = 64
+#: Above this many entries HNSW searches with the wider LARGE_HNSW_EF_SEARCH beam: at 1,000,000
+#: synthetic SD1.5 keys efSearch 64 left 19.5% of the exact top 3 outside the 32 candidates the
+#: re-rank sees, 512 left 8.3% for +0.75 ms (retrieval_budget.json, "ef_search_sweep"); at
+#: 100,000 efSearch 64 already reaches recall@3 0.99.
+LARGE_HNSW_MIN_ENTRIES = 200_000
+LARGE_HNSW_EF_SEARCH = 512
 #: "auto" switches from flat to HNSW above this many entries. A one-query flat search costs
 #: about 0.25 us per entry at 256 dims on the 2-core benchmark machine (kb_scale.json,
 #: "flat_scan"): 20,000 entries stay near 5 ms, half the 10 ms target, under load.
@@ -257,7 +263,7 @@ def _decode_hnsw(t: dict, keys: np.ndarray, rec: IndexRecord, bad) -> faiss.Inde
     faiss.copy_array_to_vector(np.ascontiguousarray(levels), g.levels)
     faiss.copy_array_to_vector(np.ascontiguousarray(offsets).astype(np.uint64), g.offsets)
     faiss.copy_array_to_vector(np.ascontiguousarray(neighbors), g.neighbors)
-    g.entry_point, g.max_level, g.efConstruction, g.efSearch = entry, max_level, ef_construction, HNSW_EF_SEARCH
+    g.entry_point, g.max_level, g.efConstruction, g.efSearch = entry, max_level, ef_construction, default_ef_search(n)
     index.ntotal = n
     return index
 
@@ -265,12 +271,17 @@ def _decode_hnsw(t: dict, keys: np.ndarray, rec: IndexRecord, bad) -> faiss.Inde
 # --------------------------------------------------------------------------- searching
 
 
+def default_ef_search(n: int) -> int:
+    """HNSW efSearch for an index of n entries when the session sets none (see LARGE_HNSW_MIN_ENTRIES)."""
+    return LARGE_HNSW_EF_SEARCH if n > LARGE_HNSW_MIN_ENTRIES else HNSW_EF_SEARCH
+
+
 def apply_params(index: faiss.Index, nprobe: int | None, ef_search: int | None) -> None:
-    """Session search parameters: IVF lists probed (default nlist/8), HNSW efSearch (default 64)."""
+    """Session search parameters: IVF lists probed (default nlist/8), HNSW efSearch (default by size, default_ef_search)."""
     if isinstance(index, faiss.IndexIVF):
         index.nprobe = min(index.nlist, nprobe or max(1, index.nlist // 8))
     if isinstance(index, faiss.IndexHNSW):
-        index.hnsw.efSearch = ef_search or HNSW_EF_SEARCH
+        index.hnsw.efSearch = ef_search or default_ef_search(index.ntotal)
 
 
 def widen(index: faiss.Index, c: int) -> None:

@@ -234,7 +234,7 @@ class KnowledgeBase:
     # ------------------------------------------------------------ searching
 
     def set_search_params(self, *, nprobe: int | None = None, ef_search: int | None = None) -> None:
-        """IVF lists probed / HNSW efSearch for this session (defaults nlist//8 and 64)."""
+        """IVF lists probed / HNSW efSearch for this session (defaults nlist//8, and 64 or 512 above 200,000 entries)."""
         for name, v in (("nprobe", nprobe), ("ef_search", ef_search)):
             if v is not None and (not is_int(v) or v < 1):
                 raise KBError(f"{name} must be a positive int or None (the default), got {args.short(v)}.")
