@@ -84,8 +84,10 @@ def redi_output(bench, regime, queries, kb, result, k: int) -> Output:
     same = np.array([[parse_prompt(entries[int(j)][0]).source == c.source for j in row]
                      for row, c in zip(result.neighbour_ids, queries.captions)], float)
     claim = {"large": k + regime.steps - result.start_steps, "small": np.zeros(n, np.int64)}
-    extras = {"accepted": float(result.accepted.mean()), "guard_threshold": float(result.guard.threshold),
-              "guard_source": result.guard.source, "kb_entries": len(kb),
+    g = result.guard  # the residual guard (threshold on the residual) or the error guard (tolerance on the prediction)
+    residual_guard = not hasattr(g, "tolerance")
+    extras = {"accepted": float(result.accepted.mean()), "guard_threshold": float(g.threshold if residual_guard else g.tolerance),
+              "guard_source": g.source if residual_guard else "blend-error model", "kb_entries": len(kb),
               "centered_residual_median": float(np.median(result.centered_residual)),
               "neighbours_same_source": float(same.mean())}
     items = {"accepted": result.accepted.astype(int).tolist(), "nfe": claim["large"].tolist(),
