@@ -135,8 +135,9 @@ def test_error_guard_rows_report_nfe_distribution_rank_correlation_and_verdicts(
             assert off is not None and off["nfe"] == k + T - e["v"], e["label"]
             assert off["rank_correlation"]["n"] <= w["n"] and (off["rank_correlation"]["all"] is None
                                                               or -1.0 <= off["rank_correlation"]["all"] <= 1.0)
-            assert e["vs_plain"]["mean_verdict"] in ("win", "tie", "loss")
-            assert isinstance(e["vs_plain"]["p95_not_worse"], bool)
+            if e["nfe_mean"] >= min(reg["budgets"]):  # below every budget no plain run spends less
+                assert e["vs_plain"]["mean_verdict"] in ("win", "tie", "loss")
+                assert isinstance(e["vs_plain"]["p95_not_worse"], bool)
         assert set(eg["never_worse_than"]) == {"plain", "oracle"}
         big = [e for e in eg["rows"] if e["tolerance"] == max(tolerances) and e["skip"] == "fixed"]
         small = [e for e in eg["rows"] if e["tolerance"] == min(tolerances) and e["skip"] == "fixed"]
