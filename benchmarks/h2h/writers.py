@@ -60,7 +60,7 @@ def write_markdown(res: dict, path: Path) -> None:
         out += [f"Machine load before / after: {res['machine']['loadavg_before'][0]:.1f} / "
                 f"{res['machine']['loadavg_after'][0]:.1f} on {res['machine']['cpus']} CPUs; total {res['wall_seconds']:.0f} s.", ""]
     out += [f"Precision {res['setting']['precision']}, {res['setting']['torch_threads']} torch thread(s). "
-            f"Sizes: {s}.", "",
+            f"Sizes: {s}. Methods run: {', '.join(res['methods'])}.", "",
             f"NFE: {res['setting']['nfe']}. Decision rule: {res['setting']['decision_rule']}.", ""]
     for name, reg in res["regimes"].items():
         kb = reg["kb"]
