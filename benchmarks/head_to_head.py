@@ -58,6 +58,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-thresholds", default=None, help="a reduced run: EasyCache / LazyCache thresholds, comma-separated "
                    "(default 0.05,0.1,0.2,0.4)")
     p.add_argument("--workloads", default=None, help=f"a reduced run: comma-separated subset of {','.join(WORKLOADS)}")
+    p.add_argument("--methods", default=None, help="a reduced run: comma-separated registry methods to run (default all; "
+                   "e.g. plain,oracle,redi,redi_error_guard for the error-guard report)")
     p.add_argument("--threads", type=int, default=1, help="torch and BLAS threads (default 1: the machine is shared)")
     p.add_argument("--precision", choices=["bf16", "fp32", "auto"], default="auto",
                    help="bf16: both UNets under bfloat16 autocast; auto: bf16 on CPUs with AMX / AVX512-BF16, else fp32")
@@ -72,7 +74,7 @@ def config_from(a) -> tuple[Config, bool]:
         return Config.smoke_config(), False
     cfg = Config()
     if a.queries is None and a.kb_entries is None and a.workloads is None and a.oracle_captions is None \
-            and a.cache_thresholds is None:
+            and a.cache_thresholds is None and a.methods is None:
         return cfg, False
     workloads = tuple(w for w in (a.workloads or ",".join(WORKLOADS)).split(",") if w)
     unknown = sorted(set(workloads) - set(WORKLOADS))
@@ -83,6 +85,8 @@ def config_from(a) -> tuple[Config, bool]:
         cfg.oracle_captions = a.oracle_captions
     if a.cache_thresholds:
         cfg.cache_thresholds = tuple(float(x) for x in a.cache_thresholds.split(","))
+    if a.methods:
+        cfg.methods = tuple(m for m in a.methods.split(",") if m)
     return cfg, True
 
 
@@ -124,6 +128,9 @@ def main(argv=None) -> dict:
     from benchmarks.h2h.run import run_workload
     from benchmarks.h2h.summary import summarize
 
+    unknown = sorted(set(cfg.methods or ()) - {m.name for m in all_methods()})
+    if unknown:
+        raise SystemExit(f"unknown method(s) {unknown}; choose from {[m.name for m in all_methods()]}")
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     logging.getLogger("ReDi").setLevel(logging.ERROR)
     log = print
@@ -133,9 +140,10 @@ def main(argv=None) -> dict:
                  "sizes": {"queries_per_workload": cfg.queries, "reference_renders": cfg.reference_renders,
                            "floor_draws": cfg.floor_draws, "oracle_selection_captions": cfg.oracle_captions,
                            "kb_entries": cfg.regimes[0].kb_entries, "cache_thresholds": list(cfg.cache_thresholds),
-                           "workloads": list(cfg.regimes[0].workloads)},
+                           "workloads": list(cfg.regimes[0].workloads),
+                           "error_tolerances": list(cfg.redi_error_tolerances)},
                  "methods": {m.name: {"family": m.family, "description": m.description, "workloads": list(m.workloads)}
-                             for m in all_methods()},
+                             for m in all_methods() if cfg.methods is None or m.name in cfg.methods},
                  "setting": {"models": "embedded crops UNets (ComfyUI BaseModel, v-prediction, 3x16x16 latent), large 64 ch "
                                        "/ small 32 ch", "precision": precision, "torch_threads": a.threads,
                              "small_model_cost_in_large_nfe": bench.small_cost,

@@ -25,8 +25,8 @@ SCRIPT = PACK / "benchmarks" / "head_to_head.py"
 pytestmark = [pytest.mark.comfy, pytest.mark.slow]
 
 WORKLOADS = {"heldout_fixed", "heldout_foreign", "reuse", "style"}
-METHODS = {"plain", "oracle", "easycache", "lazycache", "redi", "tstitch", "redi_easycache", "tstitch_easycache",
-           "prompt_switch"}
+METHODS = {"plain", "oracle", "easycache", "lazycache", "redi", "redi_error_guard", "tstitch", "redi_easycache",
+           "tstitch_easycache", "prompt_switch"}
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +62,7 @@ def test_structure(smoke):
         assert [f["budget"] for f in s["frontier"]] == [3, 6]
         assert set(s["first_full_quality_nfe"]) == {r["line"] for r in w["rows"]}
         for r in w["rows"]:
-            if r["family"] != "plain":
+            if r["family"] != "plain" and r["nfe"] >= min(reg["budgets"]):  # below every budget: no plain run spends less
                 assert "vs_plain" in r, r["label"]
     assert path.with_suffix(".md").is_file()
     assert sorted(p.name for p in path.parent.glob("smoke_*.png")) == sorted(f"smoke_{name}_{w}.png" for w in WORKLOADS)
@@ -106,3 +106,39 @@ def test_every_output_finite_and_counted_nfe_is_what_the_plan_spends(smoke):
     assert any(r["nfe_large"] < r["params"]["uncached_nfe"] for r in caches)  # the counter sees the steps a cache skips
     plain_full = [r for r in rows(res) if r["family"] == "plain" and r["nfe"] == T]
     assert plain_full and all(r["mse_mean"] == 0.0 for r in plain_full)  # the full-step run is its own reference
+
+
+def test_error_guard_rows_report_nfe_distribution_rank_correlation_and_verdicts(smoke):
+    _, res = smoke
+    (reg,) = res["regimes"].values()
+    T, k = reg["steps"], reg["key_step"]
+    tolerances = res["sizes"]["error_tolerances"]
+    for wname, w in reg["workloads"].items():
+        if wname == "style":
+            assert not any(r["method"] == "redi_error_guard" for r in w["rows"])
+            continue
+        eg = w["summary"]["error_guard"]
+        # every tolerance once with the fixed skip (the one budget below T) and once with the adaptive skip
+        assert sorted((e["tolerance"], e["skip"]) for e in eg["rows"]) == sorted(
+            (t, s) for t in tolerances for s in ("fixed", "adaptive")), wname
+        for e in eg["rows"]:
+            assert sum(e["nfe_histogram"].values()) == w["n"], e["label"]
+            assert e["nfe_min"] <= e["nfe_median"] <= e["nfe_max"] <= T
+            nfes = {int(n) for n in e["nfe_histogram"]}
+            # fixed: an item jumps to v or stays at k (T NFE); adaptive: anywhere from k + T - v up to T
+            allowed = {k + T - e["v"], T} if e["skip"] == "fixed" else set(range(k + T - e["v"], T + 1))
+            assert nfes <= allowed, (e["label"], nfes)
+            rc = e["rank_correlation"]
+            assert rc is not None and 0 <= rc["n_jumped"] <= rc["n"] <= w["n"], e["label"]  # n: items inside the calibrated range
+            assert rc["all"] is None or -1.0 <= rc["all"] <= 1.0
+            off = e["guard_off"]  # the same nominal setting with the guard off: every item jumps, and its own correlation
+            assert off is not None and off["nfe"] == k + T - e["v"], e["label"]
+            assert off["rank_correlation"]["n"] <= w["n"] and (off["rank_correlation"]["all"] is None
+                                                              or -1.0 <= off["rank_correlation"]["all"] <= 1.0)
+            if e["nfe_mean"] >= min(reg["budgets"]):  # below every budget no plain run spends less
+                assert e["vs_plain"]["mean_verdict"] in ("win", "tie", "loss")
+                assert isinstance(e["vs_plain"]["p95_not_worse"], bool)
+        assert set(eg["never_worse_than"]) == {"plain", "oracle"}
+        big = [e for e in eg["rows"] if e["tolerance"] == max(tolerances) and e["skip"] == "fixed"]
+        small = [e for e in eg["rows"] if e["tolerance"] == min(tolerances) and e["skip"] == "fixed"]
+        assert big[0]["accepted"] >= small[0]["accepted"]  # a larger tolerance never lets fewer items jump

@@ -16,6 +16,7 @@ import numpy as np
 
 from embedded import sampling as S
 from embedded.captions import parse_prompt, sample_captions
+from kb_tools.blend_error import stored_error_model
 from kb_tools.kb import KnowledgeBase
 from kb_tools.records import Recipe
 
@@ -60,13 +61,15 @@ def build(path: Path, model, regime: Regime, batch_size: int = 50) -> KBInfo:
 
 
 def calibrated(info: KBInfo, key_step: int, h: int) -> KBInfo:
-    """The KB with a stored guard calibration for (key_step, h) (computed once, kept in its manifest)."""
+    """The KB with a stored guard calibration and blend-error model for (key_step, h) (computed once, kept in its manifest)."""
     kb = info.kb
     have = kb.calibration(key_step)
-    if not have or have.get("h") != h:
+    if not have or have.get("h") != h or stored_error_model(kb, key_step, h) is None:
         S.calibrate_guard(kb, key_step, h, sample=min(64, len(kb)))
         have = kb.calibration(key_step)
-    return dataclasses.replace(info, calibration={"key_step": key_step, **have})
+    have = {k: v for k, v in have.items() if k != "blend_error"}  # the error model goes in the report once, by itself
+    return dataclasses.replace(info, calibration={"key_step": key_step, **have,
+                                                  "blend_error": stored_error_model(kb, key_step, h)})
 
 
 def style_free(info: KBInfo, path: Path) -> KBInfo:

@@ -37,7 +37,7 @@ def run_workload(bench, regime, queries: Queries, plan: Plan, log=print) -> dict
     n = len(queries)
     rows, qualities, done, errors = [], [], {}, []
     for method in all_methods():
-        if plan.workload not in method.workloads:
+        if plan.workload not in method.workloads or (plan.cfg.methods is not None and method.name not in plan.cfg.methods):
             continue
         for setting in method.settings(plan):
             key = setting.run_key
@@ -61,12 +61,13 @@ def run_workload(bench, regime, queries: Queries, plan: Plan, log=print) -> dict
             row = {"workload": plan.workload, "method": method.name, "family": method.family, "line": setting.line,
                    "label": setting.label, "params": setting.params, "target_nfe": setting.target_nfe,
                    "nfe": float(cost.mean()), "nfe_large": float(m.nfe["large"].mean()),
-                   "nfe_small": float(m.nfe["small"].mean()), "nfe_min": float(cost.min()), "nfe_max": float(cost.max()),
+                   "nfe_small": float(m.nfe["small"].mean()), "nfe_min": float(cost.min()),
+                   "nfe_median": float(np.median(cost)), "nfe_max": float(cost.max()),
                    "unconditional_rows": float(m.unconditional["large"].mean()),
                    "claim_kind": out.claim_kind, "claim_ok": ok, "claim_check": why,
                    "wall_s_per_image": m.wall / n, "cpu_s_per_image": m.cpu / n, "reused_run": reused, **scoring.record_quality(q), **out.extras}
-            if out.items:
-                row["per_item"] = out.items
+            if out.items:  # with each item's measured error, for the report's per-item statistics
+                row["per_item"] = {**out.items, "mse": [float(x) for x in q.mse]}
             rows.append(row)
             qualities.append(q)
             log(f"    {setting.label}: NFE {row['nfe']:.2f} (claim {why}), FD {q.fd:.2f} +- {q.fd_sd:.2f}, acc "

@@ -6,7 +6,10 @@ on FD (bootstrap sd) and on source accuracy (binomial se).
 """
 from __future__ import annotations
 
+import numpy as np
+
 from benchmarks import metrics as M
+from kb_tools.blend_error import spearman
 
 
 def full_step(rows: list[dict]) -> dict:
@@ -68,8 +71,64 @@ def losses(rows: list[dict], family: str = "redi") -> list[dict]:
     return out
 
 
+def rank_correlation(row: dict) -> dict | None:
+    """Spearman of each item's predicted blend error against its measured per-sample MSE, over all items and over
+    the items that jumped (None where the row has no predicted errors or fewer than 3 such items)."""
+    items = row.get("per_item") or {}
+    if "predicted_error" not in items:
+        return None
+    pred, mse, jumped = (np.asarray(items[k], np.float64) for k in ("predicted_error", "mse", "accepted"))
+    fin = np.isfinite(pred)  # inf: beyond the calibrated range
+
+    def rho(sel):
+        return spearman(pred[sel], mse[sel]) if sel.sum() >= 3 else None
+    return {"all": rho(fin), "jumped": rho(fin & (jumped > 0)), "n": int(fin.sum()), "n_jumped": int((fin & (jumped > 0)).sum())}
+
+
+def _guard_off_twin(rows: list[dict], r: dict) -> dict | None:
+    """The ReDi row with the guard off at the same key step, H, weight mode and (ceiling) value step."""
+    p = r["params"]
+    return next((o for o in rows if o["family"] == "redi" and o["params"].get("guard") == "off"
+                 and all(o["params"].get(x) == p.get(x) for x in ("k", "h", "mode", "v"))), None)
+
+
+def error_guard(rows: list[dict]) -> dict:
+    """The error guard's rows against the guard off at the same nominal setting (worst 5% of samples), against plain
+    euler and the oracle at no more mean NFE (mean MSE by paired se, p95 as measured), and their rank correlations."""
+    by_label = {r["label"]: r for r in rows}
+    out, never_worse = [], {"plain": {"mean": True, "p95": True}, "oracle": {"mean": True, "p95": True}}
+    for r in rows:
+        if r["family"] == "redi":
+            r["rank_correlation"] = rank_correlation(r)
+        if r["method"] != "redi_error_guard" or r["params"].get("tolerance") is None:
+            continue
+        off = _guard_off_twin(rows, r)
+        nfe = r.get("per_item", {}).get("nfe", [])
+        entry = {"label": r["label"], "tolerance": r["params"]["tolerance"], "skip": r["params"]["skip"], "v": r["params"]["v"],
+                 "nfe_mean": r["nfe"], "nfe_min": r["nfe_min"], "nfe_median": r.get("nfe_median"), "nfe_max": r["nfe_max"],
+                 "nfe_histogram": {str(int(v)): int(c) for v, c in zip(*np.unique(nfe, return_counts=True))},
+                 "accepted": r.get("accepted"), "mse_mean": r["mse_mean"], "mse_p95": r["mse_p95"],
+                 "rank_correlation": r["rank_correlation"],
+                 "guard_off": off and {"label": off["label"], "nfe": off["nfe"], "mse_mean": off["mse_mean"],
+                                       "mse_p95": off["mse_p95"], "rank_correlation": off.get("rank_correlation")}}
+        for fam in ("plain", "oracle"):
+            v = r.get(f"vs_{fam}")
+            if not v:
+                entry[f"vs_{fam}"] = None
+                continue
+            base = by_label[v["baseline"]]
+            p95_ok = r["mse_p95"] <= base["mse_p95"]
+            entry[f"vs_{fam}"] = {"baseline": v["baseline"], "baseline_nfe": v["baseline_nfe"], "mean_verdict": v["mse"],
+                                  "baseline_mse_mean": base["mse_mean"], "baseline_mse_p95": base["mse_p95"],
+                                  "p95_not_worse": p95_ok}
+            never_worse[fam]["mean"] &= v["mse"] != M.LOSS
+            never_worse[fam]["p95"] &= p95_ok
+        out.append(entry)
+    return {"rows": out, "never_worse_than": never_worse if out else None}
+
+
 def summarize(rows: list[dict], budgets) -> dict:
-    return {"first_full_quality_nfe": first_full_quality(rows), "frontier": frontier(rows, budgets),
+    return {"error_guard": error_guard(rows), "first_full_quality_nfe": first_full_quality(rows), "frontier": frontier(rows, budgets),
             "redi_losses": losses(rows, "redi"),
             "redi_wins": [{"row": r["label"], "against": r[b]["baseline"], "won_on": w}
                           for r in rows if r["family"] == "redi" for b in ("vs_plain", "vs_oracle") if r.get(b)

@@ -15,6 +15,36 @@ def _row_line(r: dict) -> str:
             f"{fmt(1000 * r['cpu_s_per_image'])} | {'; '.join(vs) or '-'} |")
 
 
+def _rho(rc: dict | None, key: str = "all") -> str:
+    return "-" if not rc or rc.get(key) is None else f"{rc[key]:+.2f}"
+
+
+def _error_guard_lines(eg: dict) -> list[str]:
+    """The error guard's table: NFE distribution, mean / p95 MSE beside the guard off, rank correlation, verdicts."""
+    if not eg or not eg["rows"]:
+        return []
+    out = ["Error guard and adaptive skip (tolerance on the predicted blend error, in units of the KB's spread). "
+           "Rank correlation: Spearman of each item's predicted error against its per-sample MSE, over all items of "
+           "the guard-off run at the same value step (every item jumps) / over the items this row let jump. "
+           "p95 vs plain / oracle: the row's per-sample MSE p95 against the baseline's at no more mean NFE.", "",
+           "| run | NFE mean (min / median / max) | NFE histogram | jumped | MSE mean / p95 | guard off: MSE mean / p95 | "
+           "rank corr. all (off) / jumped | vs plain: mean, p95 | vs oracle: mean, p95 |", "|---|---|---|---|---|---|---|---|---|"]
+    for e in eg["rows"]:
+        off = e["guard_off"] or {}
+        vs = ["-" if not e[k] else f"{e[k]['mean_verdict']}, {'ok' if e[k]['p95_not_worse'] else 'worse'} "
+              f"({fmt(e[k]['baseline_mse_p95'])} at {fmt(e[k]['baseline_nfe'])})" for k in ("vs_plain", "vs_oracle")]
+        hist = " ".join(f"{n}:{c}" for n, c in e["nfe_histogram"].items())
+        out.append(f"| {e['label']} | {fmt(e['nfe_mean'])} ({fmt(e['nfe_min'])} / {fmt(e['nfe_median'])} / {fmt(e['nfe_max'])}) "
+                   f"| {hist} | {fmt(e['accepted'])} | {fmt(e['mse_mean'])} / {fmt(e['mse_p95'])} | "
+                   f"{fmt(off.get('mse_mean'))} / {fmt(off.get('mse_p95'))} | {_rho(off.get('rank_correlation'))} / "
+                   f"{_rho(e['rank_correlation'], 'jumped')} | {vs[0]} | {vs[1]} |")
+    nw = eg["never_worse_than"]
+    out += ["", "Verdict \"never worse than plain at equal NFE\" over every error-guard row: "
+            + "; ".join(f"vs {f}: mean MSE {'met' if nw[f]['mean'] else 'NOT met'}, p95 MSE {'met' if nw[f]['p95'] else 'NOT met'}"
+                        for f in ("plain", "oracle")), ""]
+    return out
+
+
 def write_markdown(res: dict, path: Path) -> None:
     s = res["sizes"]
     out = ["# Head to head: ReDi and T-Stitch against what a ComfyUI user already has", ""]
@@ -30,7 +60,7 @@ def write_markdown(res: dict, path: Path) -> None:
         out += [f"Machine load before / after: {res['machine']['loadavg_before'][0]:.1f} / "
                 f"{res['machine']['loadavg_after'][0]:.1f} on {res['machine']['cpus']} CPUs; total {res['wall_seconds']:.0f} s.", ""]
     out += [f"Precision {res['setting']['precision']}, {res['setting']['torch_threads']} torch thread(s). "
-            f"Sizes: {s}.", "",
+            f"Sizes: {s}. Methods run: {', '.join(res['methods'])}.", "",
             f"NFE: {res['setting']['nfe']}. Decision rule: {res['setting']['decision_rule']}.", ""]
     for name, reg in res["regimes"].items():
         kb = reg["kb"]
@@ -60,6 +90,7 @@ def write_markdown(res: dict, path: Path) -> None:
                     f"({fmt(f['best_mse_value'])})" for f in sm["frontier"]]
             out += ["", "Least NFE at which each line is within noise of plain at T (FD and accuracy):", ""]
             out += [f"- {line}: {fmt(n) if n is not None else 'never'}" for line, n in sm["first_full_quality_nfe"].items()]
+            out += [""] + _error_guard_lines(sm.get("error_guard"))
             out += ["", f"ReDi lost {len(sm['redi_losses'])} comparison(s) here:", ""]
             out += [f"- {x['row']} (NFE {fmt(x['nfe'])}) vs {x['against']} (NFE {fmt(x['against_nfe'])}): "
                     f"{', '.join(x['lost_on'])}" for x in sm["redi_losses"]]

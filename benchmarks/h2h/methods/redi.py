@@ -4,13 +4,23 @@ NFE = k + (T - v) for an item that jumps, T for one the guard sends back to its 
 Stylization keys with the content caption and resumes with the styled one on the KB's
 style-free entries (the paper's setting). The guard is off (the paper) or auto (the KB's stored
 leave-one-out calibration for the main key step and H, else the documented fallback).
+
+The error guard (method "redi_error_guard", issue 12): an item jumps when its predicted blend
+error (the KB's stored leave-one-out error model, in units of the KB's spread) is within a
+tolerance fixed in advance, at the budget's value step ("fixed"), or with the adaptive skip at
+the latest step up to the last one the KB stores where it is ("adaptive"). Every ReDi row on the
+main key step and H records each item's predicted error at its value step beside its residual,
+so that the report can rank-correlate it with the measured error.
 """
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 
 from embedded import sampling as S
 from embedded.captions import parse_prompt
+from kb_tools.blend_error import predict_error, stored_error_model
 from kb_tools.guard import GUARD_AUTO
 
 from ..registry import Method, Output, Plan, Setting, register
@@ -50,6 +60,23 @@ def redi_settings(plan: Plan) -> list[Setting]:
     return out
 
 
+def error_guard_settings(plan: Plan) -> list[Setting]:
+    """The error guard at each budget's value step, and the adaptive skip up to the KB's last stored step, per tolerance."""
+    cfg, r = plan.cfg, plan.regime
+    k, h = r.key_step, cfg.redi_h_main
+    ceiling = redi_setting(plan, k, k + 1, h, method="redi_error_guard")  # the adaptive rows' nominal setting, guard off
+    out = [dataclasses.replace(ceiling, params={**ceiling.params, "skip": "none"})]
+    for tol in cfg.redi_error_tolerances:
+        fixed = {"tolerance": tol, "skip": "fixed"}
+        out += [redi_setting(plan, k, b, h, guard=f"error {tol:g}", method="redi_error_guard", extra=fixed)
+                for b in budgets_for(plan, k)]
+        last = redi_setting(plan, k, k + 1, h, guard=f"error {tol:g} adaptive", method="redi_error_guard",
+                            extra={"tolerance": tol, "skip": "adaptive"})  # v = T - 1: the longest jump stored
+        out.append(dataclasses.replace(last, label=f"{last.line}, v <= {last.params['v']} (>= {k + 1} NFE)",
+                                       target_nfe=None))
+    return out
+
+
 def redi_output(bench, regime, queries, kb, result, k: int) -> Output:
     """Output of a ReDi run: its claimed NFE from the plan, and what the guard and retrieval did."""
     n = len(queries)
@@ -57,12 +84,20 @@ def redi_output(bench, regime, queries, kb, result, k: int) -> Output:
     same = np.array([[parse_prompt(entries[int(j)][0]).source == c.source for j in row]
                      for row, c in zip(result.neighbour_ids, queries.captions)], float)
     claim = {"large": k + regime.steps - result.start_steps, "small": np.zeros(n, np.int64)}
-    extras = {"accepted": float(result.accepted.mean()), "guard_threshold": float(result.guard.threshold),
-              "guard_source": result.guard.source, "kb_entries": len(kb),
+    g = result.guard  # the residual guard (threshold on the residual) or the error guard (tolerance on the prediction)
+    residual_guard = not hasattr(g, "tolerance")
+    extras = {"accepted": float(result.accepted.mean()), "guard_threshold": float(g.threshold if residual_guard else g.tolerance),
+              "guard_source": g.source if residual_guard else "blend-error model", "kb_entries": len(kb),
               "centered_residual_median": float(np.median(result.centered_residual)),
               "neighbours_same_source": float(same.mean())}
-    items = {"accepted": result.accepted.astype(int).tolist(),
+    items = {"accepted": result.accepted.astype(int).tolist(), "nfe": claim["large"].tolist(),
              "centered_residual": [round(float(x), 4) for x in result.centered_residual]}
+    predicted = result.predicted_error
+    model = stored_error_model(kb, k, result.neighbour_ids.shape[1]) if kb.calibration(k) else None
+    if predicted is None and model is not None:  # the residual guard: what the error model says of the same blend
+        predicted = predict_error(model, result.centered_residual, result.plan.value_step)
+    if predicted is not None:
+        items["predicted_error"] = [float(x) for x in predicted]
     return Output(result.latent, claim=claim, extras=extras, items=items)
 
 
@@ -75,9 +110,14 @@ def run_redi(bench, regime, queries, setting: Setting, model=None) -> Output:
     result = S.redi_sample(kb, bench.models["large"] if model is None else model, list(queries.content_prompts if style else queries.prompts),
                            list(queries.seeds), key_step=p["k"], value_step=p["v"], h=p["h"], mode=p["mode"],
                            guard=S.GUARD_OFF if p["guard"] == "off" else GUARD_AUTO,
-                           resume_prompts=list(queries.prompts) if style else None)
+                           resume_prompts=list(queries.prompts) if style else None, tolerance=p.get("tolerance"),
+                           adaptive=p.get("skip") == "adaptive")
     return redi_output(bench, regime, queries, kb, result, p["k"])
 
 
 register(Method("redi", "redi", redi_settings, run_redi,
                 description="ReDi, Algorithm 2, on a KB of train-caption trajectories from one seed"))
+register(Method("redi_error_guard", "redi", error_guard_settings, run_redi,
+                workloads=("heldout_fixed", "heldout_foreign", "reuse"),
+                description="ReDi with the error guard (predicted blend error within a tolerance of the KB's spread) "
+                            "at a fixed value step, or with the adaptive skip"))
