@@ -509,12 +509,21 @@ def open_or_create(path: str, settings: KBSettings, *, dtype: str | None = None,
     return kb
 
 
-def _merge_differences(a: KnowledgeBase, b: KnowledgeBase) -> list[Difference]:
-    """What keeps `b`'s entries out of a KB like `a`: differing settings or dtype."""
-    diffs = differences(a.settings.to_dict(), b.settings.to_dict())
-    if b.dtype != a.dtype:
-        diffs.append(Difference("dtype", a.dtype, b.dtype))
-    return diffs
+def _check_sources(base: KnowledgeBase, sources: Sequence[KnowledgeBase], owner: dict[tuple[str, int], str]) -> None:
+    """Refuse a source built with other settings or dtype than `base`, or holding an entry `owner` already has."""
+    for src in sources:
+        diffs = differences(base.settings.to_dict(), src.settings.to_dict())
+        if src.dtype != base.dtype:
+            diffs.append(Difference("dtype", base.dtype, src.dtype))
+        if diffs:
+            raise KBMismatchError(f"Cannot merge {src.path} with {base.path}: they differ in "
+                                  f"{describe_differences(diffs, base.path, src.path)}. Merge only KBs built with "
+                                  "the same settings; rebuild one of them to match.")
+        for p in src._gen.entries:
+            if p in owner:
+                raise KBError(f"prompt {args.short(p[0])} with seed {p[1]} is in both {owner[p]} and {src.path}. "
+                              "Remove it from one source (rebuild that source without it) before merging.")
+            owner[p] = src.path
 
 
 def merge(out_path: str, sources: Sequence[str | KnowledgeBase], *, exist_ok: bool = False) -> KnowledgeBase:
@@ -524,19 +533,7 @@ def merge(out_path: str, sources: Sequence[str | KnowledgeBase], *, exist_ok: bo
         raise KBError("merge needs a list of at least one source KB path.")
     kbs = [s if isinstance(s, KnowledgeBase) else KnowledgeBase.open(s) for s in sources]
     first = kbs[0]
-    for kb in kbs[1:]:
-        diffs = _merge_differences(first, kb)
-        if diffs:
-            raise KBMismatchError(f"Cannot merge {kb.path} with {first.path}: they differ in "
-                                  f"{describe_differences(diffs, first.path, kb.path)}. Merge only KBs built with "
-                                  "the same settings; rebuild one of them to match.")
-    owner: dict[tuple[str, int], str] = {}
-    for kb in kbs:
-        for p in kb._gen.entries:
-            if p in owner:
-                raise KBError(f"prompt {args.short(p[0])} with seed {p[1]} is in both {owner[p]} and {kb.path}. "
-                              "Remove it from one source (rebuild that source without it) before merging.")
-            owner[p] = kb.path
+    _check_sources(first, kbs, {})
     root = _new_kb_folder(out_path, exist_ok)
     made = [d for d in (root, os.path.join(root, SHARDS_DIR), os.path.join(root, INDEX_DIR)) if not os.path.exists(d)]
     gens = [kb._gen for kb in kbs]
@@ -568,18 +565,7 @@ def merge_into(target: str | KnowledgeBase, sources: Sequence[str | KnowledgeBas
     if isinstance(sources, (str, bytes, os.PathLike)) or not sources:
         raise KBError("merge_into needs a list of at least one source KB path.")
     kbs = [s if isinstance(s, KnowledgeBase) else KnowledgeBase.open(s) for s in sources]
-    owner: dict[tuple[str, int], str] = {p: kb.path for p in kb._gen.entries}
-    for src in kbs:
-        diffs = _merge_differences(kb, src)
-        if diffs:
-            raise KBMismatchError(f"Cannot merge {src.path} into {kb.path}: they differ in "
-                                  f"{describe_differences(diffs, kb.path, src.path)}. Merge only KBs built with "
-                                  "the same settings; rebuild one of them to match.")
-        for p in src._gen.entries:
-            if p in owner:
-                raise KBError(f"prompt {args.short(p[0])} with seed {p[1]} is in both {owner[p]} and {src.path}. "
-                              "Remove it from one source (rebuild that source without it) before merging.")
-            owner[p] = src.path
+    _check_sources(kb, kbs, {p: kb.path for p in kb._gen.entries})
     with kb._lock:
         g = kb._gen
         m = g.manifest
