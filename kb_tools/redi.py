@@ -26,7 +26,7 @@ import comfy.samplers
 from . import comfy_sampling as cs
 from .build import BuildReport, BuildSpec, build_knowledge_base, kb_settings_for  # noqa: F401 - public API
 from .errors import KBError, KBMismatchError
-from .guard import FALLBACK_GUARD, GUARD_AUTO, Guard, resolve_guard  # noqa: F401 - public API
+from .guard import FALLBACK_GUARD, GUARD_AUTO, Guard, resolve_error_guard, resolve_guard  # noqa: F401 - public API
 from .guiders import SwitchGuider
 from .kb import KnowledgeBase
 from .plain import batch_conditioning, cfg_guider, sample_counted, stitched_guider  # noqa: F401 - public API
@@ -256,15 +256,24 @@ def resume_from(kb: KnowledgeBase, plan: ReDiPlan, key_latent: torch.Tensor, val
 
 
 def resume(value: BlendedValue, model, positive, negative, guard: float = GUARD_AUTO,
-           callback: Callable | None = None) -> ReDiResult:
-    """The guard, then lines 9-11: accepted items resume at v, the others at k (ReDiResumeSample)."""
+           callback: Callable | None = None, tolerance: float | None = None) -> ReDiResult:
+    """The guard, then lines 9-11: accepted items resume at v, the others at k (ReDiResumeSample).
+
+    tolerance: None for the residual guard `guard`; a number for the error guard at the blend's
+    value step (the blend-error model the KB stores; refused here, before sampling, if it has none).
+    """
     q, plan, fit = value.neighbours.query, value.plan, value.fit
     kb, h = q.kb, value.neighbours.nearest.ids.shape[1]
-    gate = resolve_guard(kb.calibration(plan.key_step), plan.key_step, h, guard)
+    predicted = None
+    if tolerance is None:
+        gate = resolve_guard(kb.calibration(plan.key_step), plan.key_step, h, guard)
+    else:
+        gate = resolve_error_guard(kb.calibration(plan.key_step), plan.key_step, h, plan.value_step, tolerance)
+        predicted = gate.predicted(fit.centered_residual)
     accepted = gate.accepts(fit.centered_residual)
     guider = cfg_guider(model, positive, negative, kb.settings.cfg)
     out, start, tally = resume_from(kb, plan, q.latent, value.latent, accepted, guider, q.seeds, callback)
     spent = Evaluations(len(out), {n: q.evaluations.of(n) + tally.of(n)
                                    for n in sorted(set(q.evaluations.per_model) | set(tally.per_model))})
     return ReDiResult(out, plan, accepted, start, value.neighbours.nearest.ids, value.neighbours.nearest.distances, fit.weights,
-                      fit.mode, fit.residual, fit.centered_residual, gate, spent, q.warnings)
+                      fit.mode, fit.residual, fit.centered_residual, gate, spent, q.warnings, predicted)

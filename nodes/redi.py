@@ -400,15 +400,17 @@ class ReDiResumeSample(io.ComfyNode):
                 io.Latent.Input("value_latent", tooltip="The output of ReDiBlend."),
                 io.Float.Input("guard", default=-1.0, min=-1.0, max=100.0, step=0.01,
                                tooltip=GUARD_TOOLTIP),
+                error_guard_inputs()[0],  # the blend is at one value step here: no adaptive skip
             ],
             outputs=[io.Latent.Output(display_name="LATENT")],
         )
 
     @classmethod
-    def execute(cls, model, positive, negative, value_latent, guard) -> io.NodeOutput:
+    def execute(cls, model, positive, negative, value_latent, guard, error_tolerance=-1.0) -> io.NodeOutput:
         value = carried(value_latent, "ReDiResumeSample", core.BlendedValue, "ReDiBlend")
         steps_left = value.plan.steps - value.plan.key_step
-        result = core.resume(value, model, positive, negative, guard, callback=preview_callback(model, steps_left))
+        result = core.resume(value, model, positive, negative, guard, callback=preview_callback(model, steps_left),
+                             tolerance=tolerance_of(error_tolerance))
         return io.NodeOutput(with_samples(value_latent, result.latent), ui=feedback.resume_ui(result))
 
 

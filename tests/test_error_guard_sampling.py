@@ -180,3 +180,41 @@ def test_redi_sampler_node_runs_the_error_guard_as_the_native_sampler_does(pack,
     assert torch.equal(node.result[0]["samples"], out)
     assert result.start_steps.tolist() == [VALUE]
     assert "skipped 4 steps (predicted error" in node.ui["text"][0]
+
+
+def blended(nodes, model, kb, prompts, seed_mode="kb", seed=0) -> dict:
+    """ReDiPartialSample -> ReDiRetrieve -> ReDiBlend at (KEY, VALUE, H): the LATENT ReDiResumeSample takes."""
+    import tiny_models
+    n = nodes.redi
+    query = n.ReDiPartialSample.execute(model=model, positive=cond(*prompts), negative=cond(""), knowledge_base=kb,
+                                        latent_image={"samples": tiny_models.empty_latent(len(prompts))}, key_step=KEY,
+                                        seed_mode=seed_mode, seed=seed).result[0]
+    found = n.ReDiRetrieve.execute(query_latent=query, knowledge_base=kb, neighbours=H).result[0]
+    return n.ReDiBlend.execute(neighbours=found, value_step=VALUE, weight_mode="lstsq").result[0]
+
+
+def test_four_node_chain_takes_the_error_guard_at_its_blend_step(pack, nodes, model, kb):
+    prompts = ["prompt 2", "a prompt the KB lacks"]
+    value = blended(nodes, model, kb, prompts)
+    resume, pos, neg = nodes.redi.ReDiResumeSample.execute, cond(*prompts), cond("")
+    plain = resume(model=model, positive=pos, negative=neg, value_latent=value, guard=-1.0)
+    off = resume(model=model, positive=pos, negative=neg, value_latent=value, guard=-1.0, error_tolerance=-1.0)
+    assert torch.equal(plain.result[0]["samples"], off.result[0]["samples"])  # -1: the residual guard, as before
+    state = value["redi"]
+    for tolerance in (0.0, 100.0):
+        result = pack.kb_tools.redi.resume(state, model, pos, neg, tolerance=tolerance)
+        want = predicted(pack, kb, state.fit.centered_residual, VALUE) <= tolerance
+        assert result.accepted.tolist() == want.tolist() and result.predicted_error is not None
+        assert result.start_steps.tolist() == [VALUE if a else KEY for a in want]
+        assert want[0] == (tolerance > 0)  # the KB prompt from its KB seed jumps unless nothing may
+    assert not pack.kb_tools.redi.resume(state, model, pos, neg, tolerance=0.0).accepted.any()
+    text = resume(model=model, positive=pos, negative=neg, value_latent=value, guard=-1.0, error_tolerance=0.0).ui["text"][0]
+    assert "error guard" in text
+
+
+def test_four_node_chain_refuses_the_error_guard_on_a_kb_without_its_model(pack, redi, nodes, model, tmp_path):
+    bare = build(redi, model, tmp_path / "bare", ["a cat", "a dog", "a red car"])
+    value = blended(nodes, model, bare, ["a cat"])
+    with pytest.raises(pack.kb_tools.errors.KBError, match=r"no blend-error model.*python -m kb_tools calibrate"):
+        nodes.redi.ReDiResumeSample.execute(model=model, positive=cond("a cat"), negative=cond(""), value_latent=value,
+                                            guard=-1.0, error_tolerance=0.1)
