@@ -31,7 +31,8 @@ from .guiders import SwitchGuider
 from .kb import KnowledgeBase
 from .plain import batch_conditioning, cfg_guider, sample_counted, stitched_guider  # noqa: F401 - public API
 from .records import Recipe, describe_differences, differences  # noqa: F401 - Recipe: public API (BuildSpec.recipe)
-from .redi_sampler import ReDiRun, check_latent, check_models, make_run, redi_ksampler, resume_items  # noqa: F401 - public API
+from .redi_sampler import (  # noqa: F401 - public API
+    ReDiRun, check_latent, check_models, make_run, redi_ksampler, resume_items, start_steps)
 from .results import Evaluations, ReDiResult
 from .retrieval import NearestKeys, WeightFit, blend_entries, check_value_step, fit_weights, nearest_keys
 from .schedule import ReDiPlan, Switch, plan_redi
@@ -264,13 +265,10 @@ def resume(value: BlendedValue, model, positive, negative, guard: float = GUARD_
     """
     q, plan, fit = value.neighbours.query, value.plan, value.fit
     kb, h = q.kb, value.neighbours.nearest.ids.shape[1]
-    predicted = None
-    if tolerance is None:
-        gate = resolve_guard(kb.calibration(plan.key_step), plan.key_step, h, guard)
-    else:
-        gate = resolve_error_guard(kb.calibration(plan.key_step), plan.key_step, h, plan.value_step, tolerance)
-        predicted = gate.predicted(fit.centered_residual)
-    accepted = gate.accepts(fit.centered_residual)
+    calibration = kb.calibration(plan.key_step)
+    gate = resolve_guard(calibration, plan.key_step, h, guard) if tolerance is None else \
+        resolve_error_guard(calibration, plan.key_step, h, plan.value_step, tolerance)
+    _, accepted, predicted = start_steps(gate, fit, plan)  # the sampler's own guard step
     guider = cfg_guider(model, positive, negative, kb.settings.cfg)
     out, start, tally = resume_from(kb, plan, q.latent, value.latent, accepted, guider, q.seeds, callback)
     spent = Evaluations(len(out), {n: q.evaluations.of(n) + tally.of(n)
