@@ -2,12 +2,14 @@
 
 SamplerCustomAdvanced(noise=ReDiKBNoise, guider=CFGGuider (or any GUIDER), sampler=SamplerReDi,
 sigmas=BasicScheduler or ReDiKBSigmas) runs the same Algorithm 2 as the ReDiSampler node.
+SamplerReDiCorrected is the KB-corrected coarse Euler solver as a SAMPLER (any noise, the KB's SIGMAS).
 """
 from __future__ import annotations
 
 import torch
 from comfy_api.latest import io
 
+from ..kb_tools import corrected_solver as corrected
 from ..kb_tools import redi as core
 from ..kb_tools.redi_sampler import make_run, redi_ksampler
 from . import feedback
@@ -51,6 +53,43 @@ class SamplerReDi(io.ComfyNode):
         return io.NodeOutput(redi_ksampler(run))
 
 
+class SamplerReDiCorrected(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SamplerReDiCorrected",
+            display_name="Sampler ReDi Corrected (coarse Euler)",
+            category=CATEGORY,
+            description="A SAMPLER for SamplerCustomAdvanced that runs Euler on a coarse grid of the knowledge base's schedule "
+                        "(nfe model evaluations) and corrects each coarse step by how far the same step lands from the fine "
+                        "trajectory for the query's nearest stored trajectories (no extra evaluation). Pays off for the KB's own "
+                        "seed (e.g. ReDiKBNoise, or a learning KB of your seed); for other seeds it can be worse than plain "
+                        "Euler. Needs a KB built with euler; the SIGMAS must be the KB's schedule (ReDiKBSigmas).",
+            inputs=[
+                kb_input(),
+                io.Int.Input("nfe", default=6, min=1, max=1000,
+                             tooltip="Model evaluations per image (the coarse grid's steps) when grid is 'auto'."),
+                io.String.Input("grid", default="auto",
+                                tooltip="'auto': a short first and last step, the rest evenly spread. Or the schedule's steps "
+                                        "to evaluate, e.g. '0,2,6,10,14,18,20' (from 0 to the KB's steps; segments whose start, "
+                                        "start + 1 and end the KB stores are corrected)."),
+                io.Int.Input("neighbours", default=3, min=1, max=512, tooltip="H, stored trajectories whose errors are blended."),
+                io.Combo.Input("weight_mode", options=WEIGHT_MODES, default="lstsq",
+                               tooltip="lstsq: least squares on the keys (paper). affine: weights sum to 1. ridge: shrunk weights."),
+            ],
+            outputs=[io.Sampler.Output()],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def execute(cls, knowledge_base, nfe, grid, neighbours, weight_mode) -> io.NodeOutput:
+        steps = corrected.parse_grid(grid, knowledge_base.settings.steps, nfe)
+        run = corrected.make_corrected_run(knowledge_base, steps, neighbours, weight_mode)
+        node_id = cls.hidden.unique_id if cls.hidden is not None else None
+        run.on_result = lambda r: feedback.show_text(node_id, r.summary())
+        return io.NodeOutput(corrected.corrected_ksampler(run))
+
+
 class ReDiKBNoise(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -86,4 +125,4 @@ class ReDiKBSigmas(io.ComfyNode):
         return io.NodeOutput(torch.tensor(knowledge_base.settings.sigmas, dtype=torch.float32))
 
 
-NODES = [SamplerReDi, ReDiKBNoise, ReDiKBSigmas]
+NODES = [SamplerReDi, SamplerReDiCorrected, ReDiKBNoise, ReDiKBSigmas]

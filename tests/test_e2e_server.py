@@ -31,7 +31,7 @@ UI_NAMES = sorted(p.stem for p in WORKFLOWS.glob("*.json"))
 CASES = [(s, p.stem) for s, folder in SETS.items() for p in sorted(folder.glob("*.json"))]
 PACK_NODES = ["ReDiLoadKnowledgeBase", "BuildKnowledgeBase", "ReDiPartialSample", "ReDiRetrieve", "ReDiBlend",
               "ReDiResumeSample", "ReDiSampler", "TStitchSampler", "SamplerReDi", "ReDiKBNoise", "ReDiKBSigmas",
-              "TStitchGuider"]
+              "TStitchGuider", "SamplerReDiCorrected"]
 FRONTEND_ONLY = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 # Safety nets only (a busy 2-core machine is slow); the tests poll for completion.

@@ -166,6 +166,7 @@ def test_new_nodes_describe_themselves(pack):
     ids = {n.define_schema().node_id: [i.id for i in n.define_schema().inputs] for n in pack.nodes.custom_sampling.NODES}
     assert ids == {"SamplerReDi": ["knowledge_base", "key_step", "value_step", "neighbours", "weight_mode", "guard",
                                    "error_tolerance", "adaptive_skip"],
+                   "SamplerReDiCorrected": ["knowledge_base", "nfe", "grid", "neighbours", "weight_mode"],
                    "ReDiKBNoise": ["knowledge_base"], "ReDiKBSigmas": ["knowledge_base"]}
     guider = pack.nodes.tstitch.TStitchGuider.define_schema()
     assert [i.id for i in guider.inputs] == ["small_guider", "large_guider", "switch_mode", "small_fraction", "switch_sigma"]
