@@ -9,6 +9,7 @@ the offline command uses, given the embedded text encoder and latent shape:
   to sweep H and v on one query, its documented parts `sample_to_key` -> `find_neighbours` ->
   `blend_at` -> `resume` (the four-node chain);
 - T-Stitch: `kb_tools.tstitch.tstitch_sample` (the TStitchSampler node);
+- the KB-corrected coarse Euler solver: `kb_tools.corrected_solver.generate` (the SamplerReDiCorrected node);
 - knowledge bases: `kb_tools.build.build_knowledge_base` and `retrieval.calibrate` (what
   `python -m kb_tools calibrate` stores for the auto guard).
 Every batch item has its own seed (the noise ComfyUI draws for a batch of one with that seed).
@@ -24,7 +25,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from kb_tools import redi
+from kb_tools import corrected_solver, redi
 from kb_tools.blend_error import fit_error_model, measure_blend_errors, store_error_model
 from kb_tools.build import BuildReport, BuildSpec, build_knowledge_base
 from kb_tools.comfy_sampling import schedule_sigmas
@@ -143,6 +144,18 @@ def redi_sample(kb: KnowledgeBase, model, prompts: Sequence[str], seeds: Sequenc
     styled = conditioning(resume_prompts)[0] if resume_prompts is not None else None
     run = redi.make_run(kb, key_step, value_step, h, mode, guard, tolerance, adaptive)
     return redi.generate(kb, model, positive, negative, empty_latents(len(prompts)), seeds, run, resume_positive=styled)
+
+
+def corrected_sample(kb: KnowledgeBase, model, prompts: Sequence[str], seeds: Sequence[int], grid: Sequence[int], *,
+                     h: int = 3, mode: str = "lstsq", correct: bool = True) -> tuple[torch.Tensor, corrected_solver.CorrectedRun]:
+    """Euler on the coarse `grid` of the KB's schedule, each segment the KB stores corrected by its neighbours'
+    blended truncation error (`correct` False: the same grid uncorrected, the plain baseline). Returns (latents, run)."""
+    positive, negative = conditioning(prompts)
+    run = corrected_solver.make_corrected_run(kb, grid, h, mode)
+    if not correct:
+        run.corrected = ()
+    out = corrected_solver.generate(kb, model, positive, negative, empty_latents(len(prompts)), seeds, run)
+    return out, run
 
 
 def redi_key(kb: KnowledgeBase, model, prompts: Sequence[str], seeds: Sequence[int], key_step: int) -> KeyQuery:

@@ -26,7 +26,7 @@ pytestmark = [pytest.mark.comfy, pytest.mark.slow]
 
 WORKLOADS = {"heldout_fixed", "heldout_foreign", "reuse", "style"}
 METHODS = {"plain", "oracle", "easycache", "lazycache", "redi", "redi_error_guard", "tstitch", "redi_easycache",
-           "tstitch_easycache", "prompt_switch"}
+           "tstitch_easycache", "prompt_switch", "kb_corrected", "coarse_euler"}
 
 
 @pytest.fixture(scope="module")
@@ -101,6 +101,11 @@ def test_every_output_finite_and_counted_nfe_is_what_the_plan_spends(smoke):
             assert r["nfe"] == pytest.approx(T - s + s * small_cost, rel=1e-3), where
         elif r["family"] == "style":
             assert r["nfe_large"] == T, where
+        elif r["family"] in ("corrected", "coarse"):  # one evaluation per grid segment, the correction evaluates nothing
+            assert p["grid"][0] == 0 and p["grid"][-1] == T, where
+            assert r["nfe_min"] == r["nfe_max"] == len(p["grid"]) - 1, where
+            if r["family"] == "corrected":
+                assert "vs_coarse" in r and r["segments_corrected"] >= 1, where
         assert r["nfe_small"] == 0 or "tstitch" in r["method"], where
     caches = [r for r in rows(res) if r["family"] == "cache"]
     assert any(r["nfe_large"] < r["params"]["uncached_nfe"] for r in caches)  # the counter sees the steps a cache skips

@@ -90,7 +90,8 @@ def compare(rows: list[dict], qualities: list) -> None:
     for i, r in enumerate(rows):
         if r["family"] == "plain":
             continue
-        for family in ("plain", "oracle"):
+        # The corrected solver also against its own grid uncorrected: the correction's gain on its own.
+        for family in ("plain", "oracle", *(("coarse",) if r["family"] == "corrected" else ())):
             j = baseline_at(rows, family, r["nfe"])
             if j is None or j == i:
                 continue

@@ -60,7 +60,7 @@ def losses(rows: list[dict], family: str = "redi") -> list[dict]:
     for r in rows:
         if r["family"] != family:
             continue
-        for base in ("vs_plain", "vs_oracle"):
+        for base in ("vs_plain", "vs_oracle", "vs_coarse"):
             v = r.get(base)
             if not v:
                 continue
@@ -129,7 +129,7 @@ def error_guard(rows: list[dict]) -> dict:
 
 def summarize(rows: list[dict], budgets) -> dict:
     return {"error_guard": error_guard(rows), "first_full_quality_nfe": first_full_quality(rows), "frontier": frontier(rows, budgets),
-            "redi_losses": losses(rows, "redi"),
+            "redi_losses": losses(rows, "redi"), "corrected_losses": losses(rows, "corrected"),
             "redi_wins": [{"row": r["label"], "against": r[b]["baseline"], "won_on": w}
                           for r in rows if r["family"] == "redi" for b in ("vs_plain", "vs_oracle") if r.get(b)
                           for w in [[m for m in ("fd", "acc", "mse") if r[b][m] == M.WIN]] if w]}

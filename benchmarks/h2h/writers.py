@@ -8,7 +8,7 @@ from benchmarks.report import fmt, noise_floor_band, pyplot
 
 
 def _row_line(r: dict) -> str:
-    vs = [f"{k[3:]}: " + "/".join(f"{m} {r[k][m]}" for m in ("fd", "acc", "mse")) for k in ("vs_plain", "vs_oracle")
+    vs = [f"{k[3:]}: " + "/".join(f"{m} {r[k][m]}" for m in ("fd", "acc", "mse")) for k in ("vs_plain", "vs_oracle", "vs_coarse")
           if r.get(k)]
     return (f"| {r['label']} | {fmt(r['nfe'])} | {fmt(r['fd'])} +- {fmt(r['fd_sd'])} | {fmt(r['acc'])} | "
             f"{fmt(r['geo_err'])} | {fmt(r['sepia_err'])} | {fmt(r['mse_mean'])} | {fmt(1000 * r['wall_s_per_image'])} / "
@@ -94,6 +94,10 @@ def write_markdown(res: dict, path: Path) -> None:
             out += ["", f"ReDi lost {len(sm['redi_losses'])} comparison(s) here:", ""]
             out += [f"- {x['row']} (NFE {fmt(x['nfe'])}) vs {x['against']} (NFE {fmt(x['against_nfe'])}): "
                     f"{', '.join(x['lost_on'])}" for x in sm["redi_losses"]]
+            if sm.get("corrected_losses") is not None and any(r["family"] == "corrected" for r in w["rows"]):
+                out += ["", f"The KB-corrected solver lost {len(sm['corrected_losses'])} comparison(s) here:", ""]
+                out += [f"- {x['row']} (NFE {fmt(x['nfe'])}) vs {x['against']} (NFE {fmt(x['against_nfe'])}): "
+                        f"{', '.join(x['lost_on'])}" for x in sm["corrected_losses"]]
             out.append("")
     path.write_text("\n".join(out) + "\n")
 
