@@ -58,7 +58,7 @@ def test_default_grid_spends_exactly_the_budget_on_the_schedule(cs_, steps):
 
 
 def test_grid_text_and_bad_grids_name_the_fix(cs_, errors):
-    assert cs_.parse_grid("auto", 20, 6) == (0, 2, 6, 10, 14, 18, 20)
+    assert cs_.parse_grid("auto", 20, 6) == (0, 2, 6, 11, 15, 19, 20)
     assert cs_.parse_grid(" 0, 3,20 ", 20, 6) == (0, 3, 20)
     for bad in ("0,5,4,20", "1,5,20", "0,5,19", "0,x,20", "0", "1.5"):
         with pytest.raises(errors.KBError, match="grid"):
