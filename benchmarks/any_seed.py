@@ -204,11 +204,24 @@ def verdict_lines(rows: list[dict]) -> list[str]:
             parts.append(f"NFE {nfe:g}: best any-seed {r['mse_mean']:.2e} ({r['key_source']}, {r['value']}, "
                          f"{r['weights']}, H {r['h']})" + (f", plain euler {base['mse_mean']:.2e}" if base else "")
                          + (f", best ReDi x_k {rd['mse_mean']:.2e}" if rd else ""))
+        oracle = [r for r in rows if r["seeds"] == seeds and r["method"] == "oracle_renoise"]
         lines += [f"- Seeds {seeds}: any-seed against plain euler at equal NFE, {len(mine)} settings: "
                   f"{tally['win']} wins, {tally['tie']} ties, {tally['loss']} losses (paired per-sample MSE, 2 se).",
                   *[f"  - {p}" for p in parts]]
+        cache = sorted((r for r in rows if r["seeds"] == seeds and r["method"] == "easycache"), key=lambda r: r["nfe_mean"])
+        if cache:
+            lines.append("  - EasyCache on euler 20 steps (NFE counted at the forward pass): " + "; ".join(
+                f"threshold {r['threshold']:g}: NFE {r['nfe_mean']:g}, {r['mse_mean']:.2e}" for r in cache))
+        if oracle:
+            lines.append("  - with a perfect retrieval (oracle_renoise: the query's own D at v, re-noised with eps_q(k)): "
+                         + "; ".join(f"v {r['v']}: {r['mse_mean']:.2e} = {r['vs_plain']['ratio']:.1f}x plain euler at "
+                                     f"{r['vs_plain']['plain_steps']} steps ({r['vs_plain']['verdict']})"
+                                     for r in sorted(oracle, key=lambda r: r["v"])))
     wins = sum(r["method"] == "any_seed" and r["vs_plain"]["verdict"] == "win" for r in rows)
-    lines += ["", "It wins nowhere: kept as benchmark code (kb_tools/any_seed.py, benchmarks/any_seed.py), left out of "
+    lines += ["", "Reading: the gap between any-seed and its perfect-retrieval oracle is the retrieval's error (the "
+              "neighbours' D at v is not the query's); the gap between the oracle and plain is the re-noising's (the "
+              "noise direction eps_q read at k is not the trajectory's at v). Both are large here.",
+              "", "It wins nowhere: kept as benchmark code (kb_tools/any_seed.py, benchmarks/any_seed.py), left out of "
               "the nodes." if not wins else f"It wins in {wins} settings (see the tables).", ""]
     return lines
 
