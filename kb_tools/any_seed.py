@@ -20,6 +20,9 @@ in the NFE), or the prediction the sampler already made for its last step k-1 (k
 key step k-1, free); for Euler x_k = D_{k-1} + s_k (x_{k-1} - D_{k-1}) / s_{k-1}, so eps_q = (x_k -
 D_{k-1}) / s_k is the same direction that step used.
 
+Measured (benchmarks/any_seed.py, benchmarks/results/any_seed.md): it loses to plain Euler at equal NFE
+at every budget tried, on foreign and on KB seeds, and so is not exposed in the nodes.
+
 Everything happens in the sampler's own space (x = latent + sigma * noise for EPS and v models);
 stored latents are converted with `comfy_sampling.from_latent_space`. Shapes: B items, N KB entries,
 H neighbours, D = C*H*W.
