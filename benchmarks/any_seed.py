@@ -2,8 +2,8 @@
 (kb_tools.any_seed) better than plain Euler at the same NFE for seeds the KB never saw?
 
     python benchmarks/any_seed.py --kb PATH/kb_crops16_euler-normal_T20_cfg3_seed7_n800 [--n 32]
-    python benchmarks/any_seed.py --kb ... --key 6 --values 10 14 --h 3 --seeds foreign --no-cache \
-        --out benchmarks/results/any_seed_k6.json       # a later key: does a sharper D_q help?
+    python benchmarks/any_seed.py --kb ... --key 6 --values 10 14 --h 3 --seeds foreign --no-cache --out benchmarks/results/any_seed_k6.json
+                                   # a later key: does a sharper D_q help?
 
 The KB is the head-to-head benchmark's (shipped embedded model crops16, 800 train captions, seed 7,
 euler/normal, T = 20, cfg 3, steps 1..19 stored); it is only read. Queries: the first N held-out
