@@ -201,6 +201,7 @@ def generate_learning(path: str, settings: KBSettings, model, positive, negative
     """
     if len(prompts) != len(latent) or len(seeds) != len(latent):
         raise KBError(f"got {len(prompts)} prompts and {len(seeds)} seeds for a batch of {len(latent)}; give one each.")
+    plan_redi(settings.steps, key_step, value_step, settings.stored_steps)  # refused now, not at the second generation
     kb = open_or_create(path, settings, dtype=dtype)
     if len(kb) == 0:
         guider = cfg_guider(model, positive, negative, settings.cfg)
