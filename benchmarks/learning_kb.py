@@ -195,17 +195,18 @@ def main(argv=None) -> None:
            "stored_steps": list(settings.stored_steps), "budget": budget.describe(), "jump_nfe": jump_nfe,
            "smoke": args.smoke, "machine": {"platform": platform.platform(), "torch_threads": torch.get_num_threads()},
            "workloads": {}}
+    path = args.out or RESULTS / "learning_kb.json"
+    scratch = SCRATCH / path.stem  # one folder per output: runs with different settings never share a KB
     for name in args.workloads.split(","):
         prompts, seeds, description = workloads[name]
         print(f"{name}: {len(prompts)} generations", flush=True)
-        run = run_workload(S, model, settings, SCRATCH / name, prompts, seeds, args, key_step, budget)
+        run = run_workload(S, model, settings, scratch / name, prompts, seeds, args, key_step, budget)
         latents = torch.stack([r["latent"] for r in run["rows"]])
         ref = plain_latents(S, model, prompts, seeds, recipe)
         equal = plain_latents(S, model, prompts, seeds, Recipe(recipe.sampler, recipe.scheduler, jump_nfe, recipe.cfg))
         w = summarize(run["rows"], M.per_sample_mse(latents, ref), M.per_sample_mse(equal, ref), regime.steps)
         out["workloads"][name] = {"description": description, **w}
         print(json.dumps({k: v for k, v in w.items() if k != "per_generation"}, indent=1, default=str), flush=True)
-    path = args.out or RESULTS / "learning_kb.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(to_json(out), indent=1) + "\n")
     path.with_suffix(".md").write_text(markdown(out))

@@ -144,3 +144,13 @@ def test_another_process_appending_meanwhile_loses_nothing(redi, model, settings
     assert len(kb) == 1 + len(ours) + len(theirs)
     for pair in ours[:2]:
         assert_stored_as_plain(redi, model, kb, pair)
+
+
+def test_learning_node_schema_is_documented_and_registered(pack):
+    import asyncio
+    node = pack.nodes.learning.ReDiLearningSampler
+    schema = node.define_schema()
+    assert schema.node_id == "ReDiLearningSampler" and schema.category == "sampling/ReDi" and schema.description
+    assert all(inp.tooltip for inp in schema.inputs), [inp.id for inp in schema.inputs if not inp.tooltip]
+    assert node in asyncio.run(pack.nodes.ReDiExtension().get_node_list())
+    assert node.validate_inputs(kb_name="../outside") is not True  # a KB name is a folder name, never a path
