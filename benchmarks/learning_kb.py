@@ -207,10 +207,14 @@ def main(argv=None) -> None:
         w = summarize(run["rows"], M.per_sample_mse(latents, ref), M.per_sample_mse(equal, ref), regime.steps)
         out["workloads"][name] = {"description": description, **w}
         print(json.dumps({k: v for k, v in w.items() if k != "per_generation"}, indent=1, default=str), flush=True)
+        write(path, out)  # after each workload: a long run that is stopped keeps what it finished
+
+
+def write(path: Path, out: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(to_json(out), indent=1) + "\n")
     path.with_suffix(".md").write_text(markdown(out))
-    print(f"wrote {path} and {path.with_suffix('.md')}")
+    print(f"wrote {path} and {path.with_suffix('.md')}", flush=True)
 
 
 if __name__ == "__main__":
