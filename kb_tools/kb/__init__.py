@@ -25,7 +25,7 @@ from .index import AUTO_FLAT_MAX_ENTRIES, MAX_AUTO_INDEX_DIM, auto_reduce, ivf_n
 from .files import check_kb_name, check_kb_path
 from .settings import SEED_POLICIES, SETTING_KEYS, KBSettings
 from .store import KnowledgeBase, merge, merge_into, open_or_create
-from .eviction import KBBudget, evict_oldest  # noqa: E402 - after store, which it builds on
+from .eviction import KBBudget, evict_oldest
 
 __all__ = [
     "AUTO_FLAT_MAX_ENTRIES", "AUTO_VERIFY_MAX_BYTES", "DTYPES", "FORMAT_VERSION", "INDEX_DIR", "INDEX_TYPES",
