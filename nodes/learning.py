@@ -18,9 +18,16 @@ from ..kb_tools.kb import KBBudget, check_kb_name
 from ..kb_tools.records import Recipe
 from ..kb_tools.schedule import parse_steps
 from . import feedback
-from .redi import CATEGORY, GUARD_TOOLTIP, WEIGHT_MODES, clip_encoder, kb_path, preview_callback, with_samples
+from .redi import CATEGORY, WEIGHT_MODES, clip_encoder, kb_path, preview_callback, with_samples
 
 log = logging.getLogger("ReDi")
+# A learning KB stores no calibration, so -1 would mean the fallback 0.5; measured on the embedded model
+# (benchmarks/results/learning_kb*.md) that accepts blends far worse than plain sampling at the same NFE.
+LEARNING_GUARD_TOOLTIP = (
+    "Largest accepted centered residual ||q - sum w key|| / (RMS spread of the KB's keys); an item above it is sampled in "
+    "full (and learned). Default 0.1: a learning KB stores no calibration, and -1 (auto) then falls back to 0.5, which "
+    "accepted blends far worse than plain sampling at the same number of steps on the embedded model. Lower = safer, "
+    "fewer skipped steps.")
 
 
 class ReDiLearningSampler(io.ComfyNode):
@@ -57,7 +64,7 @@ class ReDiLearningSampler(io.ComfyNode):
                 io.Int.Input("value_step", default=10, min=1, max=1000, tooltip="Step where a matched item resumes (a stored step >= key_step)."),
                 io.Int.Input("neighbours", default=3, min=1, max=512, tooltip="H, stored trajectories to blend (fewer while the KB is smaller)."),
                 io.Combo.Input("weight_mode", options=WEIGHT_MODES, default="lstsq", tooltip="How neighbours are weighted (see ReDiBlend)."),
-                io.Float.Input("guard", default=-1.0, min=-1.0, max=100.0, step=0.01, tooltip=GUARD_TOOLTIP),
+                io.Float.Input("guard", default=0.1, min=-1.0, max=100.0, step=0.01, tooltip=LEARNING_GUARD_TOOLTIP),
                 io.Int.Input("max_entries", default=10000, min=0, max=2**31 - 1,
                              tooltip="Budget: most trajectories kept (0 = no limit); above it the oldest are dropped whole."),
                 io.Int.Input("max_megabytes", default=0, min=0, max=2**31 - 1,
