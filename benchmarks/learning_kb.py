@@ -60,6 +60,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--workloads", default="iterate,fresh")
     p.add_argument("--smoke", action="store_true", help="tiny sizes (CI)")
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--scratch", type=Path, default=None, help="folder for the learning KBs (default .scratch/learning_kb/<out name>)")
     return p
 
 
@@ -196,7 +197,7 @@ def main(argv=None) -> None:
            "smoke": args.smoke, "machine": {"platform": platform.platform(), "torch_threads": torch.get_num_threads()},
            "workloads": {}}
     path = args.out or RESULTS / "learning_kb.json"
-    scratch = SCRATCH / path.stem  # one folder per output: runs with different settings never share a KB
+    scratch = args.scratch or SCRATCH / path.stem  # one folder per output: runs with different settings never share a KB
     for name in args.workloads.split(","):
         prompts, seeds, description = workloads[name]
         print(f"{name}: {len(prompts)} generations", flush=True)
