@@ -5,7 +5,8 @@ knowledge-base code (the others use only its plain records and schedule helpers,
 typed values these functions return). Each function is the kb_tools entry point a node or
 the offline command uses, given the embedded text encoder and latent shape:
 - plain runs: `kb_tools.plain.sample_prompts` (and `sample_counted` for the prompt switch);
-- ReDi: `kb_tools.redi.generate` (Algorithm 2 in one sampler run, the ReDiSampler node) or,
+- ReDi: `kb_tools.redi.generate` (Algorithm 2 in one sampler run, the ReDiSampler node; with a
+  learning KB `generate_learning`) or,
   to sweep H and v on one query, its documented parts `sample_to_key` -> `find_neighbours` ->
   `blend_at` -> `resume` (the four-node chain);
 - T-Stitch: `kb_tools.tstitch.tstitch_sample` (the TStitchSampler node);
@@ -31,9 +32,10 @@ from kb_tools.build import BuildReport, BuildSpec, build_knowledge_base
 from kb_tools.comfy_sampling import schedule_sigmas
 from kb_tools.guard import GUARD_AUTO
 from kb_tools.guiders import SwitchGuider
-from kb_tools.kb import KnowledgeBase
+from kb_tools.kb import KBBudget, KBSettings, KnowledgeBase
 from kb_tools.plain import PlainSamples, batch_conditioning, cfg_guider, sample_counted, sample_prompts
 from kb_tools.records import Recipe
+from kb_tools.redi import LearningResult
 from kb_tools.redi import BlendedValue, KeyQuery, blend_at, find_neighbours  # noqa: F401 - line 6 and 7-8, for callers
 from kb_tools.results import ReDiResult
 from kb_tools.retrieval import blend_entries  # noqa: F401 - line 8 for any ids and weights, for callers
@@ -156,6 +158,22 @@ def corrected_sample(kb: KnowledgeBase, model, prompts: Sequence[str], seeds: Se
         run.corrected = ()
     out = corrected_solver.generate(kb, model, positive, negative, empty_latents(len(prompts)), seeds, run)
     return out, run
+
+
+def learning_settings(model, recipe: Recipe, store_steps: Sequence[int]) -> KBSettings:
+    """The settings of a learning KB of the embedded model for `recipe` (`kb_tools.redi.learning_settings`)."""
+    return redi.learning_settings(model, recipe, store_steps, LATENT_SHAPE)
+
+
+def redi_learning(path: str | Path, settings: KBSettings, model, prompts: Sequence[str], seeds: Sequence[int], *,
+                  key_step: int, value_step: int, h: int, guard: float = GUARD_AUTO, tolerance: float | None = None,
+                  adaptive: bool = False, budget: KBBudget | None = None) -> LearningResult:
+    """One generation against the learning KB at `path`, then learning what was sampled in full
+    (`kb_tools.redi.generate_learning`, the ReDiLearningSampler node)."""
+    positive, negative = conditioning(prompts)
+    return redi.generate_learning(str(path), settings, model, positive, negative, empty_latents(len(prompts)),
+                                  list(prompts), list(seeds), key_step=key_step, value_step=value_step, neighbours=h,
+                                  guard=guard, tolerance=tolerance, adaptive=adaptive, budget=budget or KBBudget())
 
 
 def redi_key(kb: KnowledgeBase, model, prompts: Sequence[str], seeds: Sequence[int], key_step: int) -> KeyQuery:

@@ -7,3 +7,7 @@ class KBError(ValueError):
 
 class KBMismatchError(KBError):
     """A knowledge base was built with settings that differ from the query's."""
+
+
+class KBChangedError(KBError):
+    """Another process committed to the knowledge base since this one opened it: reopen and retry."""

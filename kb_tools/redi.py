@@ -6,6 +6,8 @@
 - The four-node chain, one documented part of Algorithm 2 each: `sample_to_key` (lines 1-5),
   `find_neighbours` (line 6), `blend_at` (lines 7-8), `resume` (guard and lines 9-11).
 - `KBNoise`: the NOISE object that gives every batch item the KB's seed noise.
+- `generate_learning`: a generation against a learning KB that then stores what was sampled in
+  full (`learning.learn`); the ReDiLearningSampler node.
 
 Building a knowledge base (Algorithm 1) lives in `build`. The nodes, the offline command, the
 demo and the benchmarks (through `embedded/sampling.py`) all call these functions.
@@ -14,6 +16,7 @@ Shapes: latents are [B, C, H, W] float32 in ComfyUI's LATENT-dict space; B is th
 from __future__ import annotations
 
 import logging
+import dataclasses
 from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
@@ -28,7 +31,8 @@ from .build import BuildReport, BuildSpec, build_knowledge_base, kb_settings_for
 from .errors import KBError, KBMismatchError
 from .guard import FALLBACK_GUARD, GUARD_AUTO, Guard, resolve_error_guard, resolve_guard  # noqa: F401 - public API
 from .guiders import SwitchGuider
-from .kb import KnowledgeBase
+from .kb import KBBudget, KBSettings, KnowledgeBase, open_or_create
+from .learning import LearnReport, learn
 from .plain import batch_conditioning, cfg_guider, sample_counted, stitched_guider  # noqa: F401 - public API
 from .records import Recipe, describe_differences, differences  # noqa: F401 - Recipe: public API (BuildSpec.recipe)
 from .redi_sampler import (  # noqa: F401 - public API
@@ -153,6 +157,66 @@ def generate(kb: KnowledgeBase, model, positive, negative, latent: torch.Tensor,
                       disable_pbar=True, seed=int(seeds[0]))
     result = run.result
     return replace(result, warnings=tuple(warnings) + result.warnings) if warnings else result
+
+
+# --------------------------------------------------------------------------- a learning KB
+
+
+def learning_settings(model, recipe: Recipe, store_steps: Sequence[int], latent_shape: Sequence[int],
+                      negative_prompt: str = "") -> KBSettings:
+    """The settings of a learning KB for this model and recipe: entries from any seed ("per_entry")."""
+    spec = BuildSpec(prompts=(), seeds=(0,), recipe=recipe, store_steps=store_steps,
+                     latent_shape=tuple(int(v) for v in latent_shape), negative_prompt=negative_prompt)
+    sigmas = cs.schedule_sigmas(model, recipe.sampler, recipe.scheduler, recipe.steps)
+    return dataclasses.replace(kb_settings_for(model, spec, sigmas), seed_policy="per_entry")
+
+
+@dataclass(frozen=True)
+class LearningResult:
+    """One generation against a learning KB: its output, the ReDi run (None: the KB was empty, all plain), what was learned."""
+
+    latent: torch.Tensor  # [B, C, H, W] LATENT-dict space
+    redi: ReDiResult | None
+    evaluations: Evaluations
+    learned: LearnReport
+
+    def summary(self) -> str:
+        first = self.redi.summary() if self.redi is not None else (
+            f"ReDi learning: the KB was empty, sampled all {len(self.latent)} item(s) in full; "
+            f"{self.evaluations.describe()}")
+        return f"{first}. {self.learned.summary()}"
+
+
+def generate_learning(path: str, settings: KBSettings, model, positive, negative, latent: torch.Tensor,
+                      prompts: Sequence[str], seeds: Sequence[int], *, key_step: int, value_step: int,
+                      neighbours: int = 3, weight_mode: str = "lstsq", guard: float = GUARD_AUTO,
+                      tolerance: float | None = None, adaptive: bool = False, budget: KBBudget = KBBudget(),
+                      dtype: str = "float16", callback: Callable | None = None) -> LearningResult:
+    """Generate item i (prompts[i], the noise of seeds[i]) with ReDi against the learning KB at `path`, then learn.
+
+    First use (no KB, or an empty one): the KB is created with `settings` and every item runs
+    the KB's recipe in full. Else a ReDi run (H = min(neighbours, entries)); the items its guard
+    refused ran every step from noise and are learned, the blended ones never are. `settings`
+    comes from `learning_settings` for the same model and recipe.
+    """
+    if len(prompts) != len(latent) or len(seeds) != len(latent):
+        raise KBError(f"got {len(prompts)} prompts and {len(seeds)} seeds for a batch of {len(latent)}; give one each.")
+    plan_redi(settings.steps, key_step, value_step, settings.stored_steps)  # refused now, not at the second generation
+    kb = open_or_create(path, settings, dtype=dtype)
+    if len(kb) == 0:
+        guider = cfg_guider(model, positive, negative, settings.cfg)
+        sigmas = torch.tensor(settings.sigmas, dtype=torch.float32)
+        out, states, tally = sample_counted(guider, latent, seeds, sigmas, settings.sampler,
+                                            keep_steps=settings.stored_steps, callback=callback)
+        result, full = None, np.ones(len(out), bool)
+    else:
+        run = make_run(kb, key_step, value_step, min(int(neighbours), len(kb)), weight_mode, guard, tolerance, adaptive)
+        run.keep_steps = tuple(settings.stored_steps)
+        result = generate(kb, model, positive, negative, latent, seeds, run, callback=callback)
+        out, tally, states, full = result.latent, result.evaluations, run.full_states, ~result.accepted
+    rows = np.flatnonzero(full)
+    learned = learn(path, settings, states, [prompts[i] for i in rows], [int(seeds[i]) for i in rows], budget, dtype=dtype)
+    return LearningResult(out, result, tally, learned)
 
 
 # --------------------------------------------------------------------------- the four-node chain

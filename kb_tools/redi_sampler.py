@@ -54,6 +54,11 @@ class ReDiRun:
     result: ReDiResult | None = None
     #: Called with each run's ReDiResult (the SamplerReDi node shows it on the canvas); None: log only.
     on_result: Callable[[ReDiResult], None] | None = None
+    #: Steps whose states to keep for the items sampled in full (a learning KB's stored steps); () keeps none.
+    keep_steps: tuple[int, ...] = ()
+    #: After a run with keep_steps: {step: [n, C, H, W]} LATENT-dict space, the states of the n items the
+    #: guard refused (accepted False, in batch order), which ran every step from noise; never a blended state.
+    full_states: dict[int, torch.Tensor] | None = None
 
 
 def make_run(kb: KnowledgeBase, key_step: int, value_step: int, neighbours: int = 3, weight_mode: str = "lstsq",
@@ -111,15 +116,17 @@ def sample_redi(model, x, sigmas, extra_args=None, callback=None, disable=None, 
     ReDiResult in run.result.
     """
     extra_args = {} if extra_args is None else extra_args
-    run.result = None  # a failed run leaves no stale result behind
+    run.result = run.full_states = None  # a failed run leaves no stale result behind
     kb, plan = run.kb, run.plan
     k = plan.key_step
     base = model.inner_model.inner_model  # the BaseModel: latent format and noise scaling
     warnings = check_sampling(run, model, x, sigmas, extra_args)
     sampler = comfy.samplers.sampler_object(kb.settings.sampler)  # the KB's own sampler
     tally = Evaluations(len(x))
+    keep = {int(st): float(sigmas[st]) for st in run.keep_steps}
     # Lines 1-4: x_T ~ p(x_T) (KSAMPLER scaled the noise into x); sample x_T -> x_k, steps 0..k.
-    x_k = run_sampler(sampler, CountedDenoiser(model, tally, range(len(x))), x, sigmas[:k + 1], extra_args, callback, disable)
+    first = CountedDenoiser(model, tally, range(len(x)), {st: s for st, s in keep.items() if st < k})
+    x_k = run_sampler(sampler, first, x, sigmas[:k + 1], extra_args, callback, disable)
     # Line 5: the query q = x_k, in the KB's latent space: float32 [B, D], converted once.
     query = kb.as_queries(cs.to_latent_space(base, sigmas[k], x_k).float().cpu())
     # Line 6: the top-H neighbours j_1..j_H whose keys are nearest q.
@@ -136,7 +143,11 @@ def sample_redi(model, x, sigmas, extra_args=None, callback=None, disable=None, 
         x_v = torch.from_numpy(blend_entries(kb, near.ids[rows], fit.weights[rows], step)).to(x_k)
         states[torch.from_numpy(rows).to(x_k.device)] = cs.from_latent_space(base, sigmas[step], x_v)
     # Lines 9-11: sample x_v_hat -> x_0 (each item from its own start step).
-    out = resume_items(model, states, start, sigmas, extra_args, callback, disable, sampler, tally)
+    kept: dict[int, torch.Tensor] = {}
+    out = resume_items(model, states, start, sigmas, extra_args, callback, disable, sampler, tally, keep, kept)
+    if keep:
+        run.full_states = _full_states(base, sigmas, ~accepted, first.states, kept, keep) if not accepted.all() else \
+            {st: torch.zeros((0, *kb.latent_shape)) for st in keep}
     run.result = ReDiResult(cs.to_latent_space(base, sigmas[-1], out).float().cpu(), plan, accepted, start, near.ids,
                             near.distances, fit.weights, fit.mode, fit.residual, fit.centered_residual, run.guard,
                             tally, tuple(warnings), predicted)
@@ -147,12 +158,15 @@ def sample_redi(model, x, sigmas, extra_args=None, callback=None, disable=None, 
 
 
 def resume_items(model, states: torch.Tensor, start_steps: np.ndarray, sigmas: torch.Tensor, extra_args: dict,
-                 callback, disable, sampler, tally: Evaluations) -> torch.Tensor:
+                 callback, disable, sampler, tally: Evaluations, keep: dict[int, float] | None = None,
+                 kept: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
     """Sample each item from its own start step to the end (lines 9-11); items that share a step run together.
 
     states [B, C, H, W]: item i's state at sigmas[start_steps[i]], in the sampler's space. A
     subset of the batch runs on a view of the denoiser whose per-item conditioning is sliced to
-    it (guiders.batch_view), so items with different prompts keep their own.
+    it (guiders.batch_view), so items with different prompts keep their own. keep {step: sigma}:
+    the states the model is evaluated at there go into `kept[step]` [B, C, H, W] (sampler space,
+    NaN for items that never passed that step).
     """
     batch = len(states)
     out = torch.empty_like(states)
@@ -160,8 +174,25 @@ def resume_items(model, states: torch.Tensor, start_steps: np.ndarray, sigmas: t
         idx = np.flatnonzero(start_steps == step)
         denoiser = model if len(idx) == batch else batch_view(model, idx, batch)
         rows = torch.from_numpy(idx).to(states.device)
-        out[rows] = run_sampler(sampler, CountedDenoiser(denoiser, tally, idx), states[rows], sigmas[step:], extra_args,
-                                callback, disable, first_step=step)
+        counted = CountedDenoiser(denoiser, tally, idx, keep)
+        out[rows] = run_sampler(sampler, counted, states[rows], sigmas[step:], extra_args, callback, disable, first_step=step)
+        for st, state in counted.states.items() if kept is not None else ():
+            kept.setdefault(st, torch.full_like(states, float("nan")))[rows] = state
+    return out
+
+
+def _full_states(base, sigmas: torch.Tensor, full: np.ndarray, before_key: dict[int, torch.Tensor],
+                 resumed: dict[int, torch.Tensor], keep: dict[int, float]) -> dict[int, torch.Tensor]:
+    """{step: [n, C, H, W]} LATENT-dict space of the `full` items (bool [B]): steps before the key step from the
+    shared first part, the rest from their own resumed run (which started at the key step, so none is blended)."""
+    rows = torch.from_numpy(np.flatnonzero(full))
+    out = {}
+    for st in keep:
+        source = before_key if st in before_key else resumed
+        if st not in source:
+            raise KBError(f"the sampler never evaluated the model at step {st}, so its state cannot be kept; keep other "
+                          "steps or use a sampler such as 'euler'.")
+        out[st] = cs.to_latent_space(base, sigmas[st], source[st][rows.to(source[st].device)]).float().cpu()
     return out
 
 

@@ -31,6 +31,9 @@ ON_THE_CANVAS = {
                           "lists the new knowledge base right away (the page refreshes the node definitions by itself).",
     "ReDiSampler": "After a run, the box at the bottom shows the summary line (steps skipped, residual against the guard) and one "
                    "line per image: skipped steps, or fell back to plain sampling because the match was poor.",
+    "ReDiLearningSampler": "After a run, the box at the bottom shows the summary line (steps skipped, or that the knowledge base "
+                           "was empty and everything was sampled in full), one line per image, and what was learned: "
+                           "trajectories added, the oldest dropped for the budget, how many the knowledge base holds.",
     "ReDiResumeSample": "After a run, the box at the bottom shows the summary line and, per image, whether it skipped steps or "
                         "fell back to plain sampling, with its residual and the guard.",
     "ReDiRetrieve": "After a run, the box lists each image's nearest stored trajectories: prompt, seed and distance (ReDi Blend solves their "

@@ -31,7 +31,7 @@ UI_NAMES = sorted(p.stem for p in WORKFLOWS.glob("*.json"))
 CASES = [(s, p.stem) for s, folder in SETS.items() for p in sorted(folder.glob("*.json"))]
 PACK_NODES = ["ReDiLoadKnowledgeBase", "BuildKnowledgeBase", "ReDiPartialSample", "ReDiRetrieve", "ReDiBlend",
               "ReDiResumeSample", "ReDiSampler", "TStitchSampler", "SamplerReDi", "ReDiKBNoise", "ReDiKBSigmas",
-              "TStitchGuider", "SamplerReDiCorrected"]
+              "TStitchGuider", "SamplerReDiCorrected", "ReDiLearningSampler"]
 FRONTEND_ONLY = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 # Safety nets only (a busy 2-core machine is slow); the tests poll for completion.
@@ -290,3 +290,25 @@ def test_native_redi_sampler_shows_its_summary_on_its_node(server, built_kb):
     on_sampler = [text for nid, text in texts if nid == sampler_ids[0]]
     assert on_sampler, f"no progress text for node {sampler_ids[0]}; texts sent: {texts}"
     assert "model evaluations in all" in on_sampler[-1] and "item 0:" in on_sampler[-1], on_sampler[-1]
+
+
+def test_learning_workflow_creates_its_kb_and_learns_each_full_generation(server):
+    """Template 8 twice on its own KB: the first run creates the KB and stores its trajectory; a small prompt change
+    from the same seed then runs ReDi against it (one stored entry has no spread to match against, so the guard
+    sends it back to plain sampling) and is learned too."""
+    from kb_tools.kb import KnowledgeBase
+
+    prompt = load_api("8. Generate with a learning knowledge base")
+    node = prompt["3"]
+    assert node["class_type"] == "ReDiLearningSampler"
+    node["inputs"]["kb_name"] = "redi-learning-e2e"  # not the KB the generic query test may have made
+    texts = []
+    for text in ("a photograph of a cat", "a photograph of a cat, sitting"):
+        node["inputs"]["prompt"] = text
+        entry = server.run(prompt, timeout=QUERY_TIMEOUT_S)
+        assert entry["status"]["status_str"] == "success"
+        texts.append(entry["outputs"]["3"]["text"][0])
+    assert "the KB was empty" in texts[0] and "learned 1" in texts[0], texts[0]
+    assert texts[1].startswith("ReDi:") and "learned 1" in texts[1], texts[1]
+    kb = KnowledgeBase.open(server.layout.redi_kb / "redi-learning-e2e", verify="full")
+    assert kb.entries == [("a photograph of a cat", 0), ("a photograph of a cat, sitting", 0)] and kb.verify() == []

@@ -13,6 +13,7 @@ One module per job:
     verify.py            KnowledgeBase.verify
     arguments.py         checks of what callers pass in (steps, queries, ids, latents)
     store.py             KnowledgeBase (open, create, append, search, ...), open_or_create, merge
+    eviction.py          KBBudget, evict_oldest: drop whole oldest shards to fit a size budget
 """
 
 from ..errors import KBError, KBMismatchError
@@ -24,10 +25,11 @@ from .index import AUTO_FLAT_MAX_ENTRIES, MAX_AUTO_INDEX_DIM, auto_reduce, ivf_n
 from .files import check_kb_name, check_kb_path
 from .settings import SEED_POLICIES, SETTING_KEYS, KBSettings
 from .store import KnowledgeBase, merge, merge_into, open_or_create
+from .eviction import KBBudget, evict_oldest
 
 __all__ = [
     "AUTO_FLAT_MAX_ENTRIES", "AUTO_VERIFY_MAX_BYTES", "DTYPES", "FORMAT_VERSION", "INDEX_DIR", "INDEX_TYPES",
-    "KBError", "KBMismatchError", "KBSettings", "KnowledgeBase", "LOCK_FILE", "MANIFEST", "MAX_AUTO_INDEX_DIM",
-    "SEED_POLICIES", "SETTING_KEYS", "SHARDS_DIR", "VERIFY_MODES", "auto_reduce", "check_kb_name", "check_kb_path",
+    "KBBudget", "KBError", "KBMismatchError", "KBSettings", "KnowledgeBase", "LOCK_FILE", "MANIFEST", "MAX_AUTO_INDEX_DIM",
+    "SEED_POLICIES", "SETTING_KEYS", "SHARDS_DIR", "VERIFY_MODES", "auto_reduce", "check_kb_name", "check_kb_path", "evict_oldest",
     "ivf_nlist", "merge", "merge_into", "open_or_create", "reduce_keys", "step_name", "sum_name",
 ]

@@ -265,9 +265,12 @@ class Generation:
             raw[j] = views[s][row]
         return as_float32(raw)
 
-    def key_chunks(self, step: int) -> Iterator[np.ndarray]:
-        """Every stored latent of `step` in id order, float32 chunks [<=4096, C, H, W] (bounded memory)."""
+    def key_chunks(self, step: int, first_shard: int = 0) -> Iterator[np.ndarray]:
+        """Every stored latent of `step` in id order from shard `first_shard` on, float32 chunks [<=4096, C, H, W]
+        (bounded memory)."""
         for s, v in enumerate(self.views[step]):
+            if s < first_shard:
+                continue
             self.check_mapped(s)
             for lo in range(0, len(v), CHUNK):
                 yield as_float32(np.asarray(v[lo:lo + CHUNK]))

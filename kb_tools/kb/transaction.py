@@ -17,7 +17,7 @@ from collections.abc import Iterator
 
 from filelock import FileLock
 
-from ..errors import KBError
+from ..errors import KBChangedError, KBError
 from .files import fsync_dir, is_inside, link_or_copy, remove_quietly, sha256_bytes, write_atomic
 from .format import FORMAT_VERSION, INDEX_DIR, LOCK_FILE, MANIFEST, SHARDS_DIR, FileRef, Manifest, manifest_bytes, new_tag, now, read_manifest
 from .gc import collect_garbage
@@ -91,7 +91,7 @@ def transaction(root: str, base: Manifest | None) -> Iterator[Transaction]:
                 raise KBError(f"{root} already holds a knowledge base. Open it with KnowledgeBase.open "
                               "(or open_or_create), or choose another path.")
             if base is not None and (on_disk is None or on_disk.generation != base.generation):
-                raise KBError(f"KB at {root} was changed by another process since it was opened (generation "
+                raise KBChangedError(f"KB at {root} was changed by another process since it was opened (generation "
                               f"{on_disk.generation if on_disk else 'none'}, expected {base.generation}). Reopen it and retry.")
             txn = Transaction(root, base)
             yield txn
