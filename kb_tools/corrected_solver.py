@@ -34,9 +34,9 @@ from .errors import KBError
 from .guiders import CountedDenoiser, patcher_at
 from .kb import KnowledgeBase
 from .plain import cfg_guider
-from .redi_sampler import check_latent, check_models, check_schedule
+from .redi_sampler import check_latent, check_models, check_neighbours, check_schedule
 from .results import Evaluations
-from .retrieval import WEIGHT_MODES, fit_weights, nearest_keys
+from .retrieval import fit_weights, nearest_keys
 
 log = logging.getLogger("ReDi")
 
@@ -135,13 +135,7 @@ def make_corrected_run(kb: KnowledgeBase, grid: Sequence[int], neighbours: int =
     if s.sampler != "euler":
         raise KBError(f"the corrected solver reads Euler directions off the stored trajectories, but the KB at {kb.path} "
                       f"was sampled with {s.sampler!r}; use a KB built with sampler 'euler'.")
-    if len(kb) == 0:
-        raise KBError(f"the knowledge base at {kb.path} is empty; build it (BuildKnowledgeBase) before querying it.")
-    if not 1 <= int(neighbours) <= len(kb):
-        raise KBError(f"H = {neighbours} neighbours, but the knowledge base at {kb.path} holds {len(kb)} trajectories; "
-                      f"choose H between 1 and {len(kb)}.")
-    if weight_mode not in WEIGHT_MODES:
-        raise KBError(f"unknown weight mode {weight_mode!r}; valid modes are {list(WEIGHT_MODES)}.")
+    check_neighbours(kb, neighbours, weight_mode)
     g = check_grid(grid, s.steps)
     segments = tuple((a, b) for a, b in zip(g, g[1:]) if correctable(s.stored_steps, a, b))
     return CorrectedRun(kb, g, int(neighbours), weight_mode, segments)

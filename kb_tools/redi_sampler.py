@@ -72,13 +72,7 @@ def make_run(kb: KnowledgeBase, key_step: int, value_step: int, neighbours: int 
     """
     s = kb.settings
     plan = plan_redi(s.steps, key_step, value_step, s.stored_steps)
-    if len(kb) == 0:
-        raise KBError(f"the knowledge base at {kb.path} is empty; build it (BuildKnowledgeBase) before querying it.")
-    if not 1 <= int(neighbours) <= len(kb):
-        raise KBError(f"H = {neighbours} neighbours, but the knowledge base at {kb.path} holds {len(kb)} trajectories; "
-                      f"choose H between 1 and {len(kb)}.")
-    if weight_mode not in WEIGHT_MODES:
-        raise KBError(f"unknown weight mode {weight_mode!r}; valid modes are {list(WEIGHT_MODES)}.")
+    check_neighbours(kb, neighbours, weight_mode)
     if tolerance is None:
         if adaptive:
             raise KBError("the adaptive skip needs the error guard: give an error tolerance >= 0 (error_tolerance on "
@@ -87,6 +81,17 @@ def make_run(kb: KnowledgeBase, key_step: int, value_step: int, neighbours: int 
                                                                                 int(neighbours), guard))
     gate = resolve_error_guard(kb.calibration(key_step), key_step, int(neighbours), value_step, tolerance, adaptive)
     return ReDiRun(kb, plan, int(neighbours), weight_mode, gate)
+
+
+def check_neighbours(kb: KnowledgeBase, neighbours: int, weight_mode: str) -> None:
+    """Refuse an empty KB, an H it cannot supply and an unknown weight mode (every retrieval run checks these once)."""
+    if len(kb) == 0:
+        raise KBError(f"the knowledge base at {kb.path} is empty; build it (BuildKnowledgeBase) before querying it.")
+    if not 1 <= int(neighbours) <= len(kb):
+        raise KBError(f"H = {neighbours} neighbours, but the knowledge base at {kb.path} holds {len(kb)} trajectories; "
+                      f"choose H between 1 and {len(kb)}.")
+    if weight_mode not in WEIGHT_MODES:
+        raise KBError(f"unknown weight mode {weight_mode!r}; valid modes are {list(WEIGHT_MODES)}.")
 
 
 def start_steps(guard: Guard | ErrorGuard, fit: WeightFit, plan: ReDiPlan
