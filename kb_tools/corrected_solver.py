@@ -69,7 +69,7 @@ def coarse_grid(steps: int, nfe: int) -> tuple[int, ...]:
     corrected), the schedule's own last step T - 1 -> T (sigma_min to 0: the KB stores no sigma
     0, so that step is taken exactly, as the fine run takes it), the steps between evenly spread.
     Chosen among three rules on 24 held-out selection captions that are never evaluation queries
-    (benchmarks/results/head_to_head_corrected.md says which won where).
+    (benchmarks/corrected_grid_selection.py -> results/corrected_grid_selection.json says which won where).
     """
     if not 1 <= nfe <= steps:
         raise KBError(f"the corrected solver needs between 1 and {steps} evaluations on this {steps}-step schedule, got {nfe}.")
