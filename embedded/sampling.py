@@ -28,6 +28,8 @@ import torch
 
 from kb_tools import corrected_solver, redi
 from kb_tools.blend_error import fit_error_model, measure_blend_errors, store_error_model
+from kb_tools.plain_reference import fit_plain_reference, store_plain_reference
+from kb_tools.reference_runs import DEFAULT_ITEMS, measure_reference
 from kb_tools.build import BuildReport, BuildSpec, build_knowledge_base
 from kb_tools.comfy_sampling import schedule_sigmas
 from kb_tools.guard import GUARD_AUTO
@@ -115,6 +117,15 @@ def calibrate_guard(kb: KnowledgeBase, key_step: int, h: int, *, sample: int = 2
     if any(s > key_step for s in kb.stored_steps):  # the error model needs a value step after the key step
         store_error_model(kb, key_step, fit_error_model(measure_blend_errors(kb, key_step, h, sample=sample)))
     return result
+
+
+def calibrate_plain_reference(kb: KnowledgeBase, model, key_step: int, h: int, *, sample: int = 256,
+                              items: int = DEFAULT_ITEMS) -> dict:
+    """Store the plain reference for key step and H (`python -m kb_tools calibrate ... --ckpt`): the error guard's "plain" tolerance."""
+    measured = measure_blend_errors(kb, key_step, h, sample=sample)
+    reference = fit_plain_reference(measure_reference(kb, model, encode, measured, items=items))
+    store_plain_reference(kb, key_step, reference)
+    return reference
 
 
 def kb_subset(kb: KnowledgeBase, path: str | Path, ids: np.ndarray) -> KnowledgeBase:

@@ -56,6 +56,7 @@ class BlendErrors:
     kb_count: int
     ids: np.ndarray  # int64 [n], the entries left out, ascending
     neighbours: np.ndarray  # int64 [n, h], each entry's neighbours among the others
+    weights: np.ndarray  # float64 [n, h], their least-squares weights on the keys (what each blend used)
     centered_residual: np.ndarray  # float64 [n], ||key - sum w key_j|| / key_spread(k)
     value_steps: np.ndarray  # int64 [S], ascending, each >= key_step
     error: np.ndarray  # float64 [n, S], ||blend - own|| / key_spread(v)
@@ -115,7 +116,8 @@ def measure_blend_errors(kb: KnowledgeBase, key_step: int, h: int, *, value_step
             diff = blended - kb.keys_flat(v, ids[part]).astype(np.float64)
             norm = np.sqrt(np.einsum("bd,bd->b", diff, diff))
             err[part, j], rms[part, j] = norm / spread[j], norm / math.sqrt(dim)
-    return BlendErrors(key_step, int(h), mode, len(kb), ids, nbr, fit.centered_residual.copy(),
+    return BlendErrors(key_step, int(h), mode, len(kb), ids, nbr, np.asarray(fit.weights, np.float64),
+                       fit.centered_residual.copy(),
                        np.array(steps, np.int64), err, rms, spread)
 
 
@@ -238,13 +240,25 @@ def check_tolerance(tolerance: object) -> float:
     return float(tolerance)
 
 
-def choose_value_steps(model: Mapping, centered_residual, tolerance: float) -> np.ndarray:
-    """Per item, the largest value step whose predicted error is <= tolerance, else the key step (no jump): int64 [B]."""
+def _tolerance_at(tolerance: float | Mapping[int, float], step: int) -> float:
+    """One tolerance for every step, or the per-step ones (plain_reference.tolerances); a step without one never qualifies."""
+    if isinstance(tolerance, Mapping):
+        return float(tolerance.get(step, -math.inf))
+    return tolerance
+
+
+def choose_value_steps(model: Mapping, centered_residual, tolerance: float | Mapping[int, float]) -> np.ndarray:
+    """Per item, the largest value step whose predicted error is <= tolerance, else the key step (no jump): int64 [B].
+
+    tolerance: spread units, one number for every step or {value step: tolerance}.
+    """
     model = check_error_model(model)
-    tol, r = check_tolerance(tolerance), _residuals(centered_residual)
+    r = _residuals(centered_residual)
+    if not isinstance(tolerance, Mapping):
+        tolerance = check_tolerance(tolerance)
     out = np.full(len(r), model["key_step"], np.int64)
     for row in model["steps"]:  # ascending: a later step that qualifies overwrites an earlier one
-        out[_upper(model, row, r) <= tol] = row["value_step"]
+        out[_upper(model, row, r) <= _tolerance_at(tolerance, row["value_step"])] = row["value_step"]
     return out
 
 

@@ -105,17 +105,42 @@ def _calibrate(args: argparse.Namespace) -> int:
     from .kb import KnowledgeBase
     from .retrieval import calibrate
 
+    if args.ckpt and args.skip_blend_error:
+        raise KBError("--ckpt measures the plain reference on top of the blend-error model; drop --skip-blend-error.")
     kb = KnowledgeBase.open(args.kb)
     result = calibrate(kb, args.key_step, args.neighbours, sample=args.sample)
-    model = None  # measured before anything is stored: a refusal stores nothing
+    model = reference = None  # measured before anything is stored: a refusal stores nothing
     if not args.skip_blend_error:
-        model = fit_error_model(measure_blend_errors(kb, args.key_step, args.neighbours, sample=args.sample))
+        measured = measure_blend_errors(kb, args.key_step, args.neighbours, sample=args.sample)
+        model = fit_error_model(measured)
+        if args.ckpt:
+            reference = _plain_reference(kb, measured, args)
     kb.set_calibration(args.key_step, result)
     print(json.dumps(result, indent=2))
     if model is not None:
         store_error_model(kb, args.key_step, model)
         print(describe_error_model(model))
+    if reference is not None:
+        from .plain_reference import describe_plain_reference, store_plain_reference
+
+        store_plain_reference(kb, args.key_step, reference)
+        print(describe_plain_reference(reference))
     return 0
+
+
+def _plain_reference(kb, measured, args: argparse.Namespace) -> dict:
+    """Sample the plain reference with the KB's own checkpoint (ComfyUI in-process, as `build` does)."""
+    from .comfy_env import choose_device, ensure_comfyui
+
+    ensure_comfyui()
+    choose_device(force_cpu=args.cpu)
+    from .build_job import load_checkpoint
+    from .plain_reference import fit_plain_reference
+    from .reference_runs import measure_reference
+
+    model, encode, _ = load_checkpoint(args.ckpt)
+    return fit_plain_reference(measure_reference(kb, model, encode, measured, items=args.reference_items,
+                                                 progress=logging.getLogger("kb_tools").info))
 
 
 def parser() -> argparse.ArgumentParser:

@@ -12,7 +12,9 @@ summary line says which.
 
 The error guard (`resolve_error_guard`) judges the same residual through the blend-error model
 the KB stores (kb_tools.blend_error): it accepts an item when the predicted error of its blend
-at the value step is within a tolerance given as a fraction of the KB's spread there.
+at the value step is within a tolerance given as a fraction of the KB's spread there, or, with
+the tolerance "plain", within the state error whose output is as far off as the plain
+sampler's at the same number of evaluations (kb_tools.plain_reference, measured at calibration).
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ import numpy as np
 
 from .blend_error import check_tolerance, choose_value_steps, error_model_of, predict_error
 from .errors import KBError
+from .plain_reference import PLAIN, plain_tolerances, reference_of
 
 #: Guard value meaning "use the KB's stored calibration" (the nodes' -1).
 GUARD_AUTO = -1.0
@@ -71,17 +74,19 @@ def resolve_guard(calibration: dict | None, key_step: int, h: int, guard: float)
 
 @dataclass(frozen=True)
 class ErrorGuard:
-    """Accepts an item when its predicted blend error (p95 upper, spread units) is <= tolerance.
+    """Accepts an item when its predicted blend error (p95 upper, spread units) is <= the tolerance at its step.
 
     Fixed skip: at `value_step`. Adaptive (`adaptive`): at the largest measured step <= value_step
     where it is within the tolerance (blend_error.choose_value_steps), so a close neighbour earns a
-    long jump and a poor one a short jump or none.
+    long jump and a poor one a short jump or none. The tolerance is one number the user gave, or
+    (`reference` set) per step "no worse than plain at equal NFE" from the KB's plain reference.
     """
 
     model: dict  # blend_error.fit_error_model's dict, as the KB stores it
     value_step: int
-    tolerance: float
+    tolerance: float | dict[int, float]  # one for every step, or {value step: tolerance} (the plain reference)
     adaptive: bool = False
+    reference: dict | None = None  # plain_reference.fit_plain_reference's dict when the tolerance is "plain"
 
     @property
     def candidate_steps(self) -> list[int]:
@@ -90,13 +95,19 @@ class ErrorGuard:
             return [self.value_step]
         return [r["value_step"] for r in self.model["steps"] if r["value_step"] <= self.value_step]
 
+    def tolerance_at(self, step: int) -> float:
+        """The tolerance an item jumping to `step` is held to (spread units)."""
+        if isinstance(self.tolerance, dict):
+            return self.tolerance[int(step)]
+        return self.tolerance
+
     def predicted(self, centered_residual: np.ndarray) -> np.ndarray:
         """float64 [B]: each item's predicted blend error at the value step (inf beyond the calibrated range)."""
         return predict_error(self.model, centered_residual, self.value_step)
 
     def accepts(self, centered_residual: np.ndarray) -> np.ndarray:
         """bool [B]: True where the item's predicted error at the value step is within the tolerance."""
-        return self.predicted(centered_residual) <= self.tolerance
+        return self.predicted(centered_residual) <= self.tolerance_at(self.value_step)
 
     def start_steps(self, centered_residual: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(start step int64 [B], predicted error float64 [B]) of each item; the key step where nothing qualifies.
@@ -107,7 +118,7 @@ class ErrorGuard:
         k, steps = self.model["key_step"], self.candidate_steps
         if not self.adaptive:
             predicted = self.predicted(centered_residual)
-            return np.where(predicted <= self.tolerance, self.value_step, k).astype(np.int64), predicted
+            return np.where(predicted <= self.tolerance_at(self.value_step), self.value_step, k).astype(np.int64), predicted
         allowed = {**self.model, "steps": [r for r in self.model["steps"] if r["value_step"] <= self.value_step]}
         start = choose_value_steps(allowed, centered_residual, self.tolerance)
         predicted = np.empty(len(start), np.float64)
@@ -117,9 +128,24 @@ class ErrorGuard:
             predicted[rows] = predict_error(self.model, np.asarray(centered_residual)[rows], at)
         return start, predicted
 
+    def judged_at(self, start_steps: np.ndarray) -> np.ndarray:
+        """int64 [B]: the step each item's predicted error was judged at (its start, or its shortest refused jump)."""
+        k = self.model["key_step"]
+        refused_at = self.value_step if not self.adaptive else self.candidate_steps[0]
+        return np.where(np.asarray(start_steps) == k, refused_at, start_steps).astype(np.int64)
+
     def describe(self) -> str:
         """'error guard: predicted blend error at step 8 <= 0.1 of the KB's spread (KB calibration, ...)'."""
         source = f"KB calibration of key step {self.model['key_step']}, H={self.model['h']}, {self.model['n']} entries"
+        if self.reference is not None:
+            nfe = {r["value_step"]: r["plain_nfe"] for r in self.reference["rows"]}
+            bound = "within the plain sampler's output error at equal NFE"
+            where = (f"steps {self.candidate_steps[0]}..{self.candidate_steps[-1]}" if self.adaptive
+                     else f"step {self.value_step} ({nfe[self.value_step]} NFE, tolerance "
+                          f"{self.tolerance_at(self.value_step):.3g} of the KB's spread)")
+            head = "adaptive error guard: each item jumps to the latest of" if self.adaptive else "error guard: jump to"
+            return f"{head} {where} where its predicted blend error is {bound} ({source}, plain reference of " \
+                   f"{self.reference['n']} entries)"
         if self.adaptive:
             steps = self.candidate_steps
             return (f"adaptive error guard: each item jumps to the latest of steps {steps[0]}..{steps[-1]} where its "
@@ -129,21 +155,44 @@ class ErrorGuard:
                 f"({source}, rank correlation {row['spearman']:+.2f})")
 
 
-def resolve_error_guard(calibration: dict | None, key_step: int, h: int, value_step: int, tolerance: float,
+def default_tolerance(calibration: dict | None, key_step: int, h: int) -> str | None:
+    """What a node's "auto" error tolerance means: PLAIN where the KB stores a plain reference for key step and H, else None.
+
+    None leaves the residual guard in charge, as for every KB calibrated without a checkpoint.
+    """
+    return PLAIN if reference_of(calibration, key_step, h) is not None else None
+
+
+def resolve_error_guard(calibration: dict | None, key_step: int, h: int, value_step: int, tolerance: float | str,
                         adaptive: bool = False) -> ErrorGuard:
     """The ErrorGuard of the blend-error model stored for `key_step` and H; reads only, never measures.
 
     calibration: what the KB stores for `key_step` (`KnowledgeBase.calibration(key_step)`), or None.
-    Adaptive: any measured step <= value_step may be chosen; else value_step must be a measured step.
+    tolerance: a number >= 0 (spread units), or PLAIN ("no worse than plain at equal NFE", the
+    KB's stored plain reference). Adaptive: any measured step <= value_step may be chosen; else
+    value_step must be a measured step.
     """
     model = error_model_of(calibration, key_step, h)
     if model is None:
         raise KBError(f"the KB stores no blend-error model for key step {key_step} and H={h}. Store one with "
                       f"`python -m kb_tools calibrate KB --key-step {key_step} --neighbours {h}`, or use the residual guard.")
-    guard = ErrorGuard(model, int(value_step), check_tolerance(tolerance), bool(adaptive))
+    reference = None
+    if tolerance == PLAIN:
+        reference = reference_of(calibration, key_step, h)
+        if reference is None:
+            raise KBError(f"the error tolerance {PLAIN!r} needs the KB's plain reference for key step {key_step} and H={h}; "
+                          f"store one with `python -m kb_tools calibrate KB --key-step {key_step} --neighbours {h} --ckpt "
+                          "CHECKPOINT` (samples a few KB prompts with the plain sampler), or give a number.")
+        tolerance = plain_tolerances(reference)
+    else:
+        tolerance = check_tolerance(tolerance)
+    guard = ErrorGuard(model, int(value_step), tolerance, bool(adaptive), reference)
     if not guard.candidate_steps:
         raise KBError(f"the blend-error model of key step {key_step} measured no step <= the value step {value_step} "
                       f"(it holds {[r['value_step'] for r in model['steps']]}); choose a later value step.")
     for step in guard.candidate_steps:  # refuses a value step the model does not hold here, not mid-run
         predict_error(model, np.zeros(1), step)
+        if reference is not None and step not in tolerance:
+            raise KBError(f"the KB's plain reference for key step {key_step} measured no value step {step} (it holds "
+                          f"{sorted(tolerance)}); recalibrate with --ckpt after changing the KB's stored steps.")
     return guard

@@ -29,7 +29,7 @@ import comfy.samplers
 from . import comfy_sampling as cs
 from .build import BuildReport, BuildSpec, build_knowledge_base, kb_settings_for  # noqa: F401 - public API
 from .errors import KBError, KBMismatchError
-from .guard import FALLBACK_GUARD, GUARD_AUTO, Guard, resolve_error_guard, resolve_guard  # noqa: F401 - public API
+from .guard import FALLBACK_GUARD, GUARD_AUTO, Guard, default_tolerance, resolve_error_guard, resolve_guard  # noqa: F401 - public API
 from .guiders import SwitchGuider
 from .kb import KBBudget, KBSettings, KnowledgeBase, open_or_create
 from .learning import LearnReport, learn

@@ -62,13 +62,14 @@ class ReDiRun:
 
 
 def make_run(kb: KnowledgeBase, key_step: int, value_step: int, neighbours: int = 3, weight_mode: str = "lstsq",
-             guard: float = GUARD_AUTO, tolerance: float | None = None, adaptive: bool = False) -> ReDiRun:
+             guard: float = GUARD_AUTO, tolerance: float | str | None = None, adaptive: bool = False) -> ReDiRun:
     """Check every choice against the KB once, before anything is sampled.
 
     tolerance None: the residual guard `guard`. A number >= 0: the error guard replaces it, accepting
     an item when its predicted blend error (in units of the KB's spread there, read from the KB's
-    stored blend-error model) is within it; `adaptive` lets each item jump to the latest step <= the
-    value step that qualifies.
+    stored blend-error model) is within it; "plain" (plain_reference.PLAIN): within the plain
+    sampler's output error at equal NFE, per step from the KB's stored plain reference. `adaptive`
+    lets each item jump to the latest step <= the value step that qualifies.
     """
     s = kb.settings
     plan = plan_redi(s.steps, key_step, value_step, s.stored_steps)
@@ -76,7 +77,9 @@ def make_run(kb: KnowledgeBase, key_step: int, value_step: int, neighbours: int 
     if tolerance is None:
         if adaptive:
             raise KBError("the adaptive skip needs the error guard: give an error tolerance >= 0 (error_tolerance on "
-                          "the node, e.g. 0.1 of the KB's spread), or turn adaptive_skip off.")
+                          "the node, e.g. 0.1 of the KB's spread), or calibrate the KB with a checkpoint (`python -m "
+                          "kb_tools calibrate KB --key-step K --neighbours H --ckpt CHECKPOINT`) so that auto means "
+                          "'no worse than plain', or turn adaptive_skip off.")
         return ReDiRun(kb, plan, int(neighbours), weight_mode, resolve_guard(kb.calibration(key_step), key_step,
                                                                                 int(neighbours), guard))
     gate = resolve_error_guard(kb.calibration(key_step), key_step, int(neighbours), value_step, tolerance, adaptive)

@@ -113,10 +113,15 @@ class ReDiResult:
         """'ReDi: 3 of 4 items jumped 8 steps, 1 item 2 steps (error guard: ...); ...; N model evaluations (...)'."""
         total, used = len(self.start_steps), int(self.accepted.sum())
         cost = f"{self.evaluations.total()} model evaluations ({self.evaluations.describe()})"
-        refused = self.predicted_error[~self.accepted]
-        errors = ", ".join(f"{e:.3g}" for e in refused[:4]) + ("..." if len(refused) > 4 else "")
-        why = f"predicted error {errors} > {self.guard.tolerance:.3g}" + (
-            "; inf: residual beyond the KB's calibrated range" if np.isinf(refused).any() else "")
+        refused = ~self.accepted
+        judged = self.guard.judged_at(self.start_steps)
+        bound = np.array([self.guard.tolerance_at(int(s)) for s in judged])
+        errors = ", ".join(_relative(e, b, self.guard.reference is not None)
+                           for e, b in zip(self.predicted_error[refused][:4], bound[refused][:4]))
+        errors += "..." if refused.sum() > 4 else ""
+        limit = "plain at equal NFE" if self.guard.reference is not None else f"{self.guard.tolerance_at(int(judged[0])):.3g}"
+        why = f"predicted error {errors} > {limit}" + (
+            "; inf: residual beyond the KB's calibrated range" if np.isinf(self.predicted_error[refused]).any() else "")
         if used == 0:
             return (f"ReDi: the error guard sent all {total} item(s) back to plain sampling ({why}; "
                     f"{self.guard.describe()}): raise error_tolerance, use a KB seed (seed_mode 'kb' or ReDiKBNoise), "
@@ -125,10 +130,20 @@ class ReDiResult:
         jumps = [f"{_items(int(n))} {int(s)} steps" for s, n in zip(steps[::-1], counts[::-1])]  # longest first
         first = int(counts[-1])
         jumps[0] = f"{first} of {total} item{'s' if total > 1 else ''} jumped {int(steps[-1])} steps"
+        if self.guard.reference is not None:  # how close the jumps came to the bound, in plain's terms
+            ratio = self.predicted_error[self.accepted] / bound[self.accepted]
+            jumps[-1] += f" (predicted error {float(ratio.max()):.2g}x plain at equal NFE at most)"
         line = f"ReDi: {', '.join(jumps)} ({self.guard.describe()})"
         if used < total:
             line += f"; {_items(total - used)} continued from the key step ({why})"
         return f"{line}; {cost}"
+
+
+def _relative(error: float, bound: float, plain: bool) -> str:
+    """A refused item's predicted error: as a multiple of plain's at equal NFE, or as the number itself."""
+    if not plain:
+        return f"{error:.3g}"
+    return "inf" if np.isinf(error) else f"{error / bound:.2g}x" if bound > 0 else f"{error:.3g} (plain: 0)"
 
 
 def _items(n: int) -> str:

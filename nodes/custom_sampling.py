@@ -44,8 +44,8 @@ class SamplerReDi(io.ComfyNode):
     @classmethod
     def execute(cls, knowledge_base, key_step, value_step, neighbours, weight_mode, guard, error_tolerance: float = -1.0,
                 adaptive_skip: bool = False) -> io.NodeOutput:
-        run = make_run(knowledge_base, key_step, value_step, neighbours, weight_mode, guard, tolerance_of(error_tolerance),
-                       adaptive_skip)
+        tolerance = tolerance_of(error_tolerance, guard, knowledge_base, key_step, neighbours)
+        run = make_run(knowledge_base, key_step, value_step, neighbours, weight_mode, guard, tolerance, adaptive_skip)
         # The run happens later, inside SamplerCustomAdvanced: remember which node to report to
         # (no hidden inputs when the node is called directly, outside a prompt: then only the log).
         node_id = cls.hidden.unique_id if cls.hidden is not None else None

@@ -58,7 +58,11 @@ def item_line(result, i: int) -> str:
     """One batch item: how many steps it skipped, or that it was sent back, and the guard's number behind it."""
     skipped = int(result.skipped_steps[i])
     if result.predicted_error is not None:  # the error guard
-        why, bound = f"predicted error {result.predicted_error[i]:.3g}", f"{result.guard.tolerance:.3g}"
+        step = int(result.guard.judged_at(result.start_steps)[i])
+        why = f"predicted error {result.predicted_error[i]:.3g}"
+        bound = f"{result.guard.tolerance_at(step):.3g}" + (
+            f" (plain's output error at {result.plan.key_step + result.plan.steps - step} NFE)"
+            if result.guard.reference is not None else "")
     else:
         why, bound = f"residual {result.centered_residual[i]:.3f}", f"guard {result.guard.threshold:.3f}"
     if result.accepted[i]:

@@ -43,14 +43,16 @@ GUARD_TOOLTIP = ("Largest accepted centered residual ||q - sum w key|| / (RMS sp
                  "continues from its own key-step latent (plain sampling). -1 = auto: the calibration stored in the KB "
                  "(python -m kb_tools calibrate), else 0.5; the run's log line says which.")
 ERROR_TOLERANCE_TOOLTIP = (
-    "-1 = off (the residual guard above decides). 0 or more = the error guard replaces it: an item jumps only when the "
-    "blend is predicted to land within this distance of the true latent, as a fraction of how much the KB's latents "
-    "differ from each other at that step (e.g. 0.1 = within 10%; 0 = never jump). The prediction comes from the "
-    "blend-error model the KB stores (python -m kb_tools calibrate); a KB without one is refused.")
+    "-1 = auto: with guard also -1 and a KB calibrated with a checkpoint (python -m kb_tools calibrate ... --ckpt), an "
+    "item jumps only when its output is predicted to be no worse than the plain sampler's at the same number of model "
+    "evaluations; otherwise the residual guard above decides. 0 or more = the error guard with this tolerance: an item "
+    "jumps only when the blend is predicted to land within this distance of the true latent, as a fraction of how much "
+    "the KB's latents differ from each other at that step (e.g. 0.1 = within 10%; 0 = never jump). The prediction comes "
+    "from the blend-error model the KB stores (python -m kb_tools calibrate); a KB without one is refused.")
 ADAPTIVE_SKIP_TOOLTIP = (
     "Off: every accepted item jumps to value_step. On: each item jumps as far as its own match allows, to the latest "
     "stored step up to value_step whose predicted error is within error_tolerance (a close match skips more steps, a "
-    "poor one fewer or none). Needs error_tolerance >= 0.")
+    "poor one fewer or none). Needs the error guard: error_tolerance >= 0, or auto on a KB calibrated with a checkpoint.")
 
 
 def error_guard_inputs() -> list[io.Input]:
@@ -60,9 +62,18 @@ def error_guard_inputs() -> list[io.Input]:
             io.Boolean.Input("adaptive_skip", default=False, optional=True, tooltip=ADAPTIVE_SKIP_TOOLTIP)]
 
 
-def tolerance_of(error_tolerance: float | None) -> float | None:
-    """The node's error_tolerance as make_run's tolerance: None (residual guard) for -1 or any negative value."""
-    return None if error_tolerance is None or error_tolerance < 0 else float(error_tolerance)
+def tolerance_of(error_tolerance: float | None, guard: float, kb, key_step: int, neighbours: int) -> float | str | None:
+    """The node's error_tolerance as make_run's tolerance.
+
+    A number >= 0: that tolerance. -1 (auto) with the guard on auto too: "plain" where the KB stores
+    a plain reference for key step and H (core.default_tolerance), else None (the residual guard).
+    A residual guard the user set (>= 0) is theirs: auto then leaves it in charge.
+    """
+    if error_tolerance is not None and error_tolerance >= 0:
+        return float(error_tolerance)
+    if guard >= 0 or key_step not in kb.stored_steps:  # a bad key step is refused by make_run, with its own message
+        return None
+    return core.default_tolerance(kb.calibration(key_step), key_step, neighbours)
 
 # Knowledge bases live in models/redi_kb/<name>/ by default; extra_model_paths.yaml can add
 # more locations under the key `redi_kb` (ComfyUI registers those before loading packs).
@@ -410,7 +421,8 @@ class ReDiResumeSample(io.ComfyNode):
         value = carried(value_latent, "ReDiResumeSample", core.BlendedValue, "ReDiBlend")
         steps_left = value.plan.steps - value.plan.key_step
         result = core.resume(value, model, positive, negative, guard, callback=preview_callback(model, steps_left),
-                             tolerance=tolerance_of(error_tolerance))
+                             tolerance=tolerance_of(error_tolerance, guard, value.neighbours.query.kb, value.plan.key_step,
+                                                    value.neighbours.nearest.ids.shape[1]))
         return io.NodeOutput(with_samples(value_latent, result.latent), ui=feedback.resume_ui(result))
 
 
@@ -446,7 +458,7 @@ class ReDiSampler(io.ComfyNode):
                 guard, seed_mode, seed, resume_positive=None, small_model=None, small_positive=None, small_negative=None,
                 error_tolerance: float = -1.0, adaptive_skip: bool = False) -> io.NodeOutput:
         run = core.make_run(knowledge_base, key_step, value_step, neighbours, weight_mode, guard,
-                            tolerance_of(error_tolerance), adaptive_skip)
+                            tolerance_of(error_tolerance, guard, knowledge_base, key_step, neighbours), adaptive_skip)
         result = core.generate(knowledge_base, model, positive, negative, latent_image["samples"].float(),
                                query_seeds(knowledge_base, latent_image, seed_mode, seed), run,
                                resume_positive=resume_positive, small_model=small_model, small_positive=small_positive,

@@ -99,3 +99,30 @@ def test_build_shards_resume_merge_info_verify(tmp_path, comfy_root):
     bad = kb_tools("verify", str(tmp_path / "all"))
     assert bad.returncode == 1
     assert "PROBLEM" in bad.stdout and shard.name in bad.stdout
+
+
+def test_calibrate_with_the_checkpoint_stores_the_plain_reference(tmp_path, comfy_root):
+    """`calibrate --ckpt` samples a few KB prompts (in full, at equal NFE, resumed from blends) once and stores the
+    tolerance "no worse than plain at equal NFE" beside the blend-error model."""
+    from make_checkpoint import make_sd15_checkpoint
+
+    from kb_tools.kb import KnowledgeBase
+    from kb_tools.plain_reference import reference_of
+
+    ckpt = make_sd15_checkpoint()
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    out = tmp_path / "kb"
+    built = kb_tools("build", "--ckpt", str(ckpt), "--prompts", str(prompts), "--steps", "4", "--store-steps", "1,2,3",
+                     "--width", "64", "--height", "64", "--cfg", "3", "--cpu", "--out", str(out), comfy_root=comfy_root)
+    assert built.returncode == 0, built.stderr[-2000:]
+    done = kb_tools("calibrate", str(out), "--key-step", "1", "--neighbours", "2", "--sample", "4", "--ckpt", str(ckpt),
+                    "--reference-items", "2", "--cpu", comfy_root=comfy_root)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1].startswith("plain reference for key step 1, H=2 (2 KB entries")
+    reference = reference_of(KnowledgeBase.open(str(out)).calibration(1), 1, 2)
+    assert [(r["value_step"], r["plain_nfe"]) for r in reference["rows"]] == [(2, 3), (3, 2)]  # k + T - v evaluations
+    assert all(r["plain_rms"] > 0 and r["tolerance"] > 0 for r in reference["rows"])
+
+    skip = kb_tools("calibrate", str(out), "--key-step", "1", "--ckpt", str(ckpt), "--skip-blend-error")
+    assert skip.returncode == 2 and "drop --skip-blend-error" in skip.stderr
