@@ -57,6 +57,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--oracle-captions", type=int, default=None, help="a reduced run: oracle selection captions (default 12)")
     p.add_argument("--cache-thresholds", default=None, help="a reduced run: EasyCache / LazyCache thresholds, comma-separated "
                    "(default 0.05,0.1,0.2,0.4)")
+    p.add_argument("--error-tolerances", default=None, help="a reduced run: the error guard's tolerances, comma-separated "
+                   "numbers (fractions of the KB's spread) or 'plain' (default plain,0.05,0.1,0.2,0.4)")
     p.add_argument("--workloads", default=None, help=f"a reduced run: comma-separated subset of {','.join(WORKLOADS)}")
     p.add_argument("--methods", default=None, help="a reduced run: comma-separated registry methods to run (default all; "
                    "e.g. plain,oracle,redi,redi_error_guard for the error-guard report)")
@@ -74,7 +76,7 @@ def config_from(a) -> tuple[Config, bool]:
         return Config.smoke_config(), False
     cfg = Config()
     if a.queries is None and a.kb_entries is None and a.workloads is None and a.oracle_captions is None \
-            and a.cache_thresholds is None and a.methods is None:
+            and a.cache_thresholds is None and a.methods is None and a.error_tolerances is None:
         return cfg, False
     workloads = tuple(w for w in (a.workloads or ",".join(WORKLOADS)).split(",") if w)
     unknown = sorted(set(workloads) - set(WORKLOADS))
@@ -87,6 +89,8 @@ def config_from(a) -> tuple[Config, bool]:
         cfg.cache_thresholds = tuple(float(x) for x in a.cache_thresholds.split(","))
     if a.methods:
         cfg.methods = tuple(m for m in a.methods.split(",") if m)
+    if a.error_tolerances:
+        cfg.redi_error_tolerances = tuple(x if x == "plain" else float(x) for x in a.error_tolerances.split(",") if x)
     return cfg, True
 
 

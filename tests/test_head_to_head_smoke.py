@@ -124,8 +124,8 @@ def test_error_guard_rows_report_nfe_distribution_rank_correlation_and_verdicts(
             continue
         eg = w["summary"]["error_guard"]
         # every tolerance once with the fixed skip (the one budget below T) and once with the adaptive skip
-        assert sorted((e["tolerance"], e["skip"]) for e in eg["rows"]) == sorted(
-            (t, s) for t in tolerances for s in ("fixed", "adaptive")), wname
+        assert sorted((str(e["tolerance"]), e["skip"]) for e in eg["rows"]) == sorted(
+            (str(t), s) for t in tolerances for s in ("fixed", "adaptive")), wname
         for e in eg["rows"]:
             assert sum(e["nfe_histogram"].values()) == w["n"], e["label"]
             assert e["nfe_min"] <= e["nfe_median"] <= e["nfe_max"] <= T
@@ -144,6 +144,11 @@ def test_error_guard_rows_report_nfe_distribution_rank_correlation_and_verdicts(
                 assert e["vs_plain"]["mean_verdict"] in ("win", "tie", "loss")
                 assert isinstance(e["vs_plain"]["p95_not_worse"], bool)
         assert set(eg["never_worse_than"]) == {"plain", "oracle"}
-        big = [e for e in eg["rows"] if e["tolerance"] == max(tolerances) and e["skip"] == "fixed"]
-        small = [e for e in eg["rows"] if e["tolerance"] == min(tolerances) and e["skip"] == "fixed"]
+        # the default tolerance "no worse than plain at equal NFE" gets its own verdict beside every number's
+        assert set(eg["never_worse_by_tolerance"]) == {str(t) for t in tolerances} and "plain" in tolerances
+        ref = reg["kb"]["calibration"]["plain_reference"]  # measured once, before any method ran, and reported
+        assert [r["plain_nfe"] for r in ref["rows"]] == [k + T - r["value_step"] for r in ref["rows"]]
+        numbers = [t for t in tolerances if t != "plain"]
+        big = [e for e in eg["rows"] if e["tolerance"] == max(numbers) and e["skip"] == "fixed"]
+        small = [e for e in eg["rows"] if e["tolerance"] == min(numbers) and e["skip"] == "fixed"]
         assert big[0]["accepted"] >= small[0]["accepted"]  # a larger tolerance never lets fewer items jump

@@ -132,7 +132,7 @@ class Bench:
         """The regime's KB (every step 1..T-1 stored), with a guard calibration for its main key step and H."""
         if regime.name not in self.kbs:
             info = kbs.build(self.kb_path(regime), self.models["large"], regime)
-            self.kbs[regime.name] = kbs.calibrated(info, regime.key_step, self.cfg.redi_h_main)
+            self.kbs[regime.name] = kbs.calibrated(info, regime.key_step, self.cfg.redi_h_main, self.plain_models["large"])
             self.log(f"  KB {info.name}: {info.entries} entries, built in {info.build_wall_seconds:.0f} s wall / "
                      f"{info.build_cpu_seconds:.0f} s CPU ({info.added_this_run} added this run)", flush=True)
         return self.kbs[regime.name]
@@ -142,7 +142,7 @@ class Bench:
         name = regime.name + ":stylefree"
         if name not in self.kbs:
             info = kbs.style_free(self.kb(regime), self.kb_path(regime, "stylefree"))
-            self.kbs[name] = kbs.calibrated(info, regime.key_step, self.cfg.redi_h_main)
+            self.kbs[name] = kbs.calibrated(info, regime.key_step, self.cfg.redi_h_main, self.plain_models["large"])
         return self.kbs[name]
 
     # ------------------------------------------------------------------ the judge's references

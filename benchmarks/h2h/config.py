@@ -73,8 +73,9 @@ class Config:
     redi_modes_extra: tuple = ("affine", "ridge")
     redi_modes_h: int = 16
     # The error guard and the adaptive skip (issue 12): tolerances on the predicted blend error, in units of
-    # the KB's spread at the value step, fixed in advance.
-    redi_error_tolerances: tuple = (0.05, 0.1, 0.2, 0.4)
+    # the KB's spread at the value step, fixed in advance; "plain" is the default tolerance, no worse than
+    # plain euler at equal NFE (the KB's plain reference, measured when the KB is calibrated).
+    redi_error_tolerances: tuple = ("plain", 0.05, 0.1, 0.2, 0.4)
     methods: tuple | None = None        # a reduced run: only these registry methods (None: all)
     style_sepia: float = 1.0            # (c): the style appended to the content caption
     smoke: bool = False
@@ -89,7 +90,7 @@ class Config:
                    queries=8, reference_renders=2, floor_draws=3, oracle_samplers=("euler", "heun", "dpmpp_2m"),
                    oracle_schedulers=("normal", "karras"), oracle_captions=4, converged=("heun", "normal", 12),
                    cache_thresholds=(1.0,), cache_core_threshold=1.0, tstitch_fractions=(0.4,), redi_h_extra=(), redi_modes_extra=(),
-                   redi_error_tolerances=(0.1, 10.0), smoke=True)
+                   redi_error_tolerances=("plain", 0.1, 10.0), smoke=True)
 
     def reduced(self, queries: int, kb_entries: int, workloads: tuple) -> Config:
         """This config with fewer queries / KB entries / workloads (a reduced run; the JSON records the sizes)."""

@@ -17,6 +17,7 @@ import numpy as np
 from embedded import sampling as S
 from embedded.captions import parse_prompt, sample_captions
 from kb_tools.blend_error import stored_error_model
+from kb_tools.plain_reference import reference_of
 from kb_tools.kb import KnowledgeBase
 from kb_tools.records import Recipe
 
@@ -60,16 +61,23 @@ def build(path: Path, model, regime: Regime, batch_size: int = 50) -> KBInfo:
                   round(history["cpu_seconds"], 1), history["added"], report.added, None, kb)
 
 
-def calibrated(info: KBInfo, key_step: int, h: int) -> KBInfo:
-    """The KB with a stored guard calibration and blend-error model for (key_step, h) (computed once, kept in its manifest)."""
+def calibrated(info: KBInfo, key_step: int, h: int, model) -> KBInfo:
+    """The KB with a stored guard calibration, blend-error model and plain reference for (key_step, h).
+
+    Computed once with `model` (the regime's large model) and kept in the KB's manifest, as
+    `python -m kb_tools calibrate ... --ckpt` does; never during a method's run.
+    """
     kb = info.kb
+    sample = min(64, len(kb))
     have = kb.calibration(key_step)
     if not have or have.get("h") != h or stored_error_model(kb, key_step, h) is None:
-        S.calibrate_guard(kb, key_step, h, sample=min(64, len(kb)))
-        have = kb.calibration(key_step)
-    have = {k: v for k, v in have.items() if k != "blend_error"}  # the error model goes in the report once, by itself
-    return dataclasses.replace(info, calibration={"key_step": key_step, **have,
-                                                  "blend_error": stored_error_model(kb, key_step, h)})
+        S.calibrate_guard(kb, key_step, h, sample=sample)
+    if reference_of(kb.calibration(key_step), key_step, h) is None:
+        S.calibrate_plain_reference(kb, model, key_step, h, sample=sample)
+    have = {k: v for k, v in kb.calibration(key_step).items() if k not in ("blend_error", "plain_reference")}
+    calibration = kb.calibration(key_step)  # the error model and the reference go in the report once, by themselves
+    return dataclasses.replace(info, calibration={"key_step": key_step, **have, "blend_error": stored_error_model(kb, key_step, h),
+                                                  "plain_reference": reference_of(calibration, key_step, h)})
 
 
 def style_free(info: KBInfo, path: Path) -> KBInfo:

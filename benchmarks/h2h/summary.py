@@ -97,6 +97,7 @@ def error_guard(rows: list[dict]) -> dict:
     euler and the oracle at no more mean NFE (mean MSE by paired se, p95 as measured), and their rank correlations."""
     by_label = {r["label"]: r for r in rows}
     out, never_worse = [], {"plain": {"mean": True, "p95": True}, "oracle": {"mean": True, "p95": True}}
+    by_tolerance: dict[str, dict] = {}  # the same verdict per tolerance: "plain" is the one the default promises
     for r in rows:
         if r["family"] == "redi":
             r["rank_correlation"] = rank_correlation(r)
@@ -121,10 +122,12 @@ def error_guard(rows: list[dict]) -> dict:
             entry[f"vs_{fam}"] = {"baseline": v["baseline"], "baseline_nfe": v["baseline_nfe"], "mean_verdict": v["mse"],
                                   "baseline_mse_mean": base["mse_mean"], "baseline_mse_p95": base["mse_p95"],
                                   "p95_not_worse": p95_ok}
-            never_worse[fam]["mean"] &= v["mse"] != M.LOSS
-            never_worse[fam]["p95"] &= p95_ok
+            tol = by_tolerance.setdefault(str(entry["tolerance"]), {f: {"mean": True, "p95": True} for f in ("plain", "oracle")})
+            for verdict in (never_worse[fam], tol[fam]):
+                verdict["mean"] &= v["mse"] != M.LOSS
+                verdict["p95"] &= p95_ok
         out.append(entry)
-    return {"rows": out, "never_worse_than": never_worse if out else None}
+    return {"rows": out, "never_worse_than": never_worse if out else None, "never_worse_by_tolerance": by_tolerance}
 
 
 def summarize(rows: list[dict], budgets) -> dict:

@@ -19,11 +19,25 @@ def _rho(rc: dict | None, key: str = "all") -> str:
     return "-" if not rc or rc.get(key) is None else f"{rc[key]:+.2f}"
 
 
+def _plain_reference_lines(ref: dict | None) -> list[str]:
+    """The KB's plain reference: per value step the NFE, plain's output error there and the tolerance it gives."""
+    if not ref:
+        return []
+    return [f"Plain reference (the error guard's tolerance \"plain\", measured once at calibration on {ref['n']} KB "
+            "entries: plain euler at k + T - v steps against the full run, and each entry's leave-one-out blend at v "
+            "resumed to the end; tolerance = plain's median output RMS / gain * sqrt(D) / spread(v)):", "",
+            "| value step | NFE | plain output RMS | gain (output / state error) | tolerance (spread units) |", "|---|---|---|---|---|",
+            *(f"| {r['value_step']} | {r['plain_nfe']} | {fmt(r['plain_rms'])} | {fmt(r['gain'])} | {fmt(r['tolerance'])} |"
+              for r in ref["rows"]), ""]
+
+
 def _error_guard_lines(eg: dict) -> list[str]:
     """The error guard's table: NFE distribution, mean / p95 MSE beside the guard off, rank correlation, verdicts."""
     if not eg or not eg["rows"]:
         return []
-    out = ["Error guard and adaptive skip (tolerance on the predicted blend error, in units of the KB's spread). "
+    out = ["Error guard and adaptive skip (tolerance on the predicted blend error, in units of the KB's spread; \"plain\": "
+           "per value step, the error whose output is predicted to be as far off as plain euler's at equal NFE, from the "
+           "KB's plain reference). "
            "Rank correlation: Spearman of each item's predicted error against its per-sample MSE, over all items of "
            "the guard-off run at the same value step (every item jumps) / over the items this row let jump. "
            "p95 vs plain / oracle: the row's per-sample MSE p95 against the baseline's at no more mean NFE.", "",
@@ -42,7 +56,11 @@ def _error_guard_lines(eg: dict) -> list[str]:
     out += ["", "Verdict \"never worse than plain at equal NFE\" over every error-guard row: "
             + "; ".join(f"vs {f}: mean MSE {'met' if nw[f]['mean'] else 'NOT met'}, p95 MSE {'met' if nw[f]['p95'] else 'NOT met'}"
                         for f in ("plain", "oracle")), ""]
-    return out
+    for tol, verdict in eg.get("never_worse_by_tolerance", {}).items():
+        out.append(f"- tolerance {tol}: " + "; ".join(
+            f"vs {f}: mean MSE {'met' if verdict[f]['mean'] else 'NOT met'}, p95 MSE {'met' if verdict[f]['p95'] else 'NOT met'}"
+            for f in ("plain", "oracle")))
+    return out + [""]
 
 
 def write_markdown(res: dict, path: Path) -> None:
@@ -71,7 +89,7 @@ def write_markdown(res: dict, path: Path) -> None:
                 "|---|---|---|---|"]
         for b, c in reg["oracle"]["winners"].items():
             out.append(f"| {b} | {c['sampler']}/{c['scheduler']} {c['steps']} steps | {c['nfe']} | {fmt(c['selection_mse'])} |")
-        out.append("")
+        out += ["", *_plain_reference_lines((kb.get("calibration") or {}).get("plain_reference"))]
         for wname, w in reg["workloads"].items():
             fl = w["noise_floor"]
             out += [f"### {wname}: {w['queries']}", "",

@@ -7,7 +7,8 @@ leave-one-out calibration for the main key step and H, else the documented fallb
 
 The error guard (method "redi_error_guard", issue 12): an item jumps when its predicted blend
 error (the KB's stored leave-one-out error model, in units of the KB's spread) is within a
-tolerance fixed in advance, at the budget's value step ("fixed"), or with the adaptive skip at
+tolerance fixed in advance (a number, or "plain": no worse than plain euler at equal NFE, from
+the KB's plain reference), at the budget's value step ("fixed"), or with the adaptive skip at
 the latest step up to the last one the KB stores where it is ("adaptive"). Every ReDi row on the
 main key step and H records each item's predicted error at its value step beside its residual,
 so that the report can rank-correlate it with the measured error.
@@ -22,6 +23,7 @@ from embedded import sampling as S
 from embedded.captions import parse_prompt
 from kb_tools.blend_error import predict_error, stored_error_model
 from kb_tools.guard import GUARD_AUTO
+from kb_tools.plain_reference import PLAIN
 
 from ..registry import Method, Output, Plan, Setting, register
 
@@ -60,6 +62,11 @@ def redi_settings(plan: Plan) -> list[Setting]:
     return out
 
 
+def tolerance_name(tolerance: float | str) -> str:
+    """'0.1', or 'plain' for the tolerance "no worse than plain at equal NFE" (the KB's plain reference)."""
+    return tolerance if tolerance == PLAIN else f"{tolerance:g}"
+
+
 def error_guard_settings(plan: Plan) -> list[Setting]:
     """The error guard at each budget's value step, and the adaptive skip up to the KB's last stored step, per tolerance."""
     cfg, r = plan.cfg, plan.regime
@@ -67,10 +74,10 @@ def error_guard_settings(plan: Plan) -> list[Setting]:
     ceiling = redi_setting(plan, k, k + 1, h, method="redi_error_guard")  # the adaptive rows' nominal setting, guard off
     out = [dataclasses.replace(ceiling, params={**ceiling.params, "skip": "none"})]
     for tol in cfg.redi_error_tolerances:
-        fixed = {"tolerance": tol, "skip": "fixed"}
-        out += [redi_setting(plan, k, b, h, guard=f"error {tol:g}", method="redi_error_guard", extra=fixed)
+        fixed, name = {"tolerance": tol, "skip": "fixed"}, tolerance_name(tol)
+        out += [redi_setting(plan, k, b, h, guard=f"error {name}", method="redi_error_guard", extra=fixed)
                 for b in budgets_for(plan, k)]
-        last = redi_setting(plan, k, k + 1, h, guard=f"error {tol:g} adaptive", method="redi_error_guard",
+        last = redi_setting(plan, k, k + 1, h, guard=f"error {name} adaptive", method="redi_error_guard",
                             extra={"tolerance": tol, "skip": "adaptive"})  # v = T - 1: the longest jump stored
         out.append(dataclasses.replace(last, label=f"{last.line}, v <= {last.params['v']} (>= {k + 1} NFE)",
                                        target_nfe=None))
@@ -86,7 +93,8 @@ def redi_output(bench, regime, queries, kb, result, k: int) -> Output:
     claim = {"large": k + regime.steps - result.start_steps, "small": np.zeros(n, np.int64)}
     g = result.guard  # the residual guard (threshold on the residual) or the error guard (tolerance on the prediction)
     residual_guard = not hasattr(g, "tolerance")
-    extras = {"accepted": float(result.accepted.mean()), "guard_threshold": float(g.threshold if residual_guard else g.tolerance),
+    extras = {"accepted": float(result.accepted.mean()),
+              "guard_threshold": float(g.threshold) if residual_guard else g.tolerance_at(result.plan.value_step),
               "guard_source": g.source if residual_guard else "blend-error model", "kb_entries": len(kb),
               "centered_residual_median": float(np.median(result.centered_residual)),
               "neighbours_same_source": float(same.mean())}
