@@ -2,9 +2,9 @@
 
 A regime is a model and a schedule (the shipped 16x16 large model, cfg 3 as its model card
 recommends). A workload is a query set (held-out captions from the KB's seed or from foreign
-seeds, near-repeats of KB captions, stylization). Every method runs at NFE budgets from about
-25% to 100% of T. The default run is the issue's main regime, T = 20, every method on every
-workload (`depth` "full"); T = 10 and T = 30 (`Regime("T10", steps=10)`, depth "core") and a
+seeds, near-repeats of KB captions, stylization, the artist's loop from the user's own seed).
+Every method runs at NFE budgets from about 25% to 100% of T. The default run is the issue's
+main regime, T = 20, every method on every workload (`depth` "full"); T = 10 and T = 30 (`Regime("T10", steps=10)`, depth "core") and a
 harder regime (a 32x32 model) are not in the default run yet.
 """
 from __future__ import annotations
@@ -13,8 +13,9 @@ import dataclasses
 import math
 
 #: Workloads: (a) held-out captions from the KB seed (paper protocol) and from foreign seeds,
-#: (b) near-repeats of KB captions from the KB seed, (c) stylization (content key, styled resume).
-WORKLOADS = ("heldout_fixed", "heldout_foreign", "reuse", "style")
+#: (b) near-repeats of KB captions from the KB seed, (c) stylization (content key, styled resume),
+#: (d) the artist's loop: sessions of small prompt changes from the user's own fixed seed, in generation order.
+WORKLOADS = ("heldout_fixed", "heldout_foreign", "reuse", "style", "iterate")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +57,10 @@ class Config:
     reuse_shift: float = 0.04
     reuse_log_size: float = 0.08
     reuse_sepia: float = 0.25
+    # (d) the artist's loop: sessions of `iterate_session` generations (the reuse nudges, each from the previous
+    # caption), session s from the seed iterate_seed_base + s (no KB seed, no foreign or selection seed).
+    iterate_session: int = 12
+    iterate_seed_base: int = 2_000_000
     # The oracle: the best plain sampler x scheduler per NFE budget, chosen on `oracle_captions` held-out
     # captions that are not evaluation captions (foreign seeds), by per-sample MSE to a converged run.
     oracle_samplers: tuple = ("euler", "heun", "dpmpp_2m", "uni_pc", "ipndm", "deis", "res_multistep")
