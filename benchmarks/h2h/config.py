@@ -80,6 +80,16 @@ class Config:
     # The error guard and the adaptive skip (issue 12): tolerances on the predicted blend error, in units of
     # the KB's spread at the value step, fixed in advance.
     redi_error_tolerances: tuple = (0.05, 0.1, 0.2, 0.4)
+    # The learning KB (issue 12, section 2) at the ReDiLearningSampler node's defaults (nodes/learning.py): residual
+    # guard 0.1, H 3, lstsq, store steps "auto", a budget of 10000 entries; value steps: the node's 10 of 20 (half of T)
+    # and the middle budget's.
+    learning_guards: tuple = (0.1,)
+    learning_max_entries: int = 10_000
+    # Retrieval for any seed (issue 12, section 3) at the best configuration of benchmarks/results/any_seed.md on
+    # foreign seeds (key source "previous", value "blend+residual", lstsq, H 3, k 2) and its value steps 6, 10, 14 of
+    # T = 20, here as fractions of T.
+    any_seed_value_fractions: tuple = (0.3, 0.5, 0.7)
+    any_seed_h: int = 3
     methods: tuple | None = None        # a reduced run: only these registry methods (None: all)
     style_sepia: float = 1.0            # (c): the style appended to the content caption
     smoke: bool = False
@@ -88,13 +98,14 @@ class Config:
     def smoke_config(cls) -> Config:
         """Tiny sizes that run every method once on every workload (the numbers mean nothing).
 
-        The caches get a high threshold, so that at T = 6 they do skip evaluations (counted, not computed)."""
+        The caches get a high threshold, so that at T = 6 they do skip evaluations (counted, not computed); the learning
+        KB also a guard no residual reaches, so that every item after the first blends (counted too)."""
         return cls(regimes=(Regime("T6", steps=6, kb_entries=24, workloads=WORKLOADS, depth="smoke",
                                    budget_fractions=(0.5, 1.0)),),
                    queries=8, reference_renders=2, floor_draws=3, oracle_samplers=("euler", "heun", "dpmpp_2m"),
                    oracle_schedulers=("normal", "karras"), oracle_captions=4, converged=("heun", "normal", 12),
                    cache_thresholds=(1.0,), cache_core_threshold=1.0, tstitch_fractions=(0.4,), redi_h_extra=(), redi_modes_extra=(),
-                   redi_error_tolerances=(0.1, 10.0), smoke=True)
+                   redi_error_tolerances=(0.1, 10.0), learning_guards=(0.1, 1e3), iterate_session=4, smoke=True)
 
     def reduced(self, queries: int, kb_entries: int, workloads: tuple) -> Config:
         """This config with fewer queries / KB entries / workloads (a reduced run; the JSON records the sizes)."""
