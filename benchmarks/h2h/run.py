@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from benchmarks import metrics as M
-
 from . import scoring
 from .registry import Plan, all_methods
 from .workloads import Queries
@@ -118,4 +116,4 @@ def blended_verdict(row: dict, q, rows: list[dict], qualities: list) -> dict | N
     mine, base = q.mse[jumped], qualities[j].mse[jumped]
     return {"baseline": rows[j]["label"], "baseline_nfe": rows[j]["nfe"], "jump_nfe": nfe, "items": int(jumped.sum()),
             "mse_mean": float(mine.mean()), "baseline_mse_mean": float(base.mean()), "worse": int((mine > base).sum()),
-            "verdict": M.paired_verdict(mine, base)}
+            "verdict": scoring.mse_verdict(mine, base)}
