@@ -59,11 +59,8 @@ class Runs:
     """The model, the KB and the runs of one query set (prompts and seeds)."""
 
     def __init__(self, kb, model, prompts: list[str], seeds: list[int]):
-        from embedded.sampling import conditioning
         from kb_tools import comfy_sampling as cs
-        from kb_tools.plain import cfg_guider
         self.kb, self.model, self.prompts, self.seeds = kb, model, prompts, seeds
-        self.guider = cfg_guider(model, *conditioning(prompts), CFG)
         self.sigmas = cs.schedule_sigmas(model, "euler", "normal", T)
 
     def plain(self, steps: int, model=None):
@@ -79,18 +76,9 @@ class Runs:
         return r.latent, r.evaluations.per_item(), {"centered_residual_mean": float(r.centered_residual.mean())}
 
     def any_seed(self, run):
-        import torch
-
-        from embedded.sampling import empty_latents
-        from kb_tools import comfy_sampling as cs
-        from kb_tools.any_seed import any_seed_ksampler
-        latent = empty_latents(len(self.prompts))
-        noise = cs.seeded_noise(latent, self.seeds)
-        with torch.no_grad():
-            out = self.guider.sample(noise, latent, any_seed_ksampler(run), self.sigmas, disable_pbar=True,
-                                     seed=int(self.seeds[0]))
-        return out.float().cpu(), run.evaluations.per_item(), {
-            "centered_residual_mean": float(run.fit.centered_residual.mean())}
+        from embedded.sampling import any_seed_sample
+        out = any_seed_sample(self.kb, self.model, self.prompts, self.seeds, run)
+        return out, run.evaluations.per_item(), {"centered_residual_mean": float(run.fit.centered_residual.mean())}
 
     def renoise_oracle(self, v: int, k: int, states: dict):
         """x_v = the query's OWN D at v (from its 20-step run) + sigma_v * eps_q(k), resumed with Euler: the error of

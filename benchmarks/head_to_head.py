@@ -12,13 +12,16 @@ of T; the oracle (the best plain sampler x scheduler per budget, chosen on a sep
 set); ReDi (Algorithm 2 in one sampler run) at several k, v, H, weight modes, guard off / auto,
 on the KB seed and on foreign seeds; ComfyUI's EasyCache and LazyCache applied exactly as their
 nodes apply them; T-Stitch at several small-model fractions; for stylization a plain prompt
-switch with no retrieval. NFE is counted at the diffusion model's forward pass
+switch with no retrieval; ReDi against a KB that learns from each generation in order, starting
+empty (the ReDiLearningSampler node); retrieval for any seed (kb_tools.any_seed, an experiment);
+the KB-corrected coarse Euler solver. NFE is counted at the diffusion model's forward pass
 (kb_tools.counting), not computed, and checked against what each method claims.
 Workloads (benchmarks/h2h/workloads.py): held-out captions from the KB seed (the paper's
 protocol) and from foreign seeds, prompt reuse (KB captions nudged a little, from the KB seed),
-stylization (content key, styled resume). Metrics (benchmarks/h2h/scoring.py): FD in the
-judge's features with its real-vs-real noise floor and bootstrap sd, source accuracy and
-attribute errors, per-sample MSE to the plain full-step output from the same noise, wall and
+stylization (content key, styled resume), and the artist's loop "iterate" (sessions of small
+prompt changes, each session from the user's own fixed seed, never the KB's, in generation order).
+Metrics (benchmarks/h2h/scoring.py): FD in the judge's features with its real-vs-real noise
+floor and bootstrap sd, source accuracy and attribute errors, per-sample MSE to the plain full-step output from the same noise, wall and
 CPU seconds per image.
 """
 from __future__ import annotations

@@ -12,8 +12,8 @@ does: each generation is `kb_tools.redi.generate_learning` (the ReDiLearningSamp
 against the learning KB with the residual guard, then the items the guard refused (sampled in
 full from noise) are appended. Workloads:
 - iterate: an artist's loop, one fixed seed; sessions of `--session` generations, each a small
-  change of the previous caption (benchmarks/h2h/workloads.nudge, the head-to-head "reuse"
-  nudges: crop centre, size, sepia), each session starting from a new caption;
+  change of the previous caption (benchmarks/h2h/workloads.artist_loop, the head-to-head "reuse"
+  nudges: crop centre, size, sepia), each session starting from a new train caption;
 - fresh: no repetition, every generation a new held-out caption from its own new seed.
 Reported per generation: model evaluations (counted at the denoiser), whether the blend was
 used, the KB's size; quality as per-sample MSE to the plain sampler's full-step output of the
@@ -38,7 +38,7 @@ if str(PACK) not in sys.path:  # run as a script: benchmarks/ and embedded/ are 
 
 from benchmarks import metrics as M  # noqa: E402
 from benchmarks.h2h.config import Config, Regime  # noqa: E402
-from benchmarks.h2h.workloads import nudge  # noqa: E402
+from benchmarks.h2h.workloads import artist_loop  # noqa: E402
 from benchmarks.report import to_json  # noqa: E402
 from embedded.captions import sample_captions  # noqa: E402
 from embedded.models import setup_comfy  # noqa: E402
@@ -65,17 +65,8 @@ def parser() -> argparse.ArgumentParser:
 
 
 def iterate_workload(n: int, session: int, cfg: Config, seed: int) -> tuple[list[str], list[int]]:
-    """Sessions of small caption changes from one fixed seed: each generation nudges the previous caption."""
-    rng = np.random.default_rng(12)
-    starts = sample_captions(-(-n // session), "train")
-    prompts = []
-    for start in starts:
-        cap = start
-        for i in range(session):
-            if i:
-                cap = nudge(cap, rng, cfg.reuse_shift, cfg.reuse_log_size, cfg.reuse_sepia)
-            prompts.append(cap.prompt())
-    return prompts[:n], [seed] * n
+    """Sessions of small caption changes from one fixed seed (the head-to-head artist's loop, from train captions)."""
+    return [c.prompt() for c in artist_loop(n, session, cfg, "train")], [seed] * n
 
 
 def fresh_workload(n: int, cfg: Config) -> tuple[list[str], list[int]]:

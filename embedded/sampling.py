@@ -11,6 +11,7 @@ the offline command uses, given the embedded text encoder and latent shape:
   `blend_at` -> `resume` (the four-node chain);
 - T-Stitch: `kb_tools.tstitch.tstitch_sample` (the TStitchSampler node);
 - the KB-corrected coarse Euler solver: `kb_tools.corrected_solver.generate` (the SamplerReDiCorrected node);
+- retrieval for any seed: `kb_tools.any_seed.sample_any_seed` (an experiment, in no node);
 - knowledge bases: `kb_tools.build.build_knowledge_base` and `retrieval.calibrate` (what
   `python -m kb_tools calibrate` stores for the auto guard).
 Every batch item has its own seed (the noise ComfyUI draws for a batch of one with that seed).
@@ -27,11 +28,12 @@ import numpy as np
 import torch
 
 from kb_tools import corrected_solver, redi
+from kb_tools.any_seed import AnySeedRun, any_seed_ksampler
 from kb_tools.blend_error import fit_error_model, measure_blend_errors, store_error_model
 from kb_tools.plain_reference import fit_plain_reference, store_plain_reference
 from kb_tools.reference_runs import DEFAULT_ITEMS, measure_reference
 from kb_tools.build import BuildReport, BuildSpec, build_knowledge_base
-from kb_tools.comfy_sampling import schedule_sigmas
+from kb_tools.comfy_sampling import schedule_sigmas, seeded_noise
 from kb_tools.guard import GUARD_AUTO
 from kb_tools.guiders import SwitchGuider
 from kb_tools.kb import KBBudget, KBSettings, KnowledgeBase
@@ -157,6 +159,18 @@ def redi_sample(kb: KnowledgeBase, model, prompts: Sequence[str], seeds: Sequenc
     styled = conditioning(resume_prompts)[0] if resume_prompts is not None else None
     run = redi.make_run(kb, key_step, value_step, h, mode, guard, tolerance, adaptive)
     return redi.generate(kb, model, positive, negative, empty_latents(len(prompts)), seeds, run, resume_positive=styled)
+
+
+def any_seed_sample(kb: KnowledgeBase, model, prompts: Sequence[str], seeds: Sequence[int], run: AnySeedRun) -> torch.Tensor:
+    """Retrieval for any seed on the KB's recipe: Euler to x_k, retrieve on the denoised estimate, resume from the
+    re-noised blend at v (`kb_tools.any_seed`). Latents [B, 3, 16, 16]; `run` keeps the NFE per item, ids and weights."""
+    latent = empty_latents(len(prompts))
+    guider = cfg_guider(model, *conditioning(prompts), kb.settings.cfg)
+    sigmas = schedule_sigmas(model, kb.settings.sampler, kb.settings.scheduler, kb.settings.steps)
+    with torch.no_grad():
+        out = guider.sample(seeded_noise(latent, seeds), latent, any_seed_ksampler(run), sigmas, disable_pbar=True,
+                            seed=int(seeds[0]))
+    return out.float().cpu()
 
 
 def corrected_sample(kb: KnowledgeBase, model, prompts: Sequence[str], seeds: Sequence[int], grid: Sequence[int], *,

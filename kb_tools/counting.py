@@ -96,6 +96,20 @@ class ForwardCounter:
         finally:
             self._session = previous
 
+    @contextlib.contextmanager
+    def item(self, index: int) -> Iterator[ForwardCounts]:
+        """Count a run of one item (batch 1) as item `index` of the open session: a query set generated one at a time."""
+        outer = self._session
+        if outer is None or not 0 <= index < outer.batch:
+            raise KBError(f"item {index} is outside the open counting session ({'none' if outer is None else outer.batch} "
+                          "items); open a session with the query set's size before counting its items one at a time.")
+        with self.session(1) as one:
+            yield one
+        outer.positive[index] += one.positive[0]
+        outer.negative[index] += one.negative[0]
+        outer.calls += one.calls
+        outer.rows += one.rows
+
     def __call__(self, executor, *args, **kwargs):
         if executor.idx != len(executor.wrappers) - 1:
             raise KBError(

@@ -139,6 +139,15 @@ def test_paired_verdicts():
     assert M.percentile_verdict(base, base) == M.TIE
 
 
+def test_head_to_head_mse_verdict_ignores_float_rounding_only():
+    """The same sampler on a batch of one and on a batch of n differs by ~1e-14: a tie, not a loss; 1e-6 is a loss."""
+    from benchmarks.h2h.scoring import mse_verdict
+    base = np.zeros(8)
+    assert M.paired_verdict(base + 2e-14, base) == M.LOSS  # the plain paired rule alone calls it a loss
+    assert mse_verdict(base + 2e-14, base) == M.TIE
+    assert mse_verdict(base + 1e-6, base) == M.LOSS and mse_verdict(base + 1e-6, base + 1e-3) == M.WIN
+
+
 # --------------------------------------------------------------------------- report helpers
 
 @dataclasses.dataclass

@@ -105,3 +105,21 @@ def test_calls_outside_a_session_are_not_counted(kt, model):
     with counter.session(1) as counts:
         kt.plain.sample_counted(guider, torch.zeros(1, 4, 8, 8), [SEED], sigmas, "euler")
     assert counts.nfe().tolist() == [4]
+
+
+def test_runs_of_one_item_count_for_their_item_of_the_session(kt, model):
+    """A query set generated one item at a time (a learning KB's order): each batch-of-one run counts for its own item."""
+    import tiny_models
+    clone, counter = kt.counting.counted(model)
+    guider = kt.plain.cfg_guider(clone, cond("prompt 0"), cond(""), 3.0)
+    with counter.session(3) as counts:
+        for index, steps in ((2, 4), (0, 3)):
+            sigmas = kt.comfy_sampling.schedule_sigmas(clone, "euler", "normal", steps)
+            with counter.item(index) as one:
+                kt.plain.sample_counted(guider, tiny_models.empty_latent(1), [SEED], sigmas, "euler")
+            assert one.nfe().tolist() == [steps]
+        with pytest.raises(kt.errors.KBError, match="outside the open counting session"):
+            with counter.item(3):
+                pass
+    assert counts.nfe().tolist() == [3, 0, 4] and counts.negative.tolist() == [3, 0, 4]
+    assert counts.calls == 7 and counts.rows == 14

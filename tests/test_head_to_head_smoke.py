@@ -24,9 +24,9 @@ SCRIPT = PACK / "benchmarks" / "head_to_head.py"
 
 pytestmark = [pytest.mark.comfy, pytest.mark.slow]
 
-WORKLOADS = {"heldout_fixed", "heldout_foreign", "reuse", "style"}
+WORKLOADS = {"heldout_fixed", "heldout_foreign", "reuse", "style", "iterate"}
 METHODS = {"plain", "oracle", "easycache", "lazycache", "redi", "redi_error_guard", "tstitch", "redi_easycache",
-           "tstitch_easycache", "prompt_switch", "kb_corrected", "coarse_euler"}
+           "tstitch_easycache", "prompt_switch", "kb_corrected", "coarse_euler", "learning_kb", "any_seed"}
 
 
 @pytest.fixture(scope="module")
@@ -101,6 +101,9 @@ def test_every_output_finite_and_counted_nfe_is_what_the_plan_spends(smoke):
             assert r["nfe"] == pytest.approx(T - s + s * small_cost, rel=1e-3), where
         elif r["family"] == "style":
             assert r["nfe_large"] == T, where
+        elif r["family"] == "any_seed":  # every item: k steps, the blend, T - v steps (the "previous" key is free)
+            assert p["key_source"] == "previous" and 2 <= p["k"] < p["v"] <= T - 2, where
+            assert r["nfe_min"] == r["nfe_max"] == p["k"] + T - p["v"] == r["target_nfe"], where
         elif r["family"] in ("corrected", "coarse"):  # one evaluation per grid segment, the correction evaluates nothing
             assert p["grid"][0] == 0 and p["grid"][-1] == T, where
             assert r["nfe_min"] == r["nfe_max"] == len(p["grid"]) - 1, where
@@ -111,6 +114,41 @@ def test_every_output_finite_and_counted_nfe_is_what_the_plan_spends(smoke):
     assert any(r["nfe_large"] < r["params"]["uncached_nfe"] for r in caches)  # the counter sees the steps a cache skips
     plain_full = [r for r in rows(res) if r["family"] == "plain" and r["nfe"] == T]
     assert plain_full and all(r["mse_mean"] == 0.0 for r in plain_full)  # the full-step run is its own reference
+
+
+def test_learning_kb_starts_empty_learns_in_order_and_counts_each_item(smoke):
+    """Generated one at a time from an empty KB: the first item runs all T steps, later ones jump (k + T - v, counted for
+    that item) or run in full, exactly as the plain sampler then, and only the full ones are learned."""
+    _, res = smoke
+    (reg,) = res["regimes"].values()
+    T, k = reg["steps"], reg["key_step"]
+    assert set(res["methods"]["learning_kb"]["workloads"]) == {"iterate", "heldout_fixed", "reuse"}
+    assert res["methods"]["learning_kb"]["family"] == "learning"
+    learning = [r for r in rows(res) if r["method"] == "learning_kb"]
+    assert {r["workload"] for r in learning} == {"iterate", "heldout_fixed", "reuse"}
+    for r in learning:
+        where, p, items = (r["workload"], r["label"]), r["params"], r["per_item"]
+        jump = k + T - p["v"]
+        nfe, blended = items["nfe"], [bool(b) for b in items["accepted"]]
+        assert nfe[0] == T and not blended[0] and items["kb_entries"][0] == 1, where  # first use: the KB was empty
+        assert all(n == (jump if b else T) for n, b in zip(nfe, blended)), where
+        assert r["claim_ok"] and r["nfe"] == pytest.approx(sum(nfe) / len(nfe)) and r["nfe_max"] == T, where
+        full = [i for i, b in enumerate(blended) if not b]
+        assert 1 <= r["kb_entries_at_end"] <= len(full) and items["kb_entries"] == sorted(items["kb_entries"]), where
+        assert all(items["mse"][i] < 1e-10 for i in full), where  # sampled in full: the plain sampler's own output
+        assert r["blended"] == pytest.approx(sum(blended) / len(blended)) and r["nfe_curve"][0]["generations"] == "1-8"
+        if p["guard"] >= 1e3:  # a guard no residual reaches: items after the first ones jump, and cost less
+            assert sum(blended) >= len(blended) - 2 and r["nfe_min"] == jump < T, where
+            assert r["blended_vs_plain"]["items"] == sum(blended), where
+    assert any(r["params"]["guard"] == 0.1 for r in learning)  # the node's default guard
+    for wname, w in reg["workloads"].items():
+        verdicts = w["summary"]["family_verdicts"]
+        assert ("learning" in verdicts) == (wname in ("iterate", "heldout_fixed", "reuse")), wname
+        assert ("any_seed" in verdicts) == (wname in ("iterate", "heldout_fixed", "heldout_foreign")), wname
+        for fam, v in verdicts.items():
+            for base in ("plain", "oracle"):
+                assert v[base]["rows_won"] + v[base]["rows_lost"] <= v[base]["compared"] <= v["rows"], (wname, fam)
+            assert len(w["summary"][f"{fam}_losses"]) >= v["plain"]["rows_lost"], (wname, fam)
 
 
 def test_error_guard_rows_report_nfe_distribution_rank_correlation_and_verdicts(smoke):

@@ -102,6 +102,14 @@ class Bench:
         out.unconditional = {role: s.negative.copy() for role, s in sessions.items()}
         out.wall, out.cpu = timer.wall, timer.cpu
 
+    @contextlib.contextmanager
+    def one_item(self, index: int) -> Iterator[None]:
+        """Inside `measure`: the forward rows of a batch-of-one run count for item `index` (a workload run in order)."""
+        with contextlib.ExitStack() as stack:
+            for c in self.counters.values():
+                stack.enter_context(c.item(index))
+            yield
+
     def cost_nfe(self, m: Measured) -> np.ndarray:
         """float [N]: NFE per item in large-model units (a small-model row counts `small_cost`)."""
         return m.nfe["large"] + self.small_cost * m.nfe["small"]

@@ -20,6 +20,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from .config import WORKLOADS
+
 #: Built-in method modules in report order; other modules in methods/ follow alphabetically.
 BUILTIN = ("plain", "caches", "redi", "tstitch", "stacks", "style")
 
@@ -72,10 +74,10 @@ class Plan:
 @dataclasses.dataclass(frozen=True)
 class Method:
     name: str
-    family: str                    # "plain", "oracle", "cache", "redi", "tstitch", "stack", "style"
+    family: str                    # "plain", "oracle", "cache", "redi", "learning", "any_seed", "corrected", "coarse", ...
     settings: Callable[[Plan], list[Setting]]
     run: Callable[..., Output]     # run(bench, regime, queries, setting) -> Output
-    workloads: tuple[str, ...] = ("heldout_fixed", "heldout_foreign", "reuse", "style")
+    workloads: tuple[str, ...] = WORKLOADS  # default: every workload (config.WORKLOADS)
     description: str = ""
 
 

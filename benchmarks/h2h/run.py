@@ -3,7 +3,8 @@
 For each setting: sample (the method's run function) inside `Bench.measure` (NFE per item and
 model counted at the forward pass, wall and CPU seconds), check the counted NFE against what
 the method claims, score the output (scoring.score), and compare it with plain euler and the
-oracle at the largest budget that spends no more NFE (scoring.verdicts).
+oracle at the largest budget that spends no more NFE (scoring.verdicts); a learning KB's items
+that jumped also by themselves, against plain euler at no more NFE than their jump.
 """
 from __future__ import annotations
 
@@ -97,3 +98,22 @@ def compare(rows: list[dict], qualities: list) -> None:
                 continue
             r[f"vs_{family}"] = {"baseline": rows[j]["label"], "baseline_nfe": rows[j]["nfe"],
                                  **scoring.verdicts(r, qualities[i], rows[j], qualities[j])}
+        if r["family"] == "learning":  # most items run in full: judge the blends by themselves too
+            r["blended_vs_plain"] = blended_verdict(r, qualities[i], rows, qualities)
+
+
+def blended_verdict(row: dict, q, rows: list[dict], qualities: list) -> dict | None:
+    """The items of a run that jumped (the others ran in full) against plain euler at no more NFE than their jump, on
+    the same items (paired per-sample MSE); None when no item jumped or no plain run spends that little."""
+    items = row.get("per_item") or {}
+    jumped = np.asarray(items.get("accepted", []), bool)
+    if not jumped.any():
+        return None
+    nfe = float(np.max(np.asarray(items["nfe"])[jumped]))
+    j = baseline_at(rows, "plain", nfe)
+    if j is None:
+        return None
+    mine, base = q.mse[jumped], qualities[j].mse[jumped]
+    return {"baseline": rows[j]["label"], "baseline_nfe": rows[j]["nfe"], "jump_nfe": nfe, "items": int(jumped.sum()),
+            "mse_mean": float(mine.mean()), "baseline_mse_mean": float(base.mean()), "worse": int((mine > base).sum()),
+            "verdict": scoring.mse_verdict(mine, base)}

@@ -47,11 +47,23 @@ def score(judge, latents, captions, real_features: np.ndarray, reference) -> Qua
                    faith.sepia_err, mse_mean, mse_se, float(np.percentile(mse, 95)), finite, mse)
 
 
+#: Per-sample MSE differences this small are float rounding, not a verdict: the same sampler run on a batch of one
+#: (a learning KB's generations) and on the whole query set differs in the last bits (about 1e-14 here).
+MSE_ROUNDING = 1e-9
+
+
+def mse_verdict(mse: np.ndarray, base: np.ndarray) -> str:
+    """Paired per-sample MSE verdict (2 se); a tie where every item's difference is float rounding."""
+    if len(mse) < 2 or np.abs(np.asarray(mse) - np.asarray(base)).max() <= MSE_ROUNDING:
+        return M.TIE
+    return M.paired_verdict(mse, base)
+
+
 def verdicts(row: dict, q: Quality, base: dict, bq: Quality) -> dict:
     """win / tie / loss of a row against a baseline row: FD and accuracy beyond 2 sd, MSE by paired se."""
     return {"fd": M.interval_verdict(row["fd"], row["fd_sd"], base["fd"], base["fd_sd"], higher_is_better=False),
             "acc": M.interval_verdict(row["acc"], row["acc_se"], base["acc"], base["acc_se"], higher_is_better=True),
-            "mse": M.paired_verdict(q.mse, bq.mse) if len(q.mse) > 1 else M.TIE}
+            "mse": mse_verdict(q.mse, bq.mse)}
 
 
 def record_quality(q: Quality) -> dict:

@@ -1,4 +1,5 @@
-"""What a workload's rows say: the quality-versus-NFE frontier, where each line reaches full-step quality, ReDi's losses.
+"""What a workload's rows say: the quality-versus-NFE frontier, where each line reaches full-step quality, and each
+accelerating family's verdict and losses against plain euler and the oracle at no more NFE.
 
 Plain functions over the JSON rows of `run.run_workload` (no models). "Within noise" is the
 benchmarks' decision rule: not worse than the plain full-step run by more than 2 combined sd
@@ -51,6 +52,28 @@ def frontier(rows: list[dict], budgets) -> list[dict]:
         out.append({"budget": b, "best_fd": best["label"], "best_fd_value": best["fd"], "best_fd_nfe": best["nfe"],
                     "within_noise_of_best_fd": tied, "best_mse": low["label"], "best_mse_value": low["mse_mean"],
                     "best_mse_nfe": low["nfe"]})
+    return out
+
+
+#: The families under test: each gets a loss list and a verdict against plain euler and the oracle at no more NFE.
+VERDICT_FAMILIES = ("redi", "learning", "any_seed", "corrected")
+
+
+def family_verdict(rows: list[dict], family: str) -> dict | None:
+    """How a family's rows fared against plain euler and the oracle at no more NFE (None: no row of it here).
+
+    Per baseline: rows compared, rows that lost on at least one metric (FD, accuracy, MSE), rows that won on at least
+    one and lost on none, and win / tie / loss counts per metric."""
+    mine = [r for r in rows if r["family"] == family]
+    if not mine:
+        return None
+    out: dict = {"rows": len(mine)}
+    for base in ("plain", "oracle"):
+        got = [r[f"vs_{base}"] for r in mine if r.get(f"vs_{base}")]
+        each = [(v["fd"], v["acc"], v["mse"]) for v in got]
+        out[base] = {"compared": len(got), "rows_lost": sum(M.LOSS in t for t in each),
+                     "rows_won": sum(M.WIN in t and M.LOSS not in t for t in each),
+                     **{m: {x: sum(v[m] == x for v in got) for x in (M.WIN, M.TIE, M.LOSS)} for m in ("fd", "acc", "mse")}}
     return out
 
 
@@ -132,7 +155,8 @@ def error_guard(rows: list[dict]) -> dict:
 
 def summarize(rows: list[dict], budgets) -> dict:
     return {"error_guard": error_guard(rows), "first_full_quality_nfe": first_full_quality(rows), "frontier": frontier(rows, budgets),
-            "redi_losses": losses(rows, "redi"), "corrected_losses": losses(rows, "corrected"),
+            **{f"{f}_losses": losses(rows, f) for f in VERDICT_FAMILIES},
+            "family_verdicts": {f: v for f in VERDICT_FAMILIES if (v := family_verdict(rows, f)) is not None},
             "redi_wins": [{"row": r["label"], "against": r[b]["baseline"], "won_on": w}
                           for r in rows if r["family"] == "redi" for b in ("vs_plain", "vs_oracle") if r.get(b)
                           for w in [[m for m in ("fd", "acc", "mse") if r[b][m] == M.WIN]] if w]}

@@ -1,4 +1,5 @@
-"""The query sets users run, per regime: held-out captions (KB seed / foreign seeds), near-repeats of KB captions, stylization.
+"""The query sets users run, per regime: held-out captions (KB seed / foreign seeds), near-repeats of KB captions,
+stylization, and the artist's loop (small prompt changes from the user's own fixed seed, in generation order).
 
 Pure captions and seeds (no models): what the model is asked for, from which noise, and what
 the output should show (the captions the judge reads it against and renders real crops of).
@@ -16,6 +17,8 @@ from .config import Config, Regime
 
 #: Held-out captions at these indices and above are the oracle's selection set, never evaluation queries.
 SELECTION_OFFSET = 10_000
+#: The artist's loop starts its sessions from held-out captions at these indices: in no KB and no other workload.
+ITERATE_OFFSET = 20_000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +72,34 @@ def reuse(cfg: Config, regime: Regime) -> Queries:
                                 f"{regime.kb_seed}: an artist iterating on a prompt"))
 
 
+def artist_loop(n: int, session: int, cfg: Config, split: str = "train", offset: int = 0) -> list[Caption]:
+    """n captions in generation order: sessions of `session` generations, each starting from a new caption of `split`
+    (captions offset, offset + 1, ...) and each later generation nudging the previous caption (`nudge`, the reuse sizes)."""
+    rng = np.random.default_rng(12)
+    out = []
+    for start in sample_captions(-(-n // session), split, offset=offset):
+        cap = start
+        for i in range(session):
+            if i:
+                cap = nudge(cap, rng, cfg.reuse_shift, cfg.reuse_log_size, cfg.reuse_sepia)
+            out.append(cap)
+    return out[:n]
+
+
+def iterate(cfg: Config, regime: Regime) -> Queries:
+    """The artist's loop (issue 12): sessions of small prompt changes, each session from its own fixed seed (the user's,
+    never the KB's); the queries stay in generation order, which a KB that learns from each generation depends on."""
+    caps = artist_loop(cfg.queries, cfg.iterate_session, cfg, "heldout", ITERATE_OFFSET)
+    seeds = [cfg.iterate_seed_base + i // cfg.iterate_session for i in range(len(caps))]
+    sessions = -(-len(caps) // cfg.iterate_session)
+    return Queries("iterate", tuple(c.prompt() for c in caps), tuple(seeds), tuple(caps),
+                   description=(f"{len(caps)} generations in order: {sessions} session(s) of up to {cfg.iterate_session}, "
+                                f"each from a new held-out caption (indices {ITERATE_OFFSET}+) and its own fixed seed "
+                                f"{cfg.iterate_seed_base}+session (never the KB seed {regime.kb_seed}), each generation "
+                                f"the previous caption changed a little (centre +-{cfg.reuse_shift}, size x "
+                                f"exp(+-{cfg.reuse_log_size}), sepia +-{cfg.reuse_sepia}): an artist's loop"))
+
+
 def style(cfg: Config, regime: Regime) -> Queries:
     """(c) Stylization: held-out content captions (sepia 0) asked for with the style appended, from the KB seed."""
     content = [c.with_sepia(0.0) for c in sample_captions(cfg.queries, "heldout")]
@@ -88,6 +119,8 @@ def make(cfg: Config, regime: Regime, workload: str) -> Queries:
         return reuse(cfg, regime)
     if workload == "style":
         return style(cfg, regime)
+    if workload == "iterate":
+        return iterate(cfg, regime)
     raise ValueError(f"unknown workload {workload!r}")
 
 

@@ -63,6 +63,52 @@ def _error_guard_lines(eg: dict) -> list[str]:
     return out + [""]
 
 
+#: How the report names the families under test (summary.VERDICT_FAMILIES).
+FAMILY_NAMES = {"redi": "ReDi", "learning": "The learning KB", "any_seed": "Retrieval for any seed",
+                "corrected": "The KB-corrected solver"}
+
+
+def _verdict_text(v: dict) -> str:
+    if not v["compared"]:
+        return "no run at or above its least NFE"
+    return (f"{v['rows_won']} of {v['compared']} runs won on a metric and lost on none, {v['rows_lost']} lost on at least "
+            "one (" + ", ".join(f"{m} {v[m]['win']}/{v[m]['tie']}/{v[m]['loss']}" for m in ("fd", "acc", "mse"))
+            + " win/tie/loss)")
+
+
+def _family_lines(sm: dict) -> list[str]:
+    """Each family under test: its verdict against plain euler and the oracle at no more NFE, and every loss."""
+    out = []
+    for fam, v in sm.get("family_verdicts", {}).items():
+        lost = sm.get(f"{fam}_losses", [])
+        out += ["", f"{FAMILY_NAMES.get(fam, fam)}, against plain euler at no more NFE: {_verdict_text(v['plain'])}; "
+                f"against the oracle: {_verdict_text(v['oracle'])}. It lost {len(lost)} comparison(s) here"
+                + (":" if lost else "."), ""]
+        out += [f"- {x['row']} (NFE {fmt(x['nfe'])}) vs {x['against']} (NFE {fmt(x['against_nfe'])}): "
+                f"{', '.join(x['lost_on'])}" for x in lost]
+    return out
+
+
+def _learning_lines(rows: list[dict]) -> list[str]:
+    """The learning KB's runs: mean NFE, blended share and KB size over the first generations, as the KB grows."""
+    mine = [r for r in rows if r["family"] == "learning"]
+    if not mine:
+        return []
+    out = ["", "The learning KB as it grows (it starts empty; generations in the workload's order):", "",
+           "| run | generations | NFE mean | blended | KB entries at end |", "|---|---|---|---|---|"]
+    for r in mine:
+        out += [f"| {r['label']} | {c['generations']} | {fmt(c['nfe_mean'])} | {c['blended']:.0%} | {c['kb_entries_at_end']} |"
+                for c in r["nfe_curve"]]
+    out += ["", "Its blended items by themselves, against plain euler at no more NFE than a jump on the same items "
+            "(paired per-sample MSE):", ""]
+    for r in mine:
+        b = r.get("blended_vs_plain")
+        out.append(f"- {r['label']}: " + ("no item blended, or no plain run spends as little as a jump" if not b else
+                   f"{b['items']} item(s) at {fmt(b['jump_nfe'])} NFE, MSE {fmt(b['mse_mean'])} vs {fmt(b['baseline_mse_mean'])} "
+                   f"for {b['baseline']} ({fmt(b['baseline_nfe'])} NFE): {b['verdict']}, worse for {b['worse']} of {b['items']}"))
+    return out
+
+
 def write_markdown(res: dict, path: Path) -> None:
     s = res["sizes"]
     out = ["# Head to head: ReDi and T-Stitch against what a ComfyUI user already has", ""]
@@ -109,13 +155,8 @@ def write_markdown(res: dict, path: Path) -> None:
             out += ["", "Least NFE at which each line is within noise of plain at T (FD and accuracy):", ""]
             out += [f"- {line}: {fmt(n) if n is not None else 'never'}" for line, n in sm["first_full_quality_nfe"].items()]
             out += [""] + _error_guard_lines(sm.get("error_guard"))
-            out += ["", f"ReDi lost {len(sm['redi_losses'])} comparison(s) here:", ""]
-            out += [f"- {x['row']} (NFE {fmt(x['nfe'])}) vs {x['against']} (NFE {fmt(x['against_nfe'])}): "
-                    f"{', '.join(x['lost_on'])}" for x in sm["redi_losses"]]
-            if sm.get("corrected_losses") is not None and any(r["family"] == "corrected" for r in w["rows"]):
-                out += ["", f"The KB-corrected solver lost {len(sm['corrected_losses'])} comparison(s) here:", ""]
-                out += [f"- {x['row']} (NFE {fmt(x['nfe'])}) vs {x['against']} (NFE {fmt(x['against_nfe'])}): "
-                        f"{', '.join(x['lost_on'])}" for x in sm["corrected_losses"]]
+            out += _learning_lines(w["rows"])
+            out += _family_lines(sm)
             out.append("")
     path.write_text("\n".join(out) + "\n")
 

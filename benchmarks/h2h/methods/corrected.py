@@ -15,7 +15,7 @@ from kb_tools.corrected_solver import coarse_grid
 
 from ..registry import Method, Output, Plan, Setting, register
 
-WORKLOADS = ("heldout_fixed", "heldout_foreign", "reuse")
+WORKLOADS = ("heldout_fixed", "heldout_foreign", "reuse", "iterate")
 
 
 def grid_setting(plan: Plan, method: str, budget: int, h: int = 3, mode: str = "lstsq") -> Setting:

@@ -126,6 +126,6 @@ def run_redi(bench, regime, queries, setting: Setting, model=None) -> Output:
 register(Method("redi", "redi", redi_settings, run_redi,
                 description="ReDi, Algorithm 2, on a KB of train-caption trajectories from one seed"))
 register(Method("redi_error_guard", "redi", error_guard_settings, run_redi,
-                workloads=("heldout_fixed", "heldout_foreign", "reuse"),
+                workloads=("heldout_fixed", "heldout_foreign", "reuse", "iterate"),
                 description="ReDi with the error guard (predicted blend error within a tolerance of the KB's spread) "
                             "at a fixed value step, or with the adaptive skip"))
