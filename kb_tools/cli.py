@@ -203,6 +203,14 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--skip-blend-error", action="store_true",
                    help="store only the residual percentiles: skip measuring the blend error (one blend of H stored "
                         "latents per sampled entry and stored step after the key step)")
+    c.add_argument("--ckpt", default=None,
+                   help="the KB's checkpoint: also measure the plain reference (a few KB prompts sampled in full, with the "
+                        "plain sampler at fewer steps and resumed from their blends) that makes the error guard's default "
+                        "tolerance 'no worse than plain at equal NFE'")
+    c.add_argument("--reference-items", type=int, default=8,
+                   help="with --ckpt: KB entries sampled for the plain reference (each costs about T * (1 + stored steps "
+                        "after the key step) model evaluations)")
+    c.add_argument("--cpu", action="store_true", help="with --ckpt: run on the CPU even when a GPU is available")
     c.set_defaults(func=_calibrate)
     return p
 
