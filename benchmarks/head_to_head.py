@@ -70,6 +70,10 @@ def parser() -> argparse.ArgumentParser:
                    help="bf16: both UNets under bfloat16 autocast; auto: bf16 on CPUs with AMX / AVX512-BF16, else fp32")
     p.add_argument("--scratch", type=Path, default=SCRATCH, help="cache folder for KBs and the oracle grid (gitignored)")
     p.add_argument("--render", type=Path, default=None, metavar="JSON", help="only rewrite the report and plots from a JSON")
+    p.add_argument("--merge", type=Path, nargs=2, default=None, metavar=("BASE", "ADDED"),
+                   help="one report from two runs: the rows of --merge-methods from ADDED (run with plain and oracle beside "
+                        "them, on the same KB and queries) added to BASE's workloads; writes --out and its report")
+    p.add_argument("--merge-methods", default="", help="with --merge: comma-separated methods whose rows ADDED contributes")
     return p
 
 
@@ -118,6 +122,15 @@ def main(argv=None) -> dict:
     if a.render is not None:
         res = json.loads(a.render.read_text())
         render(res, a.render.parent, a.render.stem)
+        return res
+    if a.merge is not None:
+        from benchmarks.h2h.merge import add_methods
+
+        if a.out is None or not a.merge_methods:
+            raise SystemExit("--merge needs --out and --merge-methods")
+        base, added = (json.loads(p.read_text()) for p in a.merge)
+        res = write_json(add_methods(base, added, [m for m in a.merge_methods.split(",") if m]), a.out)
+        render(res, a.out.parent, a.out.stem)
         return res
     t_start = time.perf_counter()
     load_before = os.getloadavg()

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .calibration_parts import part_of, store_part
 from .errors import KBError
 from .kb import KnowledgeBase
 from .retrieval import blend_entries, check_value_step, leave_one_out
@@ -276,14 +277,7 @@ def describe_error_model(model: Mapping) -> str:
 
 def error_model_of(calibration: Mapping | None, key_step: int, h: int) -> dict | None:
     """The blend-error model in a key step's stored calibration for this H, or None (absent, or for another H)."""
-    model = calibration.get("blend_error") if isinstance(calibration, Mapping) else None
-    if model is None:
-        return None
-    model = check_error_model(model)
-    if model["key_step"] != key_step:
-        raise KBError(f"the blend-error model stored for key step {key_step} says it was measured at key step "
-                      f"{model['key_step']}: the calibration is damaged. {_recalibrate(key_step, h)}.")
-    return model if model["h"] == h else None
+    return part_of(calibration, "blend_error", key_step, h, check_error_model, _recalibrate(key_step, h))
 
 
 def store_error_model(kb: KnowledgeBase, key_step: int, model: Mapping) -> None:
@@ -293,7 +287,7 @@ def store_error_model(kb: KnowledgeBase, key_step: int, model: Mapping) -> None:
     if model["key_step"] != key_step:
         raise KBError(f"this blend-error model was measured at key step {model['key_step']}, not {key_step}. Store it "
                       f"under key step {model['key_step']}.")
-    kb.set_calibration(key_step, {**(kb.calibration(key_step) or {}), "blend_error": dict(model)})
+    store_part(kb, key_step, "blend_error", model)
 
 
 def stored_error_model(kb: KnowledgeBase, key_step: int, h: int) -> dict | None:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .calibration_parts import part_of, store_part
 from .errors import KBError
 from .kb import KnowledgeBase
 
@@ -114,14 +115,7 @@ def plain_tolerances(reference: Mapping) -> dict[int, float]:
 
 def reference_of(calibration: Mapping | None, key_step: int, h: int) -> dict | None:
     """The plain reference in a key step's stored calibration for this H, or None (absent, or for another H)."""
-    reference = calibration.get("plain_reference") if isinstance(calibration, Mapping) else None
-    if reference is None:
-        return None
-    reference = check_plain_reference(reference)
-    if reference["key_step"] != key_step:
-        raise KBError(f"the plain reference stored for key step {key_step} says it was measured at key step "
-                      f"{reference['key_step']}: the calibration is damaged. {_recalibrate(key_step, h)}.")
-    return reference if reference["h"] == h else None
+    return part_of(calibration, "plain_reference", key_step, h, check_plain_reference, _recalibrate(key_step, h))
 
 
 def store_plain_reference(kb: KnowledgeBase, key_step: int, reference: Mapping) -> None:
@@ -131,7 +125,7 @@ def store_plain_reference(kb: KnowledgeBase, key_step: int, reference: Mapping) 
     if reference["key_step"] != key_step or reference["steps"] != kb.settings.steps:
         raise KBError(f"this plain reference was measured at key step {reference['key_step']} of {reference['steps']} "
                       f"steps, not key step {key_step} of this KB's {kb.settings.steps}. Measure it on this KB.")
-    kb.set_calibration(key_step, {**(kb.calibration(key_step) or {}), "plain_reference": dict(reference)})
+    store_part(kb, key_step, "plain_reference", reference)
 
 
 def describe_plain_reference(reference: Mapping) -> str:

@@ -190,3 +190,31 @@ def test_error_guard_rows_report_nfe_distribution_rank_correlation_and_verdicts(
         big = [e for e in eg["rows"] if e["tolerance"] == max(numbers) and e["skip"] == "fixed"]
         small = [e for e in eg["rows"] if e["tolerance"] == min(numbers) and e["skip"] == "fixed"]
         assert big[0]["accepted"] >= small[0]["accepted"]  # a larger tolerance never lets fewer items jump
+
+
+def test_merge_adds_a_later_runs_methods_only_where_plain_and_oracle_agree(smoke, tmp_path):
+    """--merge: a method run later (with plain and the oracle beside it) joins the base report; runs that sampled
+    other queries are refused."""
+    path, res = smoke
+    base = json.loads(json.dumps(res))
+    for reg in base["regimes"].values():  # the base run without any_seed, as if it were run later
+        for w in reg["workloads"].values():
+            w["rows"] = [r for r in w["rows"] if r["method"] != "any_seed"]
+    base_path = tmp_path / "base.json"
+    base_path.write_text(json.dumps(base))
+    out = tmp_path / "merged.json"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--merge", str(base_path), str(path), "--merge-methods", "any_seed",
+                           "--out", str(out)], cwd=PACK, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    merged = json.loads(out.read_text())
+    assert sorted(r["label"] for r in rows(merged)) == sorted(r["label"] for r in rows(res))
+    assert "any_seed" in out.with_suffix(".md").read_text()
+    for reg in base["regimes"].values():  # another query set: the plain rows no longer agree
+        for w in reg["workloads"].values():
+            for r in w["rows"]:
+                if r["family"] == "plain":
+                    r["mse_mean"] += 1.0
+    base_path.write_text(json.dumps(base))
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--merge", str(base_path), str(path), "--merge-methods", "any_seed",
+                           "--out", str(out)], cwd=PACK, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode != 0 and "did not sample the same queries" in proc.stderr
