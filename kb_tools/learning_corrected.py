@@ -58,17 +58,23 @@ def learning_grid(settings: KBSettings, nfe: int) -> tuple[int, ...]:
                       f"samples with {settings.sampler!r}; use sampler 'euler' for the learning KB (or the 'redi blend' solver).")
     steps = settings.steps
     grid = coarse_grid(steps, int(nfe))
-    segments = [(a, b) for a, b in zip(grid, grid[1:]) if b > a + 1 and a > 0 and b < steps]
+    segments = skipping_segments(grid, steps)
     if not segments:
+        usable = [n for n in range(1, steps + 1) if skipping_segments(coarse_grid(steps, n), steps)]
         raise KBError(f"{nfe} evaluations on the {steps}-step schedule give the grid {list(grid)}, which has no segment "
-                      f"the KB can correct (the first starts at pure noise, the last ends at sigma 0); choose nfe between 3 "
-                      f"and {steps - 2}.")
+                      f"the KB can correct (the first starts at pure noise, the last ends at sigma 0); choose nfe "
+                      f"{'from ' + str(usable[0]) + ' to ' + str(usable[-1]) if usable else 'on a longer schedule'}.")
     stored = set(int(s) for s in settings.stored_steps)
     missing = sorted({s for a, b in segments for s in (a, a + 1, b)} - stored)
     if missing:
         raise KBError(f"the grid {list(grid)} needs the learning KB to store steps {missing}, which it does not (it stores "
                       f"{list(settings.stored_steps)}); give the learning KB stored steps '1-{steps - 1}' (a new KB path).")
     return grid
+
+
+def skipping_segments(grid: Sequence[int], steps: int) -> list[tuple[int, int]]:
+    """The segments a -> b of `grid` that skip steps between stored ones (1 <= a, b <= steps - 1): those to correct."""
+    return [(a, b) for a, b in zip(grid, grid[1:]) if b > a + 1 and a > 0 and b < steps]
 
 
 @dataclass
