@@ -36,8 +36,7 @@ if str(PACK) not in sys.path:  # run as a script: benchmarks/ and embedded/ are 
 
 from benchmarks import metrics as M  # noqa: E402
 from benchmarks.h2h.config import Config, Regime  # noqa: E402
-from benchmarks.learning_kb import fresh_workload, iterate_workload, plain_latents  # noqa: E402
-from benchmarks.report import to_json  # noqa: E402
+from benchmarks.learning_kb import fresh_workload, iterate_workload, plain_latents, write  # noqa: E402
 from embedded.models import setup_comfy  # noqa: E402
 
 RESULTS = PACK / "benchmarks" / "results"
@@ -193,14 +192,7 @@ def main(argv=None) -> None:
             print(json.dumps({k: v for k, v in w.items() if k != "per_generation"}, indent=1, default=str), flush=True)
             out["load_after"] = [round(v, 2) for v in os.getloadavg()]
             out["total_wall_s"], out["total_cpu_s"] = time.perf_counter() - t0, time.process_time() - c0
-            write(path, out)  # after each run: a long run that is stopped keeps what it finished
-
-
-def write(path: Path, out: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(to_json(out), indent=1) + "\n")
-    path.with_suffix(".md").write_text(markdown(out))
-    print(f"wrote {path} and {path.with_suffix('.md')}", flush=True)
+            write(path, out, markdown)  # after each run: a long run that is stopped keeps what it finished
 
 
 if __name__ == "__main__":

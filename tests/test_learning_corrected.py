@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from test_learning_kb import conds
+from test_learning_kb import conds, model, redi  # noqa: F401 - the fixtures: the tiny model, kb_tools.redi
 from test_redi_nodes import CFG, SEED, STEPS, ksampler
 
 pytestmark = pytest.mark.comfy
@@ -21,17 +21,6 @@ NFE = 4  # coarse_grid(10, 4) = (0, 1, 5, 9, 10): 1 -> 5 and 5 -> 9 corrected, t
 def lc(pack):
     import importlib
     return importlib.import_module(f"{pack.__name__}.kb_tools.learning_corrected")
-
-
-@pytest.fixture(scope="module")
-def redi(pack):
-    return pack.kb_tools.redi
-
-
-@pytest.fixture(scope="module")
-def model():
-    import tiny_models
-    return tiny_models.make_tiny_model(0, "EPS")
 
 
 def settings_for(redi, model, sampler="euler", store=STORE):
