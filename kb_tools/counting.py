@@ -96,6 +96,24 @@ class ForwardCounter:
         finally:
             self._session = previous
 
+    @contextlib.contextmanager
+    def as_item(self, index: int) -> Iterator[None]:
+        """Count the forward calls of a one-item run made in this block as item `index` of the open session.
+
+        For methods that run a query set one query at a time, in order (a learning KB): each run's
+        own item 0 is the query's place in the set.
+        """
+        outer = self._session
+        with self.session(1) as inner:
+            yield
+        if outer is not None:
+            if not 0 <= int(index) < outer.batch:
+                raise KBError(f"item {index} is outside this run's batch of {outer.batch}; start the counting session "
+                              "with the size of the query set.")
+            outer.positive[index] += inner.positive[0]
+            outer.negative[index] += inner.negative[0]
+            outer.calls, outer.rows = outer.calls + inner.calls, outer.rows + inner.rows
+
     def __call__(self, executor, *args, **kwargs):
         if executor.idx != len(executor.wrappers) - 1:
             raise KBError(

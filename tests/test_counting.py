@@ -105,3 +105,19 @@ def test_calls_outside_a_session_are_not_counted(kt, model):
     with counter.session(1) as counts:
         kt.plain.sample_counted(guider, torch.zeros(1, 4, 8, 8), [SEED], sigmas, "euler")
     assert counts.nfe().tolist() == [4]
+
+
+def test_one_item_runs_are_counted_as_their_place_in_the_set(kt, model):
+    """A query set run one query at a time (a learning KB): each run's rows go to its own item, others untouched."""
+    import tiny_models
+    clone, counter = kt.counting.counted(model)
+    guider = kt.plain.cfg_guider(clone, cond("prompt 0"), cond(""), 3.0)
+    with counter.session(3) as counts:
+        for i, steps in ((2, 4), (0, 6)):
+            with counter.as_item(i):
+                kt.plain.sample_counted(guider, tiny_models.empty_latent(1), [SEED],
+                                        kt.comfy_sampling.schedule_sigmas(clone, "euler", "normal", steps), "euler")
+        with pytest.raises(kt.errors.KBError, match="outside this run's batch of 3"), counter.as_item(3):
+            pass
+    assert counts.nfe().tolist() == [6, 0, 4] and counts.negative.tolist() == [6, 0, 4]
+    assert counts.calls == 10 and counts.rows == 20

@@ -11,6 +11,7 @@ step + T for one the guard refused.
 """
 from __future__ import annotations
 
+import contextlib
 import shutil
 import tempfile
 from pathlib import Path
@@ -54,9 +55,14 @@ def run(bench, regime, queries, setting: Setting) -> Output:
     grid = learning_grid(learn, p["budget"])
     before_guard = grid.index(skipping_segments(grid, steps)[0][0])  # evaluations spent before the guard's verdict
     scratch = Path(tempfile.mkdtemp(prefix="learning_corrected_", dir=bench.scratch))
+    results = []
     try:
-        results = [S.corrected_learning(scratch / "kb", learn, model, [prompt], [seed], nfe=p["budget"], h=p["h"])
-                   for prompt, seed in zip(queries.prompts, queries.seeds)]
+        for i, (prompt, seed) in enumerate(zip(queries.prompts, queries.seeds)):
+            with contextlib.ExitStack() as stack:  # this generation's forward calls are query i's
+                for counter in bench.counters.values():
+                    stack.enter_context(counter.as_item(i))
+                results.append(S.corrected_learning(scratch / "kb", learn, model, [prompt], [seed], nfe=p["budget"],
+                                                    h=p["h"]))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     corrected = np.array([bool(r.corrected[0]) for r in results])
