@@ -179,7 +179,7 @@ def main(argv=None) -> None:
         ref = plain_latents(S, model, prompts, seeds, recipe)
         for nfe in (int(v) for v in args.nfe.split(",")):
             print(f"{name} @ {nfe} NFE: {len(prompts)} generations", flush=True)
-            rows = run_workload(S, model, settings, SCRATCH / f"{name}_{nfe}", prompts, seeds, nfe, args)
+            rows = run_workload(S, model, settings, SCRATCH / path.stem / f"{name}_{nfe}", prompts, seeds, nfe, args)
             latents = torch.stack([r["latent"] for r in rows])
             plain_eq = plain_latents(S, model, prompts, seeds, Recipe(recipe.sampler, recipe.scheduler, nfe, recipe.cfg))
             sampler, scheduler = ORACLE[nfe]
