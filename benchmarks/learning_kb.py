@@ -202,10 +202,11 @@ def main(argv=None) -> None:
         write(path, out)  # after each workload: a long run that is stopped keeps what it finished
 
 
-def write(path: Path, out: dict) -> None:
+def write(path: Path, out: dict, to_markdown=None) -> None:
+    """The results as JSON at `path` and as Markdown beside it (`to_markdown(out)`, default this benchmark's)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(to_json(out), indent=1) + "\n")
-    path.with_suffix(".md").write_text(markdown(out))
+    path.with_suffix(".md").write_text((to_markdown or markdown)(out))
     print(f"wrote {path} and {path.with_suffix('.md')}", flush=True)
 
 

@@ -10,7 +10,8 @@ the offline command uses, given the embedded text encoder and latent shape:
   to sweep H and v on one query, its documented parts `sample_to_key` -> `find_neighbours` ->
   `blend_at` -> `resume` (the four-node chain);
 - T-Stitch: `kb_tools.tstitch.tstitch_sample` (the TStitchSampler node);
-- the KB-corrected coarse Euler solver: `kb_tools.corrected_solver.generate` (the SamplerReDiCorrected node);
+- the KB-corrected coarse Euler solver: `kb_tools.corrected_solver.generate` (the SamplerReDiCorrected node),
+  and against a learning KB `kb_tools.learning_corrected.generate_learning_corrected`;
 - retrieval for any seed: `kb_tools.any_seed.sample_any_seed` (an experiment, in no node);
 - knowledge bases: `kb_tools.build.build_knowledge_base` and `retrieval.calibrate` (what
   `python -m kb_tools calibrate` stores for the auto guard).
@@ -27,7 +28,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from kb_tools import corrected_solver, redi
+from kb_tools import corrected_solver, learning_corrected, redi
 from kb_tools.any_seed import AnySeedRun, any_seed_ksampler
 from kb_tools.blend_error import fit_error_model, measure_blend_errors, store_error_model
 from kb_tools.plain_reference import fit_plain_reference, store_plain_reference
@@ -199,6 +200,17 @@ def redi_learning(path: str | Path, settings: KBSettings, model, prompts: Sequen
     return redi.generate_learning(str(path), settings, model, positive, negative, empty_latents(len(prompts)),
                                   list(prompts), list(seeds), key_step=key_step, value_step=value_step, neighbours=h,
                                   guard=guard, tolerance=tolerance, adaptive=adaptive, budget=budget or KBBudget())
+
+
+def corrected_learning(path: str | Path, settings: KBSettings, model, prompts: Sequence[str], seeds: Sequence[int], *,
+                       nfe: int, h: int, guard: float = GUARD_AUTO, budget: KBBudget | None = None
+                       ) -> learning_corrected.LearningCorrectedResult:
+    """One generation against the learning KB at `path` with the KB-corrected solver at `nfe` where the KB fits,
+    in full (and learned) elsewhere (`kb_tools.learning_corrected.generate_learning_corrected`)."""
+    positive, negative = conditioning(prompts)
+    return learning_corrected.generate_learning_corrected(
+        str(path), settings, model, positive, negative, empty_latents(len(prompts)), list(prompts), list(seeds), nfe=nfe,
+        neighbours=h, guard=guard, budget=budget or KBBudget())
 
 
 def redi_key(kb: KnowledgeBase, model, prompts: Sequence[str], seeds: Sequence[int], key_step: int) -> KeyQuery:

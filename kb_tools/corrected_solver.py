@@ -36,7 +36,7 @@ from .kb import KnowledgeBase
 from .plain import cfg_guider
 from .redi_sampler import check_latent, check_models, check_neighbours, check_schedule
 from .results import Evaluations
-from .retrieval import fit_weights, nearest_keys
+from .retrieval import NearestKeys, WeightFit, fit_weights, nearest_keys
 
 log = logging.getLogger("ReDi")
 
@@ -152,16 +152,45 @@ def _stored_states(kb: KnowledgeBase, base, sigmas: torch.Tensor, step: int, ids
     return cs.from_latent_space(base, sigmas[step], latent).reshape(*ids.shape, -1)
 
 
-def neighbour_correction(run: CorrectedRun, base, sigmas: torch.Tensor, x: torch.Tensor, a: int, b: int) -> torch.Tensor:
-    """The blended truncation error of the query's neighbours for segment a -> b: [B, C, H, W] in the sampler's space."""
+def key_fit(run: CorrectedRun, base, sigmas: torch.Tensor, x: torch.Tensor, a: int) -> tuple[NearestKeys, WeightFit]:
+    """The query's H nearest stored keys at step a and the weights fitted on them (Algorithm 2, lines 5-7)."""
     kb = run.kb
     query = kb.as_queries(cs.to_latent_space(base, sigmas[a], x).float().cpu())
     near = nearest_keys(kb, query, a, run.neighbours)
-    fit = fit_weights(query, near.keys, kb.key_spread(a), run.weight_mode, run.ridge)
+    return near, fit_weights(query, near.keys, kb.key_spread(a), run.weight_mode, run.ridge)
+
+
+def neighbour_correction(run: CorrectedRun, base, sigmas: torch.Tensor, x: torch.Tensor, a: int, b: int) -> torch.Tensor:
+    """The blended truncation error of the query's neighbours for segment a -> b: [B, C, H, W] in the sampler's space."""
+    kb = run.kb
+    near, fit = key_fit(run, base, sigmas, x, a)
     run.centered_residual[a] = fit.centered_residual
     sig = [float(s) for s in sigmas]
     errors = coarse_errors(*(_stored_states(kb, base, sigmas, s, near.ids) for s in (a, a + 1, b)), sig, a, b)
     return torch.einsum("bh,bhd->bd", torch.from_numpy(fit.weights).to(errors), errors).reshape(x.shape).to(x)
+
+
+def corrected_steps(run: CorrectedRun, denoiser, base, x: torch.Tensor, sigmas: torch.Tensor, extra_args: dict, callback,
+                    first: int = 0, last: int | None = None) -> torch.Tensor:
+    """The grid's Euler steps from step `first` to step `last` (default: the end), the stored segments corrected.
+
+    x [B, C, H, W]: the state at sigmas[first] in the sampler's space; one evaluation of `denoiser`
+    per segment. A caller that decides between segments (a guard) runs the grid in pieces.
+    """
+    last = run.grid[-1] if last is None else last
+    s_in = x.new_ones([x.shape[0]])
+    corrected = set(run.corrected)
+    for a, b in zip(run.grid, run.grid[1:]):
+        if a < first or b > last:
+            continue
+        denoised = denoiser(x, sigmas[a] * s_in, **extra_args)
+        if callback is not None:
+            callback({"x": x, "i": a, "sigma": sigmas[a], "sigma_hat": sigmas[a], "denoised": denoised})
+        x_b = euler_step(x, denoised, float(sigmas[a]), float(sigmas[b]))
+        if (a, b) in corrected:
+            x_b = x_b + neighbour_correction(run, base, sigmas, x, a, b)
+        x = x_b
+    return x
 
 
 @torch.no_grad()
@@ -180,17 +209,7 @@ def sample_kb_corrected_euler(model, x, sigmas, extra_args=None, callback=None, 
     check_latent(kb, x.shape[1:])
     check_schedule(kb, sigmas)
     run.evaluations, run.centered_residual = Evaluations(len(x)), {}
-    denoiser = CountedDenoiser(model, run.evaluations, range(len(x)))
-    s_in = x.new_ones([x.shape[0]])
-    corrected = set(run.corrected)
-    for a, b in zip(run.grid, run.grid[1:]):
-        denoised = denoiser(x, sigmas[a] * s_in, **extra_args)
-        if callback is not None:
-            callback({"x": x, "i": a, "sigma": sigmas[a], "sigma_hat": sigmas[a], "denoised": denoised})
-        x_b = euler_step(x, denoised, float(sigmas[a]), float(sigmas[b]))
-        if (a, b) in corrected:
-            x_b = x_b + neighbour_correction(run, base, sigmas, x, a, b)
-        x = x_b
+    x = corrected_steps(run, CountedDenoiser(model, run.evaluations, range(len(x))), base, x, sigmas, extra_args, callback)
     log.info(run.summary())
     if run.on_result is not None:
         run.on_result(run)

@@ -187,6 +187,15 @@ class LearningResult:
         return f"{first}. {self.learned.summary()}"
 
 
+def sample_in_full(settings: KBSettings, model, positive, negative, latent: torch.Tensor, seeds: Sequence[int],
+                   callback: Callable | None = None) -> tuple[torch.Tensor, dict[int, torch.Tensor], Evaluations]:
+    """Every item in full with a learning KB's recipe, keeping its stored steps: (latent, {step: latent}, evaluations)."""
+    guider = cfg_guider(model, positive, negative, settings.cfg)
+    sigmas = torch.tensor(settings.sigmas, dtype=torch.float32)
+    return sample_counted(guider, latent, seeds, sigmas, settings.sampler, keep_steps=settings.stored_steps,
+                          callback=callback)
+
+
 def generate_learning(path: str, settings: KBSettings, model, positive, negative, latent: torch.Tensor,
                       prompts: Sequence[str], seeds: Sequence[int], *, key_step: int, value_step: int,
                       neighbours: int = 3, weight_mode: str = "lstsq", guard: float = GUARD_AUTO,
@@ -204,10 +213,7 @@ def generate_learning(path: str, settings: KBSettings, model, positive, negative
     plan_redi(settings.steps, key_step, value_step, settings.stored_steps)  # refused now, not at the second generation
     kb = open_or_create(path, settings, dtype=dtype)
     if len(kb) == 0:
-        guider = cfg_guider(model, positive, negative, settings.cfg)
-        sigmas = torch.tensor(settings.sigmas, dtype=torch.float32)
-        out, states, tally = sample_counted(guider, latent, seeds, sigmas, settings.sampler,
-                                            keep_steps=settings.stored_steps, callback=callback)
+        out, states, tally = sample_in_full(settings, model, positive, negative, latent, seeds, callback)
         result, full = None, np.ones(len(out), bool)
     else:
         run = make_run(kb, key_step, value_step, min(int(neighbours), len(kb)), weight_mode, guard, tolerance, adaptive)

@@ -312,3 +312,29 @@ def test_learning_workflow_creates_its_kb_and_learns_each_full_generation(server
     assert texts[1].startswith("ReDi:") and "learned 1" in texts[1], texts[1]
     kb = KnowledgeBase.open(server.layout.redi_kb / "redi-learning-e2e", verify="full")
     assert kb.entries == [("a photograph of a cat", 0), ("a photograph of a cat, sitting", 0)] and kb.verify() == []
+
+
+def test_learning_workflow_with_the_corrected_solver_corrects_a_repeat_and_never_stores_it(server):
+    """Template 8 with solver 'corrected euler' on its own KB: the first two generations are sampled in full and learned
+    (one stored entry has no spread, so the second is refused and restarts in full), a repeat of the first prompt and
+    seed is then corrected at the grid's NFE and not stored."""
+    from kb_tools.kb import KnowledgeBase
+
+    prompt = load_api("8. Generate with a learning knowledge base")
+    node = prompt["3"]
+    node["inputs"].update(kb_name="redi-learning-corrected-e2e", solver="corrected euler", nfe=5, neighbours=1, guard=100.0,
+                          store_steps="auto")
+    texts = []
+    for text in ("a photograph of a cat", "a photograph of a cat, sitting", "a photograph of a cat"):
+        node["inputs"]["prompt"] = text
+        node["inputs"]["max_entries"] = 10000 + len(texts)  # another input, so the server never answers from its cache
+        entry = server.run(prompt, timeout=QUERY_TIMEOUT_S)
+        assert entry["status"]["status_str"] == "success"
+        texts.append(entry["outputs"]["3"]["text"][0])
+    assert "fewer than H entries" in texts[0] and "learned 1" in texts[0], texts[0]
+    assert "0 of 1 item(s) on the corrected grid" in texts[1] and "learned 1" in texts[1], texts[1]
+    assert "1 of 1 item(s) on the corrected grid" in texts[2] and "5 evaluations per item" in texts[2], texts[2]
+    assert "learned 0" in texts[2], texts[2]
+    kb = KnowledgeBase.open(server.layout.redi_kb / "redi-learning-corrected-e2e", verify="full")
+    assert kb.entries == [("a photograph of a cat", 0), ("a photograph of a cat, sitting", 0)] and kb.verify() == []
+    assert list(kb.settings.stored_steps) == list(range(1, kb.settings.steps))  # 'auto' stores every step for this solver

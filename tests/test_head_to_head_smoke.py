@@ -26,7 +26,8 @@ pytestmark = [pytest.mark.comfy, pytest.mark.slow]
 
 WORKLOADS = {"heldout_fixed", "heldout_foreign", "reuse", "style", "iterate"}
 METHODS = {"plain", "oracle", "easycache", "lazycache", "redi", "redi_error_guard", "tstitch", "redi_easycache",
-           "tstitch_easycache", "prompt_switch", "kb_corrected", "coarse_euler", "learning_kb", "any_seed"}
+           "tstitch_easycache", "prompt_switch", "kb_corrected", "coarse_euler", "learning_kb", "any_seed",
+           "learning_corrected"}
 
 
 @pytest.fixture(scope="module")
@@ -109,6 +110,10 @@ def test_every_output_finite_and_counted_nfe_is_what_the_plan_spends(smoke):
             assert r["nfe_min"] == r["nfe_max"] == len(p["grid"]) - 1, where
             if r["family"] == "corrected":
                 assert "vs_coarse" in r and r["segments_corrected"] >= 1, where
+        if r["method"] == "learning_corrected":  # the budget where corrected, else T (+ the grid's steps before the guard)
+            g = p["grid"]
+            before_guard = next(i for i, (a, b) in enumerate(zip(g, g[1:])) if a > 0 and b > a + 1)
+            assert p["budget"] <= r["nfe_min"] and r["nfe_max"] <= T + before_guard, where
         assert r["nfe_small"] == 0 or "tstitch" in r["method"], where
     caches = [r for r in rows(res) if r["family"] == "cache"]
     assert any(r["nfe_large"] < r["params"]["uncached_nfe"] for r in caches)  # the counter sees the steps a cache skips

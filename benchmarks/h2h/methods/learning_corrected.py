@@ -1,0 +1,76 @@
+"""The KB-corrected solver on a learning KB (`kb_tools.learning_corrected`, issue 12 sections 2 and 4).
+
+No prebuilt KB: the queries run one at a time, in order, as a user generates, against a learning
+KB that starts empty in a temporary folder under the bench's scratch directory (deleted after).
+Item i is corrected at the budget's coarse grid (`corrected_solver.coarse_grid`) when the KB holds
+>= H entries and the residual guard at the grid's first corrected step accepts (auto: the
+fallback 0.5, a learning KB stores no calibration); else it is sampled in full with the regime's
+euler recipe and learned. NFE per item, claimed exactly from that plan: the budget for a corrected
+item, T for one made while the KB held < H entries, the grid's steps before its first corrected
+step + T for one the guard refused.
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from embedded import sampling as S
+from kb_tools.corrected_solver import coarse_grid
+from kb_tools.errors import KBError
+from kb_tools.learning_corrected import learning_grid, skipping_segments
+from kb_tools.records import Recipe
+
+from ..registry import Method, Output, Plan, Setting, register
+
+WORKLOADS = ("iterate", "heldout_fixed", "reuse")
+H = 3
+
+
+def usable(steps: int, budget: int) -> bool:
+    """The budget's coarse grid has a segment a learning KB corrects."""
+    return budget < steps and bool(skipping_segments(coarse_grid(steps, budget), steps))
+
+
+def settings(plan: Plan) -> list[Setting]:
+    steps = plan.regime.steps
+    out = []
+    for b in (b for b in plan.budgets if usable(steps, b)):
+        grid = coarse_grid(steps, b)
+        line = f"learning KB + corrected euler H{H}, guard auto"
+        out.append(Setting("learning_corrected", line, f"{line}, grid {','.join(map(str, grid))} ({b} NFE where corrected)",
+                           {"grid": list(grid), "budget": b, "h": H}, b))
+    return out
+
+
+def run(bench, regime, queries, setting: Setting) -> Output:
+    p, model, steps = setting.params, bench.models["large"], regime.steps
+    if regime.sampler != "euler":
+        raise KBError(f"the corrected solver needs an euler recipe; regime {regime.name} samples with {regime.sampler}")
+    learn = S.learning_settings(model, Recipe(regime.sampler, regime.scheduler, steps, regime.cfg), range(1, steps))
+    grid = learning_grid(learn, p["budget"])
+    before_guard = grid.index(skipping_segments(grid, steps)[0][0])  # evaluations spent before the guard's verdict
+    scratch = Path(tempfile.mkdtemp(prefix="learning_corrected_", dir=bench.scratch))
+    results = []
+    try:
+        for i, (prompt, seed) in enumerate(zip(queries.prompts, queries.seeds)):
+            with bench.one_item(i):  # this generation's forward calls are query i's
+                results.append(S.corrected_learning(scratch / "kb", learn, model, [prompt], [seed], nfe=p["budget"],
+                                                    h=p["h"]))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    corrected = np.array([bool(r.corrected[0]) for r in results])
+    judged = np.array([r.guard is not None for r in results])
+    claim = np.where(corrected, p["budget"], np.where(judged, before_guard + steps, steps)).astype(np.int64)
+    extras = {"corrected_share": float(corrected.mean()), "refused_by_guard": int((judged & ~corrected).sum()),
+              "kb_entries_at_end": int(results[-1].learned.count) if results else 0}
+    return Output(torch.cat([r.latent for r in results]), claim={"large": claim, "small": np.zeros(len(claim), np.int64)},
+                  extras=extras, items={"corrected": corrected.tolist()})
+
+
+register(Method("learning_corrected", "learning", settings, run, WORKLOADS,
+                description="queries in order against a learning KB that starts empty: the KB-corrected coarse euler where "
+                            "the KB holds >= H entries and the residual guard accepts, else sampled in full and learned"))
