@@ -94,7 +94,8 @@ def _learning_lines(rows: list[dict]) -> list[str]:
     mine = [r for r in rows if r["family"] == "learning"]
     if not mine:
         return []
-    out = ["", "The learning KB as it grows (it starts empty; generations in the workload's order):", "",
+    out = ["", "The learning KB as it grows (it starts empty; generations in the workload's order; \"blended\": the items "
+           "ReDi blended, or the corrected solver corrected):", "",
            "| run | generations | NFE mean | blended | KB entries at end |", "|---|---|---|---|---|"]
     for r in mine:
         out += [f"| {r['label']} | {c['generations']} | {fmt(c['nfe_mean'])} | {c['blended']:.0%} | {c['kb_entries_at_end']} |"

@@ -25,6 +25,7 @@ from kb_tools.learning_corrected import learning_grid, skipping_segments
 from kb_tools.records import Recipe
 
 from ..registry import Method, Output, Plan, Setting, register
+from .learning import nfe_curve
 
 WORKLOADS = ("iterate", "heldout_fixed", "reuse")
 H = 3
@@ -65,10 +66,13 @@ def run(bench, regime, queries, setting: Setting) -> Output:
     corrected = np.array([bool(r.corrected[0]) for r in results])
     judged = np.array([r.guard is not None for r in results])
     claim = np.where(corrected, p["budget"], np.where(judged, before_guard + steps, steps)).astype(np.int64)
+    entries = [int(r.learned.count) for r in results]
     extras = {"corrected_share": float(corrected.mean()), "refused_by_guard": int((judged & ~corrected).sum()),
-              "kb_entries_at_end": int(results[-1].learned.count) if results else 0}
+              "kb_entries_at_end": entries[-1] if entries else 0, "nfe_curve": nfe_curve(claim, corrected, entries)}
+    # "accepted": the corrected items, which the report judges by themselves as it judges a learning KB's blends
+    items = {"accepted": corrected.astype(int).tolist(), "nfe": claim.tolist(), "kb_entries": entries}
     return Output(torch.cat([r.latent for r in results]), claim={"large": claim, "small": np.zeros(len(claim), np.int64)},
-                  extras=extras, items={"corrected": corrected.tolist()})
+                  extras=extras, items=items)
 
 
 register(Method("learning_corrected", "learning", settings, run, WORKLOADS,
