@@ -48,7 +48,10 @@ ERROR_TOLERANCE_TOOLTIP = (
     "evaluations; otherwise the residual guard above decides. 0 or more = the error guard with this tolerance: an item "
     "jumps only when the blend is predicted to land within this distance of the true latent, as a fraction of how much "
     "the KB's latents differ from each other at that step (e.g. 0.1 = within 10%; 0 = never jump). The prediction comes "
-    "from the blend-error model the KB stores (python -m kb_tools calibrate); a KB without one is refused.")
+    "from the blend-error model the KB stores (python -m kb_tools calibrate); a KB without one is refused. Measured on "
+    "the embedded model (T 20, 32 queries per workload): auto with a plain reference was never worse than plain euler "
+    "at equal NFE with a fixed value_step, by letting at most 1 of 32 items jump; with adaptive_skip it held per item "
+    "but lost to plain at the batch's mean NFE on the worst 5% (benchmarks/results/head_to_head_issue12.md).")
 ADAPTIVE_SKIP_TOOLTIP = (
     "Off: every accepted item jumps to value_step. On: each item jumps as far as its own match allows, to the latest "
     "stored step up to value_step whose predicted error is within error_tolerance (a close match skips more steps, a "

@@ -127,6 +127,11 @@ def write_markdown(res: dict, path: Path) -> None:
     out += [f"Precision {res['setting']['precision']}, {res['setting']['torch_threads']} torch thread(s). "
             f"Sizes: {s}. Methods run: {', '.join(res['methods'])}.", "",
             f"NFE: {res['setting']['nfe']}. Decision rule: {res['setting']['decision_rule']}.", ""]
+    if res.get("merged"):
+        m = res["merged"]
+        out += [f"Merged (`head_to_head.py --merge`): the rows of {', '.join(m['methods'])} come from a second run on the same "
+                f"KB, oracle and queries, with plain and the oracle beside them (which agreed with this run's); "
+                f"{'; '.join(m['rows_added'])}; that run took {fmt(m['added_run']['wall_seconds'])} s.", ""]
     for name, reg in res["regimes"].items():
         kb = reg["kb"]
         out += [f"## Regime {name}: {reg['sampler']}/{reg['scheduler']}, T = {reg['steps']}, cfg {reg['cfg']}", "",
