@@ -1,5 +1,5 @@
 """Retrieval for any seed (issue 12, section 3; an experiment): is ReDi keyed on the denoised estimate
-(kb_tools.any_seed) better than plain Euler at the same NFE for seeds the KB never saw?
+(benchmarks.any_seed_sampler) better than plain Euler at the same NFE for seeds the KB never saw?
 
     python benchmarks/any_seed.py --kb PATH/kb_crops16_euler-normal_T20_cfg3_seed7_n800 [--n 32]
     python benchmarks/any_seed.py --kb ... --key 6 --values 10 14 --h 3 --seeds foreign --no-cache --out benchmarks/results/any_seed_k6.json
@@ -59,13 +59,13 @@ class Runs:
     """The model, the KB and the runs of one query set (prompts and seeds)."""
 
     def __init__(self, kb, model, prompts: list[str], seeds: list[int]):
-        from kb_tools import comfy_sampling as cs
+        from kb_tools.comfy import model_facts as cs
         self.kb, self.model, self.prompts, self.seeds = kb, model, prompts, seeds
         self.sigmas = cs.schedule_sigmas(model, "euler", "normal", T)
 
     def plain(self, steps: int, model=None):
         from embedded.sampling import plain
-        from kb_tools.records import Recipe
+        from kb_tools.core.records import Recipe
         out = plain(model or self.model, self.prompts, self.seeds, Recipe("euler", "normal", steps, CFG))
         return out.latents, out.evaluations.per_item()
 
@@ -86,9 +86,9 @@ class Runs:
         import torch
 
         from embedded.sampling import conditioning
-        from kb_tools import comfy_sampling as cs
-        from kb_tools.any_seed import denoised_from_euler_steps, noise_estimate, renoise
-        from kb_tools.plain import cfg_guider, sample_counted
+        from kb_tools.comfy import model_facts as cs
+        from benchmarks.any_seed_sampler import denoised_from_euler_steps, noise_estimate, renoise
+        from kb_tools.comfy.plain import cfg_guider, sample_counted
         s = self.sigmas
         x = {a: cs.from_latent_space(self.model, s[a], states[a]).double() for a in (k, k + 1, v, v + 1)}
         d_k = denoised_from_euler_steps(x[k], x[k + 1], float(s[k]), float(s[k + 1]))
@@ -102,7 +102,7 @@ class Runs:
     def easycache(self, threshold: float):
         from comfy_extras import nodes_easycache
 
-        from kb_tools.counting import counted
+        from kb_tools.comfy.counting import counted
         cached = nodes_easycache.EasyCacheNode.execute(self.model, reuse_threshold=float(threshold), start_percent=0.15,
                                                        end_percent=0.95, verbose=False).result[0]
         model, counter = counted(cached)
@@ -112,12 +112,12 @@ class Runs:
 
 
 def query_set(name: str, kb, model, prompts, seeds, args) -> list[dict]:
-    from kb_tools.any_seed import AnySeedRun
+    from benchmarks.any_seed_sampler import AnySeedRun
     runs = Runs(kb, model, prompts, seeds)
     rows: list[dict] = []
     t0 = time.time()
     from embedded.sampling import plain
-    from kb_tools.records import Recipe
+    from kb_tools.core.records import Recipe
     full = plain(model, prompts, seeds, Recipe("euler", "normal", T, CFG),
                  record=sorted({a for v in args.values for a in (v, v + 1)} | {args.key, args.key + 1}))
     reference, ref_nfe = full.latents, full.evaluations.per_item()
@@ -211,7 +211,7 @@ def verdict_lines(rows: list[dict]) -> list[str]:
     lines += ["", "Reading: the gap between any-seed and its perfect-retrieval oracle is the retrieval's error (the "
               "neighbours' D at v is not the query's); the gap between the oracle and plain is the re-noising's (the "
               "noise direction eps_q read at k is not the trajectory's at v).",
-              "", "It wins nowhere: kept as benchmark code (kb_tools/any_seed.py, benchmarks/any_seed.py), left out of "
+              "", "It wins nowhere: kept as benchmark code (benchmarks/any_seed_sampler.py, benchmarks/any_seed.py), left out of "
               "the nodes." if not wins else f"It wins in {wins} settings (see the tables).", ""]
     return lines
 
@@ -264,7 +264,7 @@ def main() -> int:
     em.setup_comfy(threads=1)
     large, _, _ = em.load_models()
     from embedded.captions import sample_captions
-    from kb_tools.kb import KnowledgeBase
+    from kb_tools.store import KnowledgeBase
     kb = KnowledgeBase.open(args.kb)
     prompts = [c.prompt() for c in sample_captions(args.n, "heldout")]
     seed_sets = {"foreign": [FOREIGN_BASE + i for i in range(args.n)], "kb_seed": [KB_SEED] * args.n}

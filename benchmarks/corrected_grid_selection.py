@@ -46,9 +46,9 @@ def main(argv=None) -> dict:
     from embedded import sampling as S
     from embedded.captions import sample_captions
     from embedded.models import load_models
-    from kb_tools.corrected_solver import coarse_grid
-    from kb_tools.kb import KnowledgeBase
-    from kb_tools.records import Recipe
+    from kb_tools.samplers.corrected import coarse_grid
+    from kb_tools.store import KnowledgeBase
+    from kb_tools.core.records import Recipe
 
     torch.set_num_threads(1)
     t0 = time.perf_counter()

@@ -13,9 +13,9 @@ set); ReDi (Algorithm 2 in one sampler run) at several k, v, H, weight modes, gu
 on the KB seed and on foreign seeds; ComfyUI's EasyCache and LazyCache applied exactly as their
 nodes apply them; T-Stitch at several small-model fractions; for stylization a plain prompt
 switch with no retrieval; ReDi against a KB that learns from each generation in order, starting
-empty (the ReDiLearningSampler node); retrieval for any seed (kb_tools.any_seed, an experiment);
+empty (the ReDiLearningSampler node); retrieval for any seed (benchmarks.any_seed_sampler, an experiment);
 the KB-corrected coarse Euler solver. NFE is counted at the diffusion model's forward pass
-(kb_tools.counting), not computed, and checked against what each method claims.
+(kb_tools.comfy.counting), not computed, and checked against what each method claims.
 Workloads (benchmarks/h2h/workloads.py): held-out captions from the KB seed (the paper's
 protocol) and from foreign seeds, prompt reuse (KB captions nudged a little, from the KB seed),
 stylization (content key, styled resume), and the artist's loop "iterate" (sessions of small
@@ -167,7 +167,7 @@ def main(argv=None) -> dict:
                  "setting": {"models": "embedded crops UNets (ComfyUI BaseModel, v-prediction, 3x16x16 latent), large 64 ch "
                                        "/ small 32 ch", "precision": precision, "torch_threads": a.threads,
                              "small_model_cost_in_large_nfe": bench.small_cost,
-                             "nfe": "counted at the diffusion model's forward pass per item (kb_tools.counting); a "
+                             "nfe": "counted at the diffusion model's forward pass per item (kb_tools.comfy.counting); a "
                                     "small-model row costs small_model_cost_in_large_nfe large-model NFE (FLOP ratio)",
                              "decision_rule": "a difference counts only beyond 2 combined sd (bootstrap sd for FD, "
                                               "binomial se for accuracy, paired se for per-sample MSE)"},

@@ -86,17 +86,17 @@ def main() -> int:
     if args.quick:
         args.prompts, args.seeds, args.steps, args.size, args.repeats = 4, 1, 4, 64, 1
 
-    from kb_tools.comfy_env import choose_device, ensure_comfyui
+    from kb_tools.comfy.env import choose_device, ensure_comfyui
 
     ensure_comfyui()
     choose_device(force_cpu=True)
     import torch
     from make_checkpoint import make_sd15_checkpoint
 
-    from kb_tools.build import build_knowledge_base
-    from kb_tools.build_job import BuildJob, load_checkpoint
-    from kb_tools.kb import KnowledgeBase
-    from kb_tools.plain import sample_prompts
+    from kb_tools.build.builder import build_knowledge_base
+    from kb_tools.build.job import BuildJob, load_checkpoint
+    from kb_tools.store import KnowledgeBase
+    from kb_tools.comfy.plain import sample_prompts
 
     torch.set_num_threads(1)
     ckpt = str(make_sd15_checkpoint())
@@ -137,7 +137,7 @@ def main() -> int:
         model = plain = None  # free this process's copy before the Ray workers load theirs
         ray_rows = []
         for workers in (int(w) for w in args.ray_workers.split(",") if w):
-            from kb_tools.distributed import build_on_ray
+            from kb_tools.build.distributed import build_on_ray
 
             marks: list[tuple[float, int, float]] = []
             t0 = time.perf_counter()

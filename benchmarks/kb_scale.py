@@ -24,7 +24,7 @@ held-out, not copies of stored entries.
 Targets (issue 2): 100k opens < 2 s with RSS < 1.5 GB; p50 < 10 ms at 100k with
 recall@3 >= 0.95; <= 70 KB of disk per entry for one key/value pair. "flat_scan" times a
 one-query FAISS flat search by KB size: where flat stops meeting the latency target is where
-index_type "auto" switches to HNSW (kb_tools.kb.AUTO_FLAT_MAX_ENTRIES).
+index_type "auto" switches to HNSW (kb_tools.store.AUTO_FLAT_MAX_ENTRIES).
 To add a measurement: a function taking (kb, queries, ...) returning a dict, called in `run`.
 """
 from __future__ import annotations
@@ -50,7 +50,7 @@ SIGMA_K, SIGMA_V, A_K, A_V = 6.0, 2.5, 0.6, 0.85
 TOPICS = 512
 CHUNK = 1000
 H = 3
-kbmod = None  # kb_tools.kb of the checkout measured (set in main: --pack)
+kbmod = None  # kb_tools.store of the checkout measured (set in main: --pack)
 
 
 def settings():
@@ -133,7 +133,7 @@ def mem_mb(field):
             return int(line.split()[1]) / 1024
 
 
-from kb_tools.kb import KnowledgeBase
+from kb_tools.store import KnowledgeBase
 t, c = time.perf_counter(), time.process_time()
 kb = KnowledgeBase.open(sys.argv[1])
 t_open, c_open = time.perf_counter() - t, time.process_time() - c
@@ -294,9 +294,9 @@ def main() -> int:
         return compare(args)
     pack = Path(args.pack).resolve()
     sys.path.insert(0, str(pack))
-    import kb_tools.kb
+    import kb_tools.store
 
-    kbmod = kb_tools.kb
+    kbmod = kb_tools.store
     sizes = [int(s) for s in args.sizes.split(",")]
     gen = Generator()
     queries = gen.queries(args.queries)
@@ -363,7 +363,7 @@ def compare(args: argparse.Namespace) -> int:
 
 
 def probe_index_types(pack: Path) -> list[str]:
-    code = f"import sys; sys.path.insert(0, {str(pack)!r}); import kb_tools.kb as k; print(','.join(getattr(k, 'INDEX_TYPES', ())))"
+    code = f"import sys; sys.path.insert(0, {str(pack)!r}); import kb_tools.store as k; print(','.join(getattr(k, 'INDEX_TYPES', ())))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     return out.stdout.strip().split(",")
 

@@ -10,7 +10,7 @@ Writes benchmarks/results/learning_corrected.json and .md.
 The workloads of benchmarks/learning_kb.py ("iterate": sessions of small prompt changes from one
 fixed seed; "fresh": a new held-out caption from a new seed each time), each from an EMPTY learning
 KB (euler, T = 20, stored steps 1..19), generations one at a time, each
-`kb_tools.learning_corrected.generate_learning_corrected` at each NFE budget (the coarse_grid rule):
+`kb_tools.samplers.learning.generate_learning_corrected` at each NFE budget (the coarse_grid rule):
 corrected where the KB holds >= H entries and the residual guard accepts, else sampled in full and
 learned. Quality: per-sample MSE to plain euler at T full steps, beside plain euler at the same NFE
 (the budget) and the oracle sampler of benchmarks/results/head_to_head_corrected.md at that NFE,
@@ -150,9 +150,9 @@ def main(argv=None) -> None:
     setup_comfy(threads=1)
     from embedded import sampling as S
     from embedded.models import load_model
-    from kb_tools.corrected_solver import coarse_grid
-    from kb_tools.records import Recipe
-    from kb_tools.schedule import parse_steps
+    from kb_tools.samplers.corrected import coarse_grid
+    from kb_tools.core.records import Recipe
+    from kb_tools.core.schedule import parse_steps
 
     t0, c0 = time.perf_counter(), time.process_time()
     cfg, regime = Config(), Regime("T20")

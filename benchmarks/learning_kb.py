@@ -8,7 +8,7 @@
 Writes benchmarks/results/learning_kb.json and learning_kb.md.
 
 Each workload starts from an EMPTY learning KB and runs its generations one at a time, as a user
-does: each generation is `kb_tools.redi.generate_learning` (the ReDiLearningSampler node): ReDi
+does: each generation is `kb_tools.samplers.redi_chain.generate_learning` (the ReDiLearningSampler node): ReDi
 against the learning KB with the residual guard, then the items the guard refused (sampled in
 full from noise) are appended. Workloads:
 - iterate: an artist's loop, one fixed seed; sessions of `--session` generations, each a small
@@ -162,9 +162,9 @@ def main(argv=None) -> None:
     setup_comfy(threads=1)
     from embedded import sampling as S
     from embedded.models import load_model
-    from kb_tools.kb import KBBudget
-    from kb_tools.records import Recipe
-    from kb_tools.schedule import parse_steps
+    from kb_tools.store import KBBudget
+    from kb_tools.core.records import Recipe
+    from kb_tools.core.schedule import parse_steps
 
     cfg, regime = Config(), Regime("T20")
     if args.smoke:

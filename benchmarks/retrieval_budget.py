@@ -15,13 +15,13 @@ re-rank, so the auto choice can be checked against the others.
 Part 2 (1M, index-only): 1,000,000 reduced keys (the 256-d average-pooled keys the index holds)
 drawn from the same distribution as the KB's (kb_scale.Generator reduced analytically: its smooth
 field is constant on 8x8 blocks, its detail averages to N(0, 1/64)), indexed flat, IVF and HNSW
-with kb_tools.kb.index's own constructors (IVF above 300k keys trained on 64 keys per list). The full keys and values the re-rank and the blend
+with kb_tools.store.index's own constructors (IVF above 300k keys trained on 64 keys per list). The full keys and values the re-rank and the blend
 read are synthetic: entry i uses the full latents of pool entry i % 2048, its key plus 1% of pool
 entry (i // 2048) % 2048's so that no two ids share a key (two real gathers from a 128 MB array,
 as a KB gathers from its page-cached memmap, and one add). Recall@3 at 1M is against an exact
 (flat) search of the same reduced keys: there are no full keys to be exact on.
 
-FAISS runs on one thread for single queries (as the pack does: kb_tools.kb.index.candidates).
+FAISS runs on one thread for single queries (as the pack does: kb_tools.store.index.candidates).
 Wall and CPU (this thread) milliseconds are recorded side by side with the load average: the
 machine is shared. Results: benchmarks/results/retrieval_budget.json.
 """
@@ -49,10 +49,10 @@ import faiss  # noqa: E402
 import kb_scale  # noqa: E402  (the synthetic KB generator and brute force shared with the scale benchmark)
 from kb_scale import A_K, H, KEY, SIGMA_K, TOPICS, VALUE, Generator  # noqa: E402
 
-import kb_tools.kb as kbmod  # noqa: E402
-from kb_tools.guard import GUARD_AUTO, resolve_guard  # noqa: E402
-from kb_tools.kb import index as ix  # noqa: E402
-from kb_tools.retrieval import blend, blend_entries, fit_weights, nearest_keys  # noqa: E402
+import kb_tools.store as kbmod  # noqa: E402
+from kb_tools.calibration.guard import GUARD_AUTO, resolve_guard  # noqa: E402
+from kb_tools.store import index as ix  # noqa: E402
+from kb_tools.core.retrieval import blend, blend_entries, fit_weights, nearest_keys  # noqa: E402
 
 kb_scale.kbmod = kbmod
 POOL = 2048
@@ -167,7 +167,7 @@ def recall(found: np.ndarray, exact: np.ndarray) -> float:
 
 
 def make_index(kind: str, keys: np.ndarray) -> tuple[faiss.Index, float, float]:
-    """kb_tools.kb.index's index of `kind` over `keys` (as a KB of that type holds it); build wall and CPU s."""
+    """kb_tools.store.index's index of `kind` over `keys` (as a KB of that type holds it); build wall and CPU s."""
     t, c = time.perf_counter(), time.process_time()
     if kind == "ivf" and len(keys) > IVF_FULL_TRAIN_MAX:
         # kb_tools trains k-means on every key (FAISS's default cap of 256 per list); at 1M that is

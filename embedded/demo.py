@@ -5,12 +5,12 @@
     bash scripts/demo.sh --captions 12 --seeds 2 --queries 2 --output /tmp/x   # tiny run
 
 1. Builds (or resumes) a knowledge base in OUTPUT/demo_kb with the shipped large model through
-   `kb_tools.build.build_knowledge_base`, the code path of the BuildKnowledgeBase node: C train
+   `kb_tools.build.builder.build_knowledge_base`, the code path of the BuildKnowledgeBase node: C train
    captions ("cat at 0.40 0.62 size 0.35 sepia 0.80", ...) x seeds 0..S-1, euler, normal
    schedule, 20 steps, cfg 3. Then stores the automatic guard's calibration for the key step and
    H, as a user does with `python -m kb_tools calibrate OUTPUT/demo_kb --key-step 4 --neighbours 3`
    (a generation never calibrates; without a stored calibration the guard uses its fallback).
-2. Queries held-out captions with ReDi (`kb_tools.redi.generate`, the ReDiSampler node: key step
+2. Queries held-out captions with ReDi (`kb_tools.samplers.redi_chain.generate`, the ReDiSampler node: key step
    4, value step 10, H=3, lstsq, automatic guard) and samples the same noise with the plain
    sampler at full steps, with the plain sampler at ReDi's NFE, and with T-Stitch (small model
    for the first 40% of the steps, one sampler run), all through ComfyUI's sampling code.
@@ -40,8 +40,8 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from kb_tools.records import Recipe
-from kb_tools.schedule import parse_steps, plan_redi
+from kb_tools.core.records import Recipe
+from kb_tools.core.schedule import parse_steps, plan_redi
 
 from . import judge
 from .captions import parse_prompt, sample_captions

@@ -72,7 +72,7 @@ def setup_comfy(threads: int | None = 2) -> Path:
     """
     if str(PACK_DIR) not in sys.path:
         sys.path.insert(0, str(PACK_DIR))
-    from kb_tools.comfy_env import ensure_comfyui
+    from kb_tools.comfy.env import ensure_comfyui
 
     root = ensure_comfyui()
     if threads:

@@ -4,16 +4,16 @@ The one module of embedded/ and benchmarks/ that calls kb_tools' sampling, retri
 knowledge-base code (the others use only its plain records and schedule helpers, and the
 typed values these functions return). Each function is the kb_tools entry point a node or
 the offline command uses, given the embedded text encoder and latent shape:
-- plain runs: `kb_tools.plain.sample_prompts` (and `sample_counted` for the prompt switch);
-- ReDi: `kb_tools.redi.generate` (Algorithm 2 in one sampler run, the ReDiSampler node; with a
+- plain runs: `kb_tools.comfy.plain.sample_prompts` (and `sample_counted` for the prompt switch);
+- ReDi: `kb_tools.samplers.redi_chain.generate` (Algorithm 2 in one sampler run, the ReDiSampler node; with a
   learning KB `generate_learning`) or,
   to sweep H and v on one query, its documented parts `sample_to_key` -> `find_neighbours` ->
   `blend_at` -> `resume` (the four-node chain);
-- T-Stitch: `kb_tools.tstitch.tstitch_sample` (the TStitchSampler node);
-- the KB-corrected coarse Euler solver: `kb_tools.corrected_solver.generate` (the SamplerReDiCorrected node),
-  and against a learning KB `kb_tools.learning_corrected.generate_learning_corrected`;
-- retrieval for any seed: `kb_tools.any_seed.sample_any_seed` (an experiment, in no node);
-- knowledge bases: `kb_tools.build.build_knowledge_base` and `retrieval.calibrate` (what
+- T-Stitch: `kb_tools.samplers.tstitch.tstitch_sample` (the TStitchSampler node);
+- the KB-corrected coarse Euler solver: `kb_tools.samplers.corrected.generate` (the SamplerReDiCorrected node),
+  and against a learning KB `kb_tools.samplers.learning.generate_learning_corrected`;
+- retrieval for any seed: `benchmarks.any_seed_sampler.sample_any_seed` (an experiment, in no node);
+- knowledge bases: `kb_tools.build.builder.build_knowledge_base` and `retrieval.calibrate` (what
   `python -m kb_tools calibrate` stores for the auto guard).
 Every batch item has its own seed (the noise ComfyUI draws for a batch of one with that seed).
 
@@ -28,25 +28,25 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from kb_tools import corrected_solver, learning_corrected, redi
-from kb_tools.any_seed import AnySeedRun, any_seed_ksampler
-from kb_tools.blend_error import fit_error_model, measure_blend_errors, store_error_model
-from kb_tools.plain_reference import fit_plain_reference, store_plain_reference
-from kb_tools.reference_runs import DEFAULT_ITEMS, measure_reference
-from kb_tools.build import BuildReport, BuildSpec, build_knowledge_base
-from kb_tools.comfy_sampling import schedule_sigmas, seeded_noise
-from kb_tools.guard import GUARD_AUTO
-from kb_tools.guiders import SwitchGuider
-from kb_tools.kb import KBBudget, KBSettings, KnowledgeBase
-from kb_tools.plain import PlainSamples, batch_conditioning, cfg_guider, sample_counted, sample_prompts
-from kb_tools.records import Recipe
-from kb_tools.redi import LearningResult
-from kb_tools.redi import BlendedValue, KeyQuery, blend_at, find_neighbours  # noqa: F401 - line 6 and 7-8, for callers
-from kb_tools.results import ReDiResult
-from kb_tools.retrieval import blend_entries  # noqa: F401 - line 8 for any ids and weights, for callers
-from kb_tools.retrieval import calibrate, centered_residual, fit_weights, relative_residual
-from kb_tools.schedule import Switch, plan_redi
-from kb_tools.tstitch import TStitchResult, tstitch_sample
+from kb_tools.samplers import corrected as corrected_solver; from kb_tools.samplers import learning as learning_corrected; from kb_tools.samplers import redi_chain as redi
+from benchmarks.any_seed_sampler import AnySeedRun, any_seed_ksampler
+from kb_tools.calibration.blend_error import fit_error_model, measure_blend_errors, store_error_model
+from kb_tools.calibration.plain_reference import fit_plain_reference, store_plain_reference
+from kb_tools.calibration.reference_runs import DEFAULT_ITEMS, measure_reference
+from kb_tools.build.builder import BuildReport, BuildSpec, build_knowledge_base
+from kb_tools.comfy.model_facts import schedule_sigmas, seeded_noise
+from kb_tools.calibration.guard import GUARD_AUTO
+from kb_tools.comfy.guiders import SwitchGuider
+from kb_tools.store import KBBudget, KBSettings, KnowledgeBase
+from kb_tools.comfy.plain import PlainSamples, batch_conditioning, cfg_guider, sample_counted, sample_prompts
+from kb_tools.core.records import Recipe
+from kb_tools.samplers.redi_chain import LearningResult
+from kb_tools.samplers.redi_chain import BlendedValue, KeyQuery, blend_at, find_neighbours  # noqa: F401 - line 6 and 7-8, for callers
+from kb_tools.samplers.results import ReDiResult
+from kb_tools.core.retrieval import blend_entries  # noqa: F401 - line 8 for any ids and weights, for callers
+from kb_tools.core.retrieval import calibrate, centered_residual, fit_weights, relative_residual
+from kb_tools.core.schedule import Switch, plan_redi
+from kb_tools.samplers.tstitch import TStitchResult, tstitch_sample
 
 from .rendering import LATENT_SHAPE
 from .text_encoder import condition_embedding, encode
@@ -151,7 +151,7 @@ def redi_sample(kb: KnowledgeBase, model, prompts: Sequence[str], seeds: Sequenc
                 value_step: int, h: int, mode: str = "lstsq", guard: float = GUARD_AUTO,
                 resume_prompts: Sequence[str] | None = None, tolerance: float | None = None,
                 adaptive: bool = False) -> ReDiResult:
-    """ReDi end to end, Algorithm 2 in one sampler run (`kb_tools.redi.generate`, the ReDiSampler node).
+    """ReDi end to end, Algorithm 2 in one sampler run (`kb_tools.samplers.redi_chain.generate`, the ReDiSampler node).
 
     resume_prompts: stylization, the key from `prompts` and the steps after the key step from these.
     tolerance / adaptive: the error guard and the adaptive skip instead of the residual guard (`make_run`).
@@ -164,7 +164,7 @@ def redi_sample(kb: KnowledgeBase, model, prompts: Sequence[str], seeds: Sequenc
 
 def any_seed_sample(kb: KnowledgeBase, model, prompts: Sequence[str], seeds: Sequence[int], run: AnySeedRun) -> torch.Tensor:
     """Retrieval for any seed on the KB's recipe: Euler to x_k, retrieve on the denoised estimate, resume from the
-    re-noised blend at v (`kb_tools.any_seed`). Latents [B, 3, 16, 16]; `run` keeps the NFE per item, ids and weights."""
+    re-noised blend at v (`benchmarks.any_seed_sampler`). Latents [B, 3, 16, 16]; `run` keeps the NFE per item, ids and weights."""
     latent = empty_latents(len(prompts))
     guider = cfg_guider(model, *conditioning(prompts), kb.settings.cfg)
     sigmas = schedule_sigmas(model, kb.settings.sampler, kb.settings.scheduler, kb.settings.steps)
@@ -187,7 +187,7 @@ def corrected_sample(kb: KnowledgeBase, model, prompts: Sequence[str], seeds: Se
 
 
 def learning_settings(model, recipe: Recipe, store_steps: Sequence[int]) -> KBSettings:
-    """The settings of a learning KB of the embedded model for `recipe` (`kb_tools.redi.learning_settings`)."""
+    """The settings of a learning KB of the embedded model for `recipe` (`kb_tools.samplers.redi_chain.learning_settings`)."""
     return redi.learning_settings(model, recipe, store_steps, LATENT_SHAPE)
 
 
@@ -195,7 +195,7 @@ def redi_learning(path: str | Path, settings: KBSettings, model, prompts: Sequen
                   key_step: int, value_step: int, h: int, guard: float = GUARD_AUTO, tolerance: float | None = None,
                   adaptive: bool = False, budget: KBBudget | None = None) -> LearningResult:
     """One generation against the learning KB at `path`, then learning what was sampled in full
-    (`kb_tools.redi.generate_learning`, the ReDiLearningSampler node)."""
+    (`kb_tools.samplers.redi_chain.generate_learning`, the ReDiLearningSampler node)."""
     positive, negative = conditioning(prompts)
     return redi.generate_learning(str(path), settings, model, positive, negative, empty_latents(len(prompts)),
                                   list(prompts), list(seeds), key_step=key_step, value_step=value_step, neighbours=h,
@@ -206,7 +206,7 @@ def corrected_learning(path: str | Path, settings: KBSettings, model, prompts: S
                        nfe: int, h: int, guard: float = GUARD_AUTO, budget: KBBudget | None = None
                        ) -> learning_corrected.LearningCorrectedResult:
     """One generation against the learning KB at `path` with the KB-corrected solver at `nfe` where the KB fits,
-    in full (and learned) elsewhere (`kb_tools.learning_corrected.generate_learning_corrected`)."""
+    in full (and learned) elsewhere (`kb_tools.samplers.learning.generate_learning_corrected`)."""
     positive, negative = conditioning(prompts)
     return learning_corrected.generate_learning_corrected(
         str(path), settings, model, positive, negative, empty_latents(len(prompts)), list(prompts), list(seeds), nfe=nfe,

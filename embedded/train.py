@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from kb_tools.records import Recipe
+from kb_tools.core.records import Recipe
 
 from . import judge
 from .captions import random_training_captions, sample_captions

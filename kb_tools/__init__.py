@@ -1,5 +1,70 @@
-"""ReDi knowledge-base library: format, FAISS index, retrieval, blending, schedule bookkeeping.
+"""ReDi and T-Stitch for ComfyUI, as a library: the public names below are what the nodes, the offline command,
+the demo and the benchmarks call.
 
-Importing kb_tools never imports ComfyUI; only the ComfyUI-side modules do (`comfy_sampling`,
-`guiders`, `plain`, `redi_sampler`, `build`, `redi`, and `tstitch` when it samples).
+Rooms, each importing only those before it (tests/test_layering.py holds the rule):
+    core/         pure math and records, no ComfyUI: weights, blends, schedules, coarse grids, errors
+    store/        the knowledge base on disk: format, FAISS indexes, transactions, retrieval, learning appends
+    comfy/        everything that imports ComfyUI: counted sampling, guiders, model facts, environment
+    calibration/  what a KB measures about itself: the guards, the blend-error model, the plain reference
+    samplers/     one sampler per file: ReDi (Algorithm 2), the KB-corrected solver, T-Stitch, learning
+    build/        building KBs (Algorithm 1), job files, Ray, the `python -m kb_tools` command
+
+Importing kb_tools imports nothing: a public name loads its room on first use, so the command line and the
+pure rooms work without ComfyUI (only comfy/ and samplers/ need it).
 """
+from __future__ import annotations
+
+import importlib
+
+#: public name -> the module (under kb_tools) that defines it
+_PUBLIC = {
+    # core
+    **dict.fromkeys(("KBError", "KBMismatchError", "KBChangedError"), "core.errors"),
+    "Recipe": "core.records",
+    **dict.fromkeys(("parse_steps", "default_store_steps", "plan_redi", "ReDiPlan", "Switch"), "core.schedule"),
+    **dict.fromkeys(("WEIGHT_MODES", "fit_weights", "WeightFit"), "core.weights"),
+    **dict.fromkeys(("coarse_grid", "parse_grid"), "core.coarse_grid"),
+    **dict.fromkeys(("SWITCH_MODES", "node_switch", "check_stitch_compatible"), "core.stitch"),
+    "Evaluations": "core.evaluations",
+    # store
+    **dict.fromkeys(("KnowledgeBase", "KBBudget", "KBSettings", "check_kb_name", "open_or_create", "evict_oldest", "merge",
+                     "AUTO_FLAT_MAX_ENTRIES", "FORMAT_VERSION"), "store"),
+    **dict.fromkeys(("nearest_keys", "blend_entries", "NearestKeys"), "store.retrieval"),
+    **dict.fromkeys(("learn", "LearnReport"), "store.learning"),
+    # comfy
+    **dict.fromkeys(("sampler_names", "scheduler_names", "schedule_sigmas", "seeded_noise"), "comfy.model_facts"),
+    **dict.fromkeys(("batch_conditioning", "cfg_guider", "sample_prompts"), "comfy.plain"),
+    "sample_counted": "comfy.counted",
+    # calibration
+    **dict.fromkeys(("GUARD_AUTO", "FALLBACK_GUARD", "default_tolerance"), "calibration.guard"),
+    "calibrate": "calibration.residuals",
+    # samplers
+    **dict.fromkeys(("generate", "make_run", "redi_ksampler", "sample_redi", "ReDiRun"), "samplers.redi"),
+    "ReDiResult": "samplers.result",
+    **dict.fromkeys(("KBNoise", "query_seeds", "check_recipe"), "samplers.entry"),
+    **dict.fromkeys(("sample_to_key", "find_neighbours", "blend_at", "resume", "KeyQuery", "QueryNeighbours",
+                     "BlendedValue"), "samplers.redi_chain"),
+    **dict.fromkeys(("make_corrected_run", "corrected_ksampler", "sample_kb_corrected_euler"), "samplers.corrected"),
+    **dict.fromkeys(("generate_learning", "generate_learning_corrected", "LearningResult", "LearningCorrectedResult"),
+                    "samplers.learning"),
+    **dict.fromkeys(("tstitch_guider", "tstitch_sample", "TStitchResult"), "samplers.tstitch"),
+    # build
+    **dict.fromkeys(("BuildSpec", "BuildReport", "build_knowledge_base", "kb_settings_for", "learning_settings"),
+                    "build.builder"),
+    **dict.fromkeys(("input_file", "read_prompts"), "build.prompts"),
+}
+
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name: str):
+    module = _PUBLIC.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

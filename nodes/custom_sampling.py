@@ -9,9 +9,7 @@ from __future__ import annotations
 import torch
 from comfy_api.latest import io
 
-from ..kb_tools import corrected_solver as corrected
-from ..kb_tools import redi as core
-from ..kb_tools.redi_sampler import make_run, redi_ksampler
+from ..kb_tools import KBNoise, corrected_ksampler, make_corrected_run, make_run, parse_grid, redi_ksampler
 from . import feedback
 from .redi import CATEGORY, GUARD_TOOLTIP, WEIGHT_MODES, error_guard_inputs, kb_input, tolerance_of
 
@@ -83,11 +81,11 @@ class SamplerReDiCorrected(io.ComfyNode):
 
     @classmethod
     def execute(cls, knowledge_base, nfe, grid, neighbours, weight_mode) -> io.NodeOutput:
-        steps = corrected.parse_grid(grid, knowledge_base.settings.steps, nfe)
-        run = corrected.make_corrected_run(knowledge_base, steps, neighbours, weight_mode)
+        steps = parse_grid(grid, knowledge_base.settings.steps, nfe)
+        run = make_corrected_run(knowledge_base, steps, neighbours, weight_mode)
         node_id = cls.hidden.unique_id if cls.hidden is not None else None
         run.on_result = lambda r: feedback.show_text(node_id, r.summary())
-        return io.NodeOutput(corrected.corrected_ksampler(run))
+        return io.NodeOutput(corrected_ksampler(run))
 
 
 class ReDiKBNoise(io.ComfyNode):
@@ -105,7 +103,7 @@ class ReDiKBNoise(io.ComfyNode):
 
     @classmethod
     def execute(cls, knowledge_base) -> io.NodeOutput:
-        return io.NodeOutput(core.KBNoise(knowledge_base))
+        return io.NodeOutput(KBNoise(knowledge_base))
 
 
 class ReDiKBSigmas(io.ComfyNode):

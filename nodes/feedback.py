@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from comfy_api.latest import io, ui
 
-from ..kb_tools.kb import KnowledgeBase
+from ..kb_tools import KnowledgeBase
 
 try:  # the server module exists only inside a ComfyUI process; the offline command has none
     from server import PromptServer

@@ -1,10 +1,10 @@
 """ReDiLearningSampler: ReDi against a knowledge base that learns from this workflow's own generations.
 
-Thin V3 layer over kb_tools.redi.generate_learning: the KB (models/redi_kb/<kb_name>) is created
+Thin V3 layer over kb_tools.samplers.redi_chain.generate_learning: the KB (models/redi_kb/<kb_name>) is created
 on first use with this model and recipe; each generation runs ReDi against it, and the items
 that were sampled in full (the first ones, and every item the guard refused) are appended, the
 oldest shards dropped when the budget is reached. Blended items are never stored.
-With solver "corrected euler" (kb_tools.learning_corrected.generate_learning_corrected) an item the
+With solver "corrected euler" (kb_tools.samplers.learning.generate_learning_corrected) an item the
 KB fits runs the KB-corrected coarse Euler solver at `nfe` evaluations instead, and is never stored either.
 """
 from __future__ import annotations
@@ -13,13 +13,18 @@ import logging
 
 from comfy_api.latest import io
 
-from ..kb_tools import comfy_sampling as cs
-from ..kb_tools import redi as core
-from ..kb_tools.errors import KBError
-from ..kb_tools.kb import KBBudget, check_kb_name
-from ..kb_tools.learning_corrected import generate_learning_corrected
-from ..kb_tools.records import Recipe
-from ..kb_tools.schedule import parse_steps
+from ..kb_tools import (
+    KBBudget,
+    KBError,
+    Recipe,
+    check_kb_name,
+    generate_learning,
+    generate_learning_corrected,
+    learning_settings,
+    parse_steps,
+    sampler_names,
+    scheduler_names,
+)
 from . import feedback
 from .redi import CATEGORY, WEIGHT_MODES, clip_encoder, kb_path, preview_callback, with_samples
 
@@ -68,8 +73,8 @@ class ReDiLearningSampler(io.ComfyNode):
                                      "seen before finds near trajectories."),
                 io.String.Input("kb_name", default="my-learning-kb",
                                 tooltip="Folder under models/redi_kb; created on first use. One KB per model, recipe and negative prompt."),
-                io.Combo.Input("sampler_name", options=cs.sampler_names(), default="euler", tooltip="Sampler; the KB is bound to it."),
-                io.Combo.Input("scheduler", options=cs.scheduler_names(), default="normal", tooltip="Scheduler; the KB is bound to it."),
+                io.Combo.Input("sampler_name", options=sampler_names(), default="euler", tooltip="Sampler; the KB is bound to it."),
+                io.Combo.Input("scheduler", options=scheduler_names(), default="normal", tooltip="Scheduler; the KB is bound to it."),
                 io.Int.Input("steps", default=20, min=2, max=1000, tooltip="Total steps; the KB is bound to them."),
                 io.Float.Input("cfg", default=7.0, min=0.0, max=100.0, step=0.1, round=0.01, tooltip="Guidance scale; the KB is bound to it."),
                 io.String.Input("store_steps", default="auto",
@@ -113,7 +118,7 @@ class ReDiLearningSampler(io.ComfyNode):
             raise KBError(f"unknown solver {solver!r}; choose one of {list(SOLVERS)}.")
         stored = (list(range(1, steps)) if corrected and store_steps.strip().lower() in ("", "auto")
                   else parse_steps(store_steps, steps))  # the corrected solver reads every step of its grid
-        settings = core.learning_settings(model, Recipe(sampler_name, scheduler, steps, cfg), stored,
+        settings = learning_settings(model, Recipe(sampler_name, scheduler, steps, cfg), stored,
                                           (channels, *latent.shape[-2:]), negative_prompt)
         budget = KBBudget(max_entries or None, max_megabytes * 2**20 or None)
         encode = clip_encoder(clip)
@@ -124,7 +129,7 @@ class ReDiLearningSampler(io.ComfyNode):
                 [prompt] * batch, [seed + i for i in range(batch)], nfe=nfe, neighbours=neighbours, weight_mode=weight_mode,
                 guard=guard, budget=budget, callback=preview_callback(model, steps))
             return io.NodeOutput(with_samples(latent_image, done.latent), ui={"text": [done.summary()], "redi_kb": [kb_name]})
-        result = core.generate_learning(
+        result = generate_learning(
             str(kb_path(kb_name, for_writing=True)), settings, model, encode(prompt), encode(negative_prompt), latent,
             [prompt] * batch, [seed + i for i in range(batch)], key_step=key_step, value_step=value_step, neighbours=neighbours,
             weight_mode=weight_mode, guard=guard, budget=budget, callback=preview_callback(model, steps))

@@ -1,6 +1,6 @@
 """ReDi nodes: build a knowledge base, then ReDiSampler, or partial sample -> retrieve -> blend -> resume.
 
-Thin V3 layer over kb_tools.redi; every number a node computes comes from there. In the
+Thin V3 layer over kb_tools.samplers.redi_chain; every number a node computes comes from there. In the
 four-node chain each LATENT carries what its part of Algorithm 2 made under the key "redi"
 (a KeyQuery after ReDiPartialSample, a BlendedValue after ReDiBlend), so the chain needs no
 extra wires and a LATENT from elsewhere is refused with a clear fix.
@@ -11,22 +11,39 @@ import logging
 import os
 from pathlib import Path
 
-import torch
-from comfy_api.latest import io
-
 import comfy.model_management
 import comfy.utils
 import folder_paths
 import latent_preview
+import torch
+from comfy_api.latest import io
 
-from ..kb_tools import comfy_sampling as cs
-from ..kb_tools import redi as core
-from ..kb_tools.errors import KBError
-from ..kb_tools.kb import KnowledgeBase, check_kb_name
-from ..kb_tools.prompts import input_file, read_prompts
-from ..kb_tools.records import Recipe
-from ..kb_tools.retrieval import WEIGHT_MODES as WEIGHT_MODE_NAMES
-from ..kb_tools.schedule import parse_steps
+from ..kb_tools import WEIGHT_MODES as WEIGHT_MODE_NAMES
+from ..kb_tools import (
+    BlendedValue,
+    BuildSpec,
+    KBError,
+    KeyQuery,
+    KnowledgeBase,
+    QueryNeighbours,
+    Recipe,
+    blend_at,
+    build_knowledge_base,
+    check_kb_name,
+    check_recipe,
+    default_tolerance,
+    find_neighbours,
+    generate,
+    input_file,
+    make_run,
+    parse_steps,
+    query_seeds as kb_query_seeds,
+    read_prompts,
+    resume,
+    sample_to_key,
+    sampler_names,
+    scheduler_names,
+)
 from . import feedback
 
 log = logging.getLogger("ReDi")
@@ -34,7 +51,7 @@ log = logging.getLogger("ReDi")
 CATEGORY = "sampling/ReDi"
 KB_FOLDER = "redi_kb"
 KnowledgeBaseType = io.Custom("REDI_KB")
-# Carries a kb_tools.redi.QueryNeighbours: each query and its top-H stored neighbours. The type
+# Carries a kb_tools.samplers.redi_chain.QueryNeighbours: each query and its top-H stored neighbours. The type
 # string stays "REDI_NEIGHBOURS": saved UI workflows store it on every link and slot of this type.
 NeighboursType = io.Custom("REDI_NEIGHBOURS")
 WEIGHT_MODES = list(WEIGHT_MODE_NAMES)
@@ -69,14 +86,14 @@ def tolerance_of(error_tolerance: float | None, guard: float, kb, key_step: int,
     """The node's error_tolerance as make_run's tolerance.
 
     A number >= 0: that tolerance. -1 (auto) with the guard on auto too: "plain" where the KB stores
-    a plain reference for key step and H (core.default_tolerance), else None (the residual guard).
+    a plain reference for key step and H (default_tolerance), else None (the residual guard).
     A residual guard the user set (>= 0) is theirs: auto then leaves it in charge.
     """
     if error_tolerance is not None and error_tolerance >= 0:
         return float(error_tolerance)
     if guard >= 0 or key_step not in kb.stored_steps:  # a bad key step is refused by make_run, with its own message
         return None
-    return core.default_tolerance(kb.calibration(key_step), key_step, neighbours)
+    return default_tolerance(kb.calibration(key_step), key_step, neighbours)
 
 # Knowledge bases live in models/redi_kb/<name>/ by default; extra_model_paths.yaml can add
 # more locations under the key `redi_kb` (ComfyUI registers those before loading packs).
@@ -175,8 +192,8 @@ def preview_callback(model, steps: int):
     return latent_preview.prepare_callback(model, steps)
 
 
-def query_seeds(kb: KnowledgeBase, latent_image: dict, seed_mode: str, seed: int) -> list[int]:
-    seeds, warnings = core.query_seeds(kb, latent_image["samples"].shape[0], seed_mode, seed)
+def item_seeds(kb: KnowledgeBase, latent_image: dict, seed_mode: str, seed: int) -> list[int]:
+    seeds, warnings = kb_query_seeds(kb, latent_image["samples"].shape[0], seed_mode, seed)
     for w in warnings:
         log.warning("ReDi: %s", w)
     return seeds
@@ -243,8 +260,8 @@ class BuildKnowledgeBase(io.ComfyNode):
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=False,
                              tooltip="First seed. The official ReDi setup uses one seed for everything. Kept fixed between runs, so rerunning resumes the same KB."),
                 io.Int.Input("seeds_per_prompt", default=1, min=1, max=4096, tooltip="Seeds seed, seed+1, ... per prompt. More seeds let queries with those seeds find near keys."),
-                io.Combo.Input("sampler_name", options=cs.sampler_names(), default="euler", tooltip="Sampler; queries are bound to it."),
-                io.Combo.Input("scheduler", options=cs.scheduler_names(), default="normal", tooltip="Scheduler; queries are bound to it."),
+                io.Combo.Input("sampler_name", options=sampler_names(), default="euler", tooltip="Sampler; queries are bound to it."),
+                io.Combo.Input("scheduler", options=scheduler_names(), default="normal", tooltip="Scheduler; queries are bound to it."),
                 io.Int.Input("steps", default=20, min=2, max=1000, tooltip="Total steps of the schedule."),
                 io.Float.Input("cfg", default=7.0, min=0.0, max=100.0, step=0.1, round=0.01, tooltip="Guidance scale; queries are bound to it."),
                 io.String.Input("store_steps", default="auto", tooltip="Steps to store, e.g. '4,8-12'; 'auto' stores 10% to 80% of the schedule so key and value steps can be picked later."),
@@ -283,13 +300,13 @@ class BuildKnowledgeBase(io.ComfyNode):
         if not lines:
             raise KBError("no prompts: write one prompt per line, or give a prompts file.")
         channels = model.get_model_object("latent_format").latent_channels
-        spec = core.BuildSpec(
+        spec = BuildSpec(
             prompts=lines, seeds=[seed + i for i in range(seeds_per_prompt)], recipe=Recipe(sampler_name, scheduler, steps, cfg),
             store_steps=parse_steps(store_steps, steps), latent_shape=(channels, height // 8, width // 8),
             negative_prompt=negative_prompt, batch_size=batch_size, dtype=dtype, index_type=index_type,
             stitch_step=stitch_step if small_model is not None else 0)
         pbar = comfy.utils.ProgressBar(len(lines) * seeds_per_prompt)
-        report = core.build_knowledge_base(
+        report = build_knowledge_base(
             str(kb_path(kb_name, for_writing=True)), model, clip_encoder(clip), spec,
             key_model=small_model if stitch_step else None,
             key_encode=clip_encoder(small_clip) if small_clip is not None else None,
@@ -324,7 +341,7 @@ class ReDiPartialSample(io.ComfyNode):
                 kb_input(),
                 io.Int.Input("key_step", default=5, min=1, max=1000, tooltip="Step where the query is taken; must be a stored step of the KB. Later keys cost more steps but match more closely."),
                 *seed_inputs(),
-                io.Combo.Input("sampler_override", options=[FROM_KB, *cs.sampler_names()], default=FROM_KB, optional=True,
+                io.Combo.Input("sampler_override", options=[FROM_KB, *sampler_names()], default=FROM_KB, optional=True,
                                tooltip="Leave 'from KB'. A different value is refused: the KB's trajectories only hold for its own sampler."),
                 io.Int.Input("steps_override", default=0, min=0, max=1000, optional=True, tooltip="0 = from KB. A different value is refused."),
                 *small_model_inputs(),
@@ -336,10 +353,10 @@ class ReDiPartialSample(io.ComfyNode):
     def execute(cls, model, positive, negative, latent_image, knowledge_base, key_step, seed_mode, seed,
                 sampler_override=FROM_KB, steps_override=0, small_model=None, small_positive=None, small_negative=None) -> io.NodeOutput:
         # The overrides exist only to be refused: removing them would shift the widget values of saved UI workflows.
-        core.check_recipe(knowledge_base, sampler=None if sampler_override == FROM_KB else sampler_override,
+        check_recipe(knowledge_base, sampler=None if sampler_override == FROM_KB else sampler_override,
                           steps=steps_override or None)
-        query = core.sample_to_key(knowledge_base, model, positive, negative, latent_image["samples"].float(),
-                                   query_seeds(knowledge_base, latent_image, seed_mode, seed), key_step,
+        query = sample_to_key(knowledge_base, model, positive, negative, latent_image["samples"].float(),
+                                   item_seeds(knowledge_base, latent_image, seed_mode, seed), key_step,
                                    small_model=small_model, small_positive=small_positive, small_negative=small_negative,
                                    callback=preview_callback(model, key_step))
         return io.NodeOutput(with_samples(latent_image, query.latent, query))
@@ -366,10 +383,10 @@ class ReDiRetrieve(io.ComfyNode):
 
     @classmethod
     def execute(cls, query_latent, knowledge_base, neighbours, vae=None) -> io.NodeOutput:
-        query = carried(query_latent, "ReDiRetrieve", core.KeyQuery, "ReDiPartialSample")
+        query = carried(query_latent, "ReDiRetrieve", KeyQuery, "ReDiPartialSample")
         if query.kb.path != knowledge_base.path:
             raise KBError(f"the query was made for knowledge base {query.kb.path} but {knowledge_base.path} is connected; connect the same KB to both nodes.")
-        found = core.find_neighbours(query, neighbours)
+        found = find_neighbours(query, neighbours)
         log.info(found.summary())
         return io.NodeOutput(found, ui=feedback.retrieve_ui(knowledge_base, found, vae))
 
@@ -394,9 +411,9 @@ class ReDiBlend(io.ComfyNode):
 
     @classmethod
     def execute(cls, neighbours, value_step, weight_mode) -> io.NodeOutput:
-        if not isinstance(neighbours, core.QueryNeighbours):
+        if not isinstance(neighbours, QueryNeighbours):
             raise KBError("ReDiBlend needs the neighbours that come out of ReDiRetrieve; connect ReDiRetrieve's output.")
-        value = core.blend_at(neighbours, value_step, weight_mode)
+        value = blend_at(neighbours, value_step, weight_mode)
         return io.NodeOutput({"samples": value.latent, "redi": value})
 
 
@@ -421,9 +438,9 @@ class ReDiResumeSample(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, positive, negative, value_latent, guard, error_tolerance=-1.0) -> io.NodeOutput:
-        value = carried(value_latent, "ReDiResumeSample", core.BlendedValue, "ReDiBlend")
+        value = carried(value_latent, "ReDiResumeSample", BlendedValue, "ReDiBlend")
         steps_left = value.plan.steps - value.plan.key_step
-        result = core.resume(value, model, positive, negative, guard, callback=preview_callback(model, steps_left),
+        result = resume(value, model, positive, negative, guard, callback=preview_callback(model, steps_left),
                              tolerance=tolerance_of(error_tolerance, guard, value.neighbours.query.kb, value.plan.key_step,
                                                     value.neighbours.nearest.ids.shape[1]))
         return io.NodeOutput(with_samples(value_latent, result.latent), ui=feedback.resume_ui(result))
@@ -460,10 +477,10 @@ class ReDiSampler(io.ComfyNode):
     def execute(cls, model, positive, negative, latent_image, knowledge_base, key_step, value_step, neighbours, weight_mode,
                 guard, seed_mode, seed, resume_positive=None, small_model=None, small_positive=None, small_negative=None,
                 error_tolerance: float = -1.0, adaptive_skip: bool = False) -> io.NodeOutput:
-        run = core.make_run(knowledge_base, key_step, value_step, neighbours, weight_mode, guard,
+        run = make_run(knowledge_base, key_step, value_step, neighbours, weight_mode, guard,
                             tolerance_of(error_tolerance, guard, knowledge_base, key_step, neighbours), adaptive_skip)
-        result = core.generate(knowledge_base, model, positive, negative, latent_image["samples"].float(),
-                               query_seeds(knowledge_base, latent_image, seed_mode, seed), run,
+        result = generate(knowledge_base, model, positive, negative, latent_image["samples"].float(),
+                               item_seeds(knowledge_base, latent_image, seed_mode, seed), run,
                                resume_positive=resume_positive, small_model=small_model, small_positive=small_positive,
                                small_negative=small_negative, callback=preview_callback(model, run.plan.steps))
         return io.NodeOutput(with_samples(latent_image, result.latent), ui=feedback.resume_ui(result))

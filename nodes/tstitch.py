@@ -7,8 +7,7 @@ from __future__ import annotations
 import latent_preview
 from comfy_api.latest import io
 
-from ..kb_tools import comfy_sampling as cs
-from ..kb_tools.tstitch import SWITCH_MODES, node_switch, tstitch_guider, tstitch_sample
+from ..kb_tools import SWITCH_MODES, node_switch, sampler_names, scheduler_names, tstitch_guider, tstitch_sample
 
 CATEGORY = "sampling/ReDi"
 
@@ -49,9 +48,9 @@ class TStitchSampler(io.ComfyNode):
                 io.Latent.Input("latent_image", tooltip="The latent to denoise (e.g. an Empty Latent Image)."),
                 io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=True,
                              tooltip="The random seed for the initial noise. Batch item i starts from the noise of seed + i, so every item is reproducible on its own."),
-                io.Combo.Input("sampler_name", options=cs.sampler_names(), default="euler",
+                io.Combo.Input("sampler_name", options=sampler_names(), default="euler",
                                tooltip="The sampling algorithm, shared by both models."),
-                io.Combo.Input("scheduler", options=cs.scheduler_names(), default="normal",
+                io.Combo.Input("scheduler", options=scheduler_names(), default="normal",
                                tooltip="How the noise levels are spread over the steps (computed for the large model)."),
                 io.Int.Input("steps", default=20, min=1, max=10000, tooltip="Total number of steps, small and large model together."),
                 io.Float.Input("cfg", default=7.0, min=0.0, max=100.0, step=0.1, round=0.01,

@@ -6,9 +6,9 @@ For every [[template]] in example_workflows/templates.toml this writes example_w
 (400x400, what the front end loads as /api/workflow_templates/<pack>/<file>.jpg) with the recipe
 named by its `thumbnail` field, and a copy per recipe under web/docs/img/ for the node help pages.
 Everything runs through the pack's own code on the shipped models (embedded/), in float32 with
-fixed seeds, so a rerun draws the same pictures: kb_tools.build (the knowledge base), kb_tools.plain
-(plain runs), the four parts of kb_tools.redi's Algorithm 2 (ReDi, whose query and blend the
-pictures show) and kb_tools.tstitch (T-Stitch in one sampler run):
+fixed seeds, so a rerun draws the same pictures: kb_tools.build.builder (the knowledge base), kb_tools.comfy.plain
+(plain runs), the four parts of kb_tools.samplers.redi_chain's Algorithm 2 (ReDi, whose query and blend the
+pictures show) and kb_tools.samplers.tstitch (T-Stitch in one sampler run):
 - build: stored trajectories of a small knowledge base, noise to image across the stored steps;
 - redi / redi_four_nodes: one ReDi query, query -> weighted neighbours -> blend -> result;
 - stylize: content key with a sepia resume, next to the plain content image;
@@ -112,7 +112,7 @@ def paste(img, draw, latent, x, y, px, outline=None, caption=None):
 def setup(workdir: Path) -> Models:
     from embedded import captions as CAP, models as M, rendering as R
     M.setup_comfy(2)
-    from kb_tools.build import BuildSpec, build_knowledge_base
+    from kb_tools.build.builder import BuildSpec, build_knowledge_base
 
     large, small, encode = M.load_models()
     captions = CAP.sample_captions(400, "train", sepia="none")
@@ -124,7 +124,7 @@ def setup(workdir: Path) -> Models:
 
 
 def recipe():
-    from kb_tools.records import Recipe
+    from kb_tools.core.records import Recipe
     return Recipe(SAMPLER, SCHEDULER, STEPS, CFG)
 
 
@@ -154,15 +154,15 @@ class Denoised:
 
 
 def conditioning(m: Models, prompts: list[str]):
-    from kb_tools.plain import batch_conditioning
+    from kb_tools.comfy.plain import batch_conditioning
     return batch_conditioning([m.encode(p) for p in prompts]), batch_conditioning([m.encode("")] * len(prompts))
 
 
 def denoised_at(m: Models, latent, step: int, prompts: list[str], model=None):
     """The model's denoised estimate of a latent sitting at `step` (one evaluation): what that latent will become."""
     import torch
-    from kb_tools.comfy_sampling import schedule_sigmas
-    from kb_tools.plain import cfg_guider, sample_counted
+    from kb_tools.comfy.model_facts import schedule_sigmas
+    from kb_tools.comfy.plain import cfg_guider, sample_counted
     model = model or m.large
     pos, neg = conditioning(m, prompts)
     seen = Denoised()
@@ -174,7 +174,7 @@ def denoised_at(m: Models, latent, step: int, prompts: list[str], model=None):
 
 def plain(m: Models, prompts: list[str], model=None, seeds=None, callback=None):
     """Plain sampling of `prompts` (seed 0 each, the KB's seed, unless given): the final latents."""
-    from kb_tools.plain import sample_prompts
+    from kb_tools.comfy.plain import sample_prompts
     return sample_prompts(model or m.large, m.encode, prompts, seeds or [0] * len(prompts), recipe(),
                           latent_shape=m.kb.latent_shape, batch_size=len(prompts), callback=callback).latents
 
@@ -185,7 +185,7 @@ def redi_query(m: Models, prompts: list[str], resume_prompts: list[str] | None =
     The blended value carries the query x_k (`.neighbours.query.latent`) and the blend x_v_hat (`.latent`).
     """
     import torch
-    from kb_tools import redi
+    from kb_tools.samplers import redi_chain as redi
     pos, neg = conditioning(m, prompts)
     query = redi.sample_to_key(m.kb, m.large, pos, neg, torch.zeros((len(prompts), *m.kb.latent_shape)),
                                [0] * len(prompts), KEY)
@@ -270,7 +270,7 @@ def draw_stylize(m: Models, template: Template):
 
 def draw_tstitch(m: Models, template: Template):
     import torch
-    from kb_tools.tstitch import tstitch_sample
+    from kb_tools.samplers.tstitch import tstitch_sample
     prompt = queries(1)
     pos, neg = conditioning(m, prompt)
     seen = Denoised()

@@ -10,7 +10,7 @@ import pytest
 PACK_DIR = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PACK_DIR))
 
-from kb_tools.comfy_env import find_comfyui  # noqa: E402
+from kb_tools.comfy.env import find_comfyui  # noqa: E402
 
 COMFYUI_ROOT = find_comfyui()
 

@@ -26,8 +26,8 @@ import safetensors.numpy
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from kb_tools.kb import KBSettings, open_or_create
-from kb_tools.kb.format import manifest_checksum
+from kb_tools.store import KBSettings, open_or_create
+from kb_tools.store.format import manifest_checksum
 
 LATENT_SHAPE = (4, 8, 8)
 STEPS = 10

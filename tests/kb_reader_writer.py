@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from kb_crash_helper import chunk_pairs, toy_latents  # noqa: E402
 
-from kb_tools.kb import KnowledgeBase  # noqa: E402
+from kb_tools.store import KnowledgeBase  # noqa: E402
 
 CHUNK = 2
 STEP, H = 4, 2

@@ -16,8 +16,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from kb_tools.kb import KnowledgeBase  # noqa: E402
-from kb_tools.learning import learn  # noqa: E402
+from kb_tools.store import KnowledgeBase  # noqa: E402
+from kb_tools.store.learning import learn  # noqa: E402
 
 MIN_ROUNDS = 3
 

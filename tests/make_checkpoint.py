@@ -65,7 +65,7 @@ def _ensure_comfy_importable() -> None:
     except ImportError:
         pass
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from kb_tools.comfy_env import ensure_comfyui
+    from kb_tools.comfy.env import ensure_comfyui
 
     ensure_comfyui()
     from comfy.cli_args import args

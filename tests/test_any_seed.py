@@ -1,4 +1,4 @@
-"""The any-seed experiment (kb_tools.any_seed) on a real ComfyUI with a tiny in-process model: the clean-image
+"""The any-seed experiment (benchmarks.any_seed_sampler) on a real ComfyUI with a tiny in-process model: the clean-image
 prediction read back from a KB's stored Euler steps is the model's own, and the sampler counts its NFE per item."""
 from __future__ import annotations
 
@@ -15,14 +15,14 @@ pytestmark = pytest.mark.comfy
 
 @pytest.fixture(scope="module")
 def any_seed(pack):
-    return importlib.import_module(f"{pack.__name__}.kb_tools.any_seed")
+    return importlib.import_module(f"{pack.__name__}.benchmarks.any_seed_sampler")
 
 
 def guider(pack, model, prompts):
     import tiny_models
-    pos = pack.kb_tools.plain.batch_conditioning([tiny_models.prompt_cond(p) for p in prompts])
-    neg = pack.kb_tools.plain.batch_conditioning([tiny_models.prompt_cond("")] * len(prompts))
-    return pack.kb_tools.plain.cfg_guider(model, pos, neg, CFG)
+    pos = pack.kb_tools.comfy.plain.batch_conditioning([tiny_models.prompt_cond(p) for p in prompts])
+    neg = pack.kb_tools.comfy.plain.batch_conditioning([tiny_models.prompt_cond("")] * len(prompts))
+    return pack.kb_tools.comfy.plain.cfg_guider(model, pos, neg, CFG)
 
 
 @pytest.mark.parametrize("model_type", ["EPS", "V_PREDICTION"])
@@ -31,8 +31,8 @@ def test_denoised_from_stored_euler_steps_is_the_models_own_prediction(pack, any
     import comfy.samplers
     import tiny_models
     model = tiny_models.make_tiny_model(0, model_type)
-    kb = build(pack.kb_tools.redi, model, tmp_path / "kb", ["a cat"], store=range(1, STEPS))
-    cs = pack.kb_tools.comfy_sampling
+    kb = build(pack.kb_tools.samplers.redi_chain, model, tmp_path / "kb", ["a cat"], store=range(1, STEPS))
+    cs = pack.kb_tools.comfy.model_facts
     sigmas = cs.schedule_sigmas(model, "euler", "normal", STEPS)
     seen = {}
     latent = tiny_models.empty_latent(1)
@@ -44,7 +44,7 @@ def test_denoised_from_stored_euler_steps_is_the_models_own_prediction(pack, any
         derived = any_seed.kb_denoised(kb, model, sigmas, step)[0]
         own = seen[step].reshape(-1).numpy()
         assert np.abs(derived - own).max() <= 1e-3 * max(1.0, np.abs(own).max()), step
-    with pytest.raises(pack.kb_tools.errors.KBError, match="needs stored steps"):
+    with pytest.raises(pack.kb_tools.core.errors.KBError, match="needs stored steps"):
         any_seed.kb_denoised(kb, model, sigmas, STEPS - 1)  # x at step T is not stored
 
 
@@ -64,8 +64,8 @@ def test_pure_math_round_trips(any_seed):
 def test_sampler_counts_nfe_per_item_and_keeps_each_seeds_noise(pack, any_seed, tmp_path, key_source, extra):
     import tiny_models
     model = tiny_models.make_tiny_model(0, "V_PREDICTION")
-    kb = build(pack.kb_tools.redi, model, tmp_path / "kb", [f"prompt {i}" for i in range(6)], store=range(1, STEPS))
-    cs = pack.kb_tools.comfy_sampling
+    kb = build(pack.kb_tools.samplers.redi_chain, model, tmp_path / "kb", [f"prompt {i}" for i in range(6)], store=range(1, STEPS))
+    cs = pack.kb_tools.comfy.model_facts
     sigmas = cs.schedule_sigmas(model, "euler", "normal", STEPS)
     run = any_seed.AnySeedRun(kb, key_step=2, value_step=6, neighbours=3, key_source=key_source)
     latent = tiny_models.empty_latent(2)

@@ -36,7 +36,7 @@ def model():
 def built(pack, model, tmp_path_factory):
     """A BuildReport: four prompts, one seed, steps 3, 5 and 7 of 10 stored."""
     import tiny_models
-    redi = pack.kb_tools.redi
+    redi = pack.kb_tools.samplers.redi_chain
     spec = redi.BuildSpec(prompts=PROMPTS, seeds=[SEED], recipe=redi.Recipe("euler", "normal", STEPS, 3.0),
                           store_steps=[3, 5, 7], latent_shape=(4, 8, 8), dtype="float32")
     return redi.build_knowledge_base(str(tmp_path_factory.mktemp("kb") / "feedback-kb"), model, tiny_models.prompt_cond, spec)

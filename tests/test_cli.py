@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from kb_tools.errors import KBError
-from kb_tools.prompts import read_prompts, shard_of
+from kb_tools.core.errors import KBError
+from kb_tools.build.prompts import read_prompts, shard_of
 
 PACK_DIR = Path(__file__).resolve().parent.parent
 PROMPTS = ["a cat on a sofa", "a dog in the snow", "a red car", "a lighthouse at dusk"]
@@ -84,7 +84,7 @@ def test_build_shards_resume_merge_info_verify(tmp_path, comfy_root):
     assert kb_tools("verify", str(tmp_path / "all")).returncode == 0
 
     # The merged KB serves queries from both shards.
-    from kb_tools.kb import KnowledgeBase
+    from kb_tools.store import KnowledgeBase
     kb = KnowledgeBase.open(str(tmp_path / "all"))
     assert sorted(p for p, _ in kb.entries) == sorted(PROMPTS)
     assert kb.settings.sampler == "euler" and kb.settings.steps == 4 and list(kb.settings.latent_shape) == [4, 8, 8]
@@ -106,8 +106,8 @@ def test_calibrate_with_the_checkpoint_stores_the_plain_reference(tmp_path, comf
     tolerance "no worse than plain at equal NFE" beside the blend-error model."""
     from make_checkpoint import make_sd15_checkpoint
 
-    from kb_tools.kb import KnowledgeBase
-    from kb_tools.plain_reference import reference_of
+    from kb_tools.store import KnowledgeBase
+    from kb_tools.calibration.plain_reference import reference_of
 
     ckpt = make_sd15_checkpoint()
     prompts = tmp_path / "prompts.txt"

@@ -13,12 +13,12 @@ pytestmark = pytest.mark.comfy
 
 @pytest.fixture(scope="module")
 def cs_(pack):
-    return pack.kb_tools.corrected_solver
+    return pack.kb_tools.samplers.corrected
 
 
 @pytest.fixture(scope="module")
 def errors(pack):
-    return pack.kb_tools.errors
+    return pack.kb_tools.core.errors
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,7 @@ def model():
 @pytest.fixture(scope="module")
 def kb(pack, model, tmp_path_factory):
     """Euler trajectories of six prompts from SEED, every step 1 .. T-1 stored."""
-    return build(pack.kb_tools.redi, model, tmp_path_factory.mktemp("kb") / "kb", [f"prompt {i}" for i in range(6)],
+    return build(pack.kb_tools.samplers.redi_chain, model, tmp_path_factory.mktemp("kb") / "kb", [f"prompt {i}" for i in range(6)],
                  store=range(1, STEPS))
 
 
@@ -122,7 +122,7 @@ def test_auto_grid_counts_nfe_per_item_and_summary_names_the_corrections(custom,
 
 def test_refuses_a_non_euler_kb_a_wrong_schedule_and_a_bad_grid_with_the_fix(pack, custom, nodes, model, kb, errors,
                                                                               tmp_path):
-    other = build(pack.kb_tools.redi, model, tmp_path / "dpm", ["prompt 0", "prompt 1"], sampler="dpmpp_2m",
+    other = build(pack.kb_tools.samplers.redi_chain, model, tmp_path / "dpm", ["prompt 0", "prompt 1"], sampler="dpmpp_2m",
                   store=range(1, STEPS))
     with pytest.raises(errors.KBError, match="built with sampler 'euler'"):
         corrected_node(nodes, other)

@@ -1,4 +1,4 @@
-"""NFE counted at the diffusion model's forward pass (kb_tools.counting) on the real ComfyUI with a tiny model:
+"""NFE counted at the diffusion model's forward pass (kb_tools.comfy.counting) on the real ComfyUI with a tiny model:
 the known counts of plain samplers, cfg 1, ComfyUI's EasyCache skipping work inside the model call,
 the innermost-wrapper rule, and per-item counts of a ReDi batch whose items resume from different steps."""
 from __future__ import annotations

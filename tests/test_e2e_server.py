@@ -296,7 +296,7 @@ def test_learning_workflow_creates_its_kb_and_learns_each_full_generation(server
     """Template 8 twice on its own KB: the first run creates the KB and stores its trajectory; a small prompt change
     from the same seed then runs ReDi against it (one stored entry has no spread to match against, so the guard
     sends it back to plain sampling) and is learned too."""
-    from kb_tools.kb import KnowledgeBase
+    from kb_tools.store import KnowledgeBase
 
     prompt = load_api("8. Generate with a learning knowledge base")
     node = prompt["3"]
@@ -318,7 +318,7 @@ def test_learning_workflow_with_the_corrected_solver_corrects_a_repeat_and_never
     """Template 8 with solver 'corrected euler' on its own KB: the first two generations are sampled in full and learned
     (one stored entry has no spread, so the second is refused and restarts in full), a repeat of the first prompt and
     seed is then corrected at the grid's NFE and not stored."""
-    from kb_tools.kb import KnowledgeBase
+    from kb_tools.store import KnowledgeBase
 
     prompt = load_api("8. Generate with a learning knowledge base")
     node = prompt["3"]

@@ -25,7 +25,7 @@ SEEDS = [SEED, SEED + 1, SEED, SEED + 2]  # SEED + 1 is foreign noise
 @pytest.fixture(scope="module")
 def kb(pack, redi, model, tmp_path_factory):
     """Ten prompts from SEED and SEED + 2, steps 3..7 stored, the blend-error model of key step 3, H = 2 stored."""
-    be = pack.kb_tools.blend_error
+    be = pack.kb_tools.calibration.blend_error
     kb = build(redi, model, tmp_path_factory.mktemp("kb") / "kb", [f"prompt {i}" for i in range(10)],
                seeds=(SEED, SEED + 2), store=(3, 4, 5, 6, 7))
     be.store_error_model(kb, KEY, be.fit_error_model(be.measure_blend_errors(kb, KEY, H, sample=20)))
@@ -44,7 +44,7 @@ def run(pack, nodes, custom, guider, kb, *, tolerance=-1.0, adaptive=False, guar
     kwargs = {} if tolerance == -1.0 and not adaptive else {"error_tolerance": tolerance, "adaptive_skip": adaptive}
     sampler = cn.SamplerReDi.execute(knowledge_base=kb, key_step=KEY, value_step=value, neighbours=H, weight_mode="lstsq",
                                      guard=guard, **kwargs).result[0]
-    noise = PerItemNoise(pack.kb_tools.comfy_sampling.seeded_noise, seeds)
+    noise = PerItemNoise(pack.kb_tools.comfy.model_facts.seeded_noise, seeds)
     sigmas = cn.ReDiKBSigmas.execute(knowledge_base=kb).result[0]
     out = custom.SamplerCustomAdvanced.execute(noise=noise, guider=guider, sampler=sampler, sigmas=sigmas,
                                                latent_image={"samples": tiny_models.empty_latent(len(seeds))}).result[0]
@@ -52,7 +52,7 @@ def run(pack, nodes, custom, guider, kb, *, tolerance=-1.0, adaptive=False, guar
 
 
 def predicted(pack, kb, residuals, step):
-    be = pack.kb_tools.blend_error
+    be = pack.kb_tools.calibration.blend_error
     return be.predict_error(be.stored_error_model(kb, KEY, H), residuals, step)
 
 
@@ -94,7 +94,7 @@ def test_zero_tolerance_sends_every_item_back(pack, nodes, custom, guider, kb, a
 
 
 def test_huge_tolerance_accepts_exactly_the_items_within_the_calibrated_range(pack, nodes, custom, guider, kb):
-    be = pack.kb_tools.blend_error
+    be = pack.kb_tools.calibration.blend_error
     _, result = run(pack, nodes, custom, guider, kb, tolerance=100.0)
     within = result.centered_residual <= be.stored_error_model(kb, KEY, H)["residual_max"]
     assert within.tolist() == [True, False, True, True]  # foreign noise lies beyond it
@@ -143,12 +143,12 @@ def test_kb_without_a_blend_error_model_is_refused_before_sampling(pack, redi, n
     import tiny_models
     from test_redi_nodes import counted
     bare = build(redi, model, tmp_path / "bare", ["a cat", "a dog", "a red car"])
-    with pytest.raises(pack.kb_tools.errors.KBError,
+    with pytest.raises(pack.kb_tools.core.errors.KBError,
                        match=r"no blend-error model for key step 3 and H=2.*python -m kb_tools calibrate KB --key-step 3 --neighbours 2"):
         nodes.custom_sampling.SamplerReDi.execute(knowledge_base=bare, key_step=3, value_step=7, neighbours=2,
                                                   weight_mode="lstsq", guard=-1.0, error_tolerance=0.1)
     counted_model, counter = counted(model)
-    with pytest.raises(pack.kb_tools.errors.KBError, match=r"python -m kb_tools calibrate"):
+    with pytest.raises(pack.kb_tools.core.errors.KBError, match=r"python -m kb_tools calibrate"):
         nodes.redi.ReDiSampler.execute(model=counted_model, positive=cond("a cat"), negative=cond(""), knowledge_base=bare,
                                        latent_image={"samples": tiny_models.empty_latent(1)}, key_step=3, value_step=7,
                                        neighbours=2, weight_mode="lstsq", guard=-1.0, seed_mode="kb", seed=0,
@@ -159,10 +159,10 @@ def test_kb_without_a_blend_error_model_is_refused_before_sampling(pack, redi, n
 
 def test_adaptive_skip_without_a_tolerance_is_refused(pack, nodes, model, kb):
     import tiny_models
-    with pytest.raises(pack.kb_tools.errors.KBError, match=r"adaptive skip needs the error guard.*error_tolerance"):
+    with pytest.raises(pack.kb_tools.core.errors.KBError, match=r"adaptive skip needs the error guard.*error_tolerance"):
         nodes.custom_sampling.SamplerReDi.execute(knowledge_base=kb, key_step=KEY, value_step=VALUE, neighbours=H,
                                                   weight_mode="lstsq", guard=-1.0, adaptive_skip=True)
-    with pytest.raises(pack.kb_tools.errors.KBError, match=r"adaptive skip needs the error guard"):
+    with pytest.raises(pack.kb_tools.core.errors.KBError, match=r"adaptive skip needs the error guard"):
         nodes.redi.ReDiSampler.execute(model=model, positive=cond("prompt 1"), negative=cond(""), knowledge_base=kb,
                                        latent_image={"samples": tiny_models.empty_latent(1)}, key_step=KEY,
                                        value_step=VALUE, neighbours=H, weight_mode="lstsq", guard=-1.0, seed_mode="kb",
@@ -202,12 +202,12 @@ def test_four_node_chain_takes_the_error_guard_at_its_blend_step(pack, nodes, mo
     assert torch.equal(plain.result[0]["samples"], off.result[0]["samples"])  # -1: the residual guard, as before
     state = value["redi"]
     for tolerance in (0.0, 100.0):
-        result = pack.kb_tools.redi.resume(state, model, pos, neg, tolerance=tolerance)
+        result = pack.kb_tools.samplers.redi_chain.resume(state, model, pos, neg, tolerance=tolerance)
         want = predicted(pack, kb, state.fit.centered_residual, VALUE) <= tolerance
         assert result.accepted.tolist() == want.tolist() and result.predicted_error is not None
         assert result.start_steps.tolist() == [VALUE if a else KEY for a in want]
         assert want[0] == (tolerance > 0)  # the KB prompt from its KB seed jumps unless nothing may
-    assert not pack.kb_tools.redi.resume(state, model, pos, neg, tolerance=0.0).accepted.any()
+    assert not pack.kb_tools.samplers.redi_chain.resume(state, model, pos, neg, tolerance=0.0).accepted.any()
     text = resume(model=model, positive=pos, negative=neg, value_latent=value, guard=-1.0, error_tolerance=0.0).ui["text"][0]
     assert "error guard" in text
 
@@ -215,6 +215,6 @@ def test_four_node_chain_takes_the_error_guard_at_its_blend_step(pack, nodes, mo
 def test_four_node_chain_refuses_the_error_guard_on_a_kb_without_its_model(pack, redi, nodes, model, tmp_path):
     bare = build(redi, model, tmp_path / "bare", ["a cat", "a dog", "a red car"])
     value = blended(nodes, model, bare, ["a cat"])
-    with pytest.raises(pack.kb_tools.errors.KBError, match=r"no blend-error model.*python -m kb_tools calibrate"):
+    with pytest.raises(pack.kb_tools.core.errors.KBError, match=r"no blend-error model.*python -m kb_tools calibrate"):
         nodes.redi.ReDiResumeSample.execute(model=model, positive=cond("a cat"), negative=cond(""), value_latent=value,
                                             guard=-1.0, error_tolerance=0.1)

@@ -158,7 +158,7 @@ def test_offline_build_picks_the_device_without_a_flag(comfy_root, tmp_path):
 
 
 def test_device_choice_rules():
-    from kb_tools.comfy_env import device_choice as choice
+    from kb_tools.comfy.env import device_choice as choice
     assert choice(False, None) == (True, "this torch sees no CUDA, MPS or XPU device")
     assert choice(False, "cuda") == (False, "cuda available; add --cpu to use the CPU instead")
     assert choice(True, "cuda") == (True, "--cpu given")

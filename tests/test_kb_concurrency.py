@@ -11,7 +11,7 @@ import sys
 from kb_crash_helper import chunk_pairs, toy_latents, toy_settings
 from kb_reader_writer import CHUNK
 
-from kb_tools.kb import KnowledgeBase
+from kb_tools.store import KnowledgeBase
 
 HELPER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kb_reader_writer.py")
 APPENDS, MIN_OPENS = 110, 500

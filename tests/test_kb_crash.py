@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from kb_crash_helper import chunk_pairs, manifest_of, toy_latents
 
-from kb_tools.kb import KnowledgeBase
+from kb_tools.store import KnowledgeBase
 
 HELPER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kb_crash_helper.py")
 N_CHUNKS, CHUNK = 60, 8

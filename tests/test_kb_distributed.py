@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from kb_crash_helper import STORED_STEPS, toy_latents, toy_settings
 
-from kb_tools.errors import KBError, KBMismatchError
-from kb_tools.kb import KnowledgeBase, merge_into
-from kb_tools.distributed import plan_shards, shard_name
+from kb_tools.core.errors import KBError, KBMismatchError
+from kb_tools.store import KnowledgeBase, merge_into
+from kb_tools.build.distributed import plan_shards, shard_name
 
 faiss.omp_set_num_threads(1)
 PACK_DIR = Path(__file__).resolve().parent.parent
@@ -77,16 +77,16 @@ def _python(code: str) -> subprocess.CompletedProcess:
 def test_missing_ray_names_the_install_command():
     # A Python where `import ray` fails (sys.modules entry None makes the import raise ImportError).
     out = _python("import sys; sys.modules['ray'] = None\n"
-                  "from kb_tools.distributed import import_ray\n"
+                  "from kb_tools.build.distributed import import_ray\n"
                   "try:\n    import_ray()\nexcept Exception as e:\n    print(type(e).__name__, e)\n")
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("KBError") and 'pip install "redi-sampling[ray]"' in out.stdout
 
 
 def test_ray_is_imported_only_by_a_build_that_asks_for_it():
-    out = _python("import sys\nimport kb_tools.cli, kb_tools.build_job, kb_tools.distributed, kb_tools.kb\n"
+    out = _python("import sys\nimport kb_tools.build.cli, kb_tools.build.job, kb_tools.build.distributed, kb_tools.store\n"
                   "print('ray' in sys.modules)")
     assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr
     shipped = [p for p in PACK_DIR.rglob("*.py") if p.parts[len(PACK_DIR.parts)] in ("nodes", "kb_tools", "embedded")]
     importing = [p.relative_to(PACK_DIR).as_posix() for p in shipped if "import ray" in p.read_text()]
-    assert importing == ["kb_tools/distributed.py"]
+    assert importing == ["kb_tools/build/distributed.py"]

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from kb_crash_helper import chunk_pairs, toy_latents, toy_settings
 
-from kb_tools.errors import KBChangedError, KBError
-from kb_tools.kb import KBBudget, KnowledgeBase, evict_oldest
-from kb_tools.kb.eviction import shard_sizes, shards_to_drop
-from kb_tools.learning import learn
+from kb_tools.core.errors import KBChangedError, KBError
+from kb_tools.store import KBBudget, KnowledgeBase, evict_oldest
+from kb_tools.store.eviction import shard_sizes, shards_to_drop
+from kb_tools.store.learning import learn
 
 CHUNK, STEP = 3, 4
 

@@ -32,10 +32,10 @@ from kb_crash_helper import (
     STORED_STEPS, forge_safetensors, kb_file, manifest_of, replace_file_signed, toy_latents, toy_settings, write_manifest,
 )
 
-from kb_tools.errors import KBError
-from kb_tools.kb import KnowledgeBase
-from kb_tools.kb import index as ix
-from kb_tools.kb.safetensors_file import tensors_from_bytes
+from kb_tools.core.errors import KBError
+from kb_tools.store import KnowledgeBase
+from kb_tools.store import index as ix
+from kb_tools.store.safetensors_file import tensors_from_bytes
 
 faiss.omp_set_num_threads(1)  # the test machine's cores are shared
 H = 2

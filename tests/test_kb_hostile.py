@@ -13,10 +13,10 @@ from kb_crash_helper import (
     LATENT_SHAPE, forge_safetensors, kb_file, manifest_of, replace_file_signed, toy_latents, toy_settings, write_manifest,
 )
 
-from kb_tools import retrieval
-from kb_tools.errors import KBError
-from kb_tools.kb import KnowledgeBase, check_kb_name, merge, open_or_create
-from kb_tools.kb.safetensors_file import tensors_from_bytes
+from kb_tools.core import retrieval
+from kb_tools.core.errors import KBError
+from kb_tools.store import KnowledgeBase, check_kb_name, merge, open_or_create
+from kb_tools.store.safetensors_file import tensors_from_bytes
 
 
 def make(path, n=6, index_type="flat") -> KnowledgeBase:

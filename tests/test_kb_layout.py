@@ -16,9 +16,9 @@ from kb_crash_helper import (
     forge_safetensors, kb_file, manifest_of, replace_file_signed, toy_latents, toy_settings, write_manifest,
 )
 
-from kb_tools.errors import KBError
-from kb_tools.kb import KnowledgeBase, merge
-from kb_tools.kb.safetensors_file import tensors_from_bytes
+from kb_tools.core.errors import KBError
+from kb_tools.store import KnowledgeBase, merge
+from kb_tools.store.safetensors_file import tensors_from_bytes
 
 PACK = Path(__file__).resolve().parent.parent
 FIXTURE_V1 = Path(__file__).resolve().parent / "fixtures" / "kb_v1"

@@ -109,7 +109,7 @@ def setup(tmp_path_factory, comfy_root):
 
 
 def _same_as_reference(kb_path: Path, reference: Path) -> None:
-    from kb_tools.kb import KnowledgeBase
+    from kb_tools.store import KnowledgeBase
 
     kb, ref = KnowledgeBase.open(kb_path, verify="full"), KnowledgeBase.open(reference)
     assert sorted(kb.entries) == sorted(ref.entries) and len(set(kb.entries)) == len(kb.entries)
@@ -131,8 +131,8 @@ def _shard_builders(cluster) -> list:
 
 
 def _shard_counts(out: Path) -> dict[str, int]:
-    from kb_tools.kb import KnowledgeBase
-    from kb_tools.distributed import shards_folder
+    from kb_tools.store import KnowledgeBase
+    from kb_tools.build.distributed import shards_folder
 
     folder = Path(shards_folder(str(out)))
     counts = {}

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from kb_crash_helper import LATENT_SHAPE, STORED_STEPS, manifest_of, toy_latents, toy_settings, write_manifest
 
-from kb_tools import kb as kbmod
-from kb_tools.errors import KBError, KBMismatchError
-from kb_tools.kb import KBSettings, KnowledgeBase, auto_reduce, merge, open_or_create, step_name
-from kb_tools.kb.safetensors_file import read_header
+from kb_tools import store as kbmod
+from kb_tools.core.errors import KBError, KBMismatchError
+from kb_tools.store import KBSettings, KnowledgeBase, auto_reduce, merge, open_or_create, step_name
+from kb_tools.store.safetensors_file import read_header
 
 faiss.omp_set_num_threads(1)  # the test machine's cores are shared
 
@@ -77,7 +77,7 @@ def test_round_trip_float16_within_precision(tmp_path):
 
 def test_float16_widening_is_exact_for_every_bit_pattern():
     """The torch widening used for reads agrees with numpy on all 65,536 float16 values (NaN stays NaN)."""
-    from kb_tools.kb.generation import as_float32
+    from kb_tools.store.generation import as_float32
 
     every = np.arange(2**16, dtype=np.uint16).view(np.float16).reshape(2, 32768)  # crosses the chunk size
     got, want = as_float32(every), every.astype(np.float32)

@@ -12,7 +12,7 @@ import test_learning_kb
 from test_learning_kb import conds
 from test_redi_nodes import CFG, SEED, STEPS, ksampler
 
-# test_learning_kb's module fixtures, shared: the tiny model and kb_tools.redi
+# test_learning_kb's module fixtures, shared: the tiny model and kb_tools.samplers.redi_chain
 model, redi = test_learning_kb.model, test_learning_kb.redi
 
 pytestmark = pytest.mark.comfy
@@ -24,7 +24,7 @@ NFE = 4  # coarse_grid(10, 4) = (0, 1, 5, 9, 10): 1 -> 5 and 5 -> 9 corrected, t
 @pytest.fixture(scope="module")
 def lc(pack):
     import importlib
-    return importlib.import_module(f"{pack.__name__}.kb_tools.learning_corrected")
+    return importlib.import_module(f"{pack.__name__}.kb_tools.samplers.learning")
 
 
 def settings_for(redi, model, sampler="euler", store=STORE):
@@ -104,7 +104,7 @@ def test_a_corrected_item_is_never_stored_and_a_refused_one_is_stored_as_plain(l
 
 
 def test_refuses_a_non_euler_recipe_missing_steps_and_a_grid_with_nothing_to_correct(lc, redi, model, tmp_path, pack):
-    KBError = pack.kb_tools.errors.KBError
+    KBError = pack.kb_tools.core.errors.KBError
     path = tmp_path / "learned"
     with pytest.raises(KBError, match="use sampler 'euler' for the learning KB"):
         generate(lc, redi, model, settings_for(redi, model, "dpmpp_2m"), path, ["p"], [SEED])

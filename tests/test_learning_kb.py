@@ -21,7 +21,7 @@ HELPER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "learning_writ
 
 @pytest.fixture(scope="module")
 def redi(pack):
-    return pack.kb_tools.redi
+    return pack.kb_tools.samplers.redi_chain
 
 
 @pytest.fixture(scope="module")

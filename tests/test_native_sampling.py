@@ -14,7 +14,7 @@ pytestmark = pytest.mark.comfy
 
 @pytest.fixture(scope="module")
 def redi(pack):
-    return pack.kb_tools.redi
+    return pack.kb_tools.samplers.redi_chain
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +117,7 @@ def test_own_trajectory_reproduces_the_plain_sampler_and_saves_v_minus_k(redi, n
 @pytest.mark.parametrize("model_type", ["EPS", "V_PREDICTION", "FLOW"])
 def test_latent_space_round_trip(pack, model_type):
     import tiny_models
-    cs = pack.kb_tools.comfy_sampling
+    cs = pack.kb_tools.comfy.model_facts
     model = tiny_models.make_tiny_model(0, model_type)
     sigmas = cs.schedule_sigmas(model, "euler", "normal", STEPS)
     x = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(0)) * 3
@@ -135,9 +135,9 @@ def test_latent_space_round_trip(pack, model_type):
 def test_sigmas_that_are_not_the_kbs_schedule_are_refused_with_the_difference(pack, nodes, custom, model, kb):
     import tiny_models
     guider = cfg_guider(custom, model, cond("prompt 1"))
-    with pytest.raises(pack.kb_tools.errors.KBMismatchError, match=r"steps: knowledge base has 10, SIGMAS has 8"):
+    with pytest.raises(pack.kb_tools.core.errors.KBMismatchError, match=r"steps: knowledge base has 10, SIGMAS has 8"):
         native(nodes, custom, guider, kb, tiny_models.empty_latent(1), steps=8)
-    with pytest.raises(pack.kb_tools.errors.KBMismatchError, match=r"sigmas\[1\]: knowledge base has .*BasicScheduler"):
+    with pytest.raises(pack.kb_tools.core.errors.KBMismatchError, match=r"sigmas\[1\]: knowledge base has .*BasicScheduler"):
         native(nodes, custom, guider, kb, tiny_models.empty_latent(1), scheduler="karras")
     kb_sigmas = nodes.custom_sampling.ReDiKBSigmas.execute(knowledge_base=kb).result[0]
     assert kb_sigmas.tolist() == pytest.approx(kb.settings.sigmas)
@@ -179,7 +179,7 @@ class PerItemNoise:
 def test_mixed_batch_paths_and_counts(pack, nodes, custom, model, kb):
     import tiny_models
     guider = cfg_guider(custom, model, cond("prompt 2", "prompt 4", "prompt 7"))
-    noise = PerItemNoise(pack.kb_tools.comfy_sampling.seeded_noise, [SEED, SEED + 1, SEED + 2])
+    noise = PerItemNoise(pack.kb_tools.comfy.model_facts.seeded_noise, [SEED, SEED + 1, SEED + 2])
     _, result = native(nodes, custom, guider, kb, tiny_models.empty_latent(3), noise=noise)
     assert result.accepted.tolist() == [True, False, True]
     assert result.start_steps.tolist() == [7, 3, 7]

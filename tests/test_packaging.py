@@ -25,8 +25,8 @@ def test_pyproject_has_comfy_registry_fields():
 
 def test_kb_tools_imports_and_runs_without_comfyui(tmp_path):
     """The library and its command line work in a plain Python with no ComfyUI on the path."""
-    code = ("import sys; sys.path.insert(0, %r); import kb_tools.kb, kb_tools.retrieval, kb_tools.schedule, "
-            "kb_tools.prompts, kb_tools.tstitch, kb_tools.cli; "
+    code = ("import sys; sys.path.insert(0, %r); import kb_tools.store, kb_tools.core.retrieval, kb_tools.core.schedule, "
+            "kb_tools.build.prompts, kb_tools.samplers.tstitch, kb_tools.build.cli; "
             "assert not any(m == 'comfy' or m.startswith('comfy.') for m in sys.modules), 'comfy imported'" % str(PACK_DIR))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env={"PATH": "/usr/bin:/bin"})
     assert out.returncode == 0, out.stderr
@@ -41,7 +41,7 @@ def test_pack_init_is_guarded_outside_comfyui(tmp_path):
 
 
 # The one place that names an install command: the error when the optional `ray` extra is missing.
-INSTALL_HINTS = {("kb_tools/distributed.py", "RAY_INSTALL")}
+INSTALL_HINTS = {("kb_tools/build/distributed.py", "RAY_INSTALL")}
 
 
 def test_no_pickle_eval_exec_or_runtime_installs_in_the_pack():

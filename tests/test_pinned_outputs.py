@@ -42,10 +42,9 @@ def model():
 @pytest.fixture(scope="module")
 def kb(api, model, tmp_path_factory):
     import tiny_models
-    build = api.build
-    spec = build.BuildSpec(prompts=PROMPTS, seeds=[SEED], recipe=api.records.Recipe("euler", "normal", STEPS, CFG),
+    spec = api.BuildSpec(prompts=PROMPTS, seeds=[SEED], recipe=api.Recipe("euler", "normal", STEPS, CFG),
                            store_steps=list(range(1, STEPS)), latent_shape=(4, 8, 8), dtype="float32")
-    return build.build_knowledge_base(str(tmp_path_factory.mktemp("pin") / "kb"), model, tiny_models.prompt_cond, spec).kb
+    return api.build_knowledge_base(str(tmp_path_factory.mktemp("pin") / "kb"), model, tiny_models.prompt_cond, spec).kb
 
 
 def cond(text):
@@ -84,8 +83,8 @@ def outputs(api, node, model, kb, tmp_path) -> dict[str, torch.Tensor]:
         switch_sigma=1.0, small_positive=cond("a fox"), small_negative=cond(""), large_positive=cond("a fox"),
         large_negative=cond("")).result[0]["samples"]
 
-    redi = api.redi
-    recipe = api.records.Recipe("euler", "normal", STEPS, CFG)
+    redi = api
+    recipe = api.Recipe("euler", "normal", STEPS, CFG)
     settings = redi.learning_settings(model, recipe, list(range(1, STEPS)), (4, 8, 8))
     prompts = ["a cat", "a cat"]
     positive = redi.batch_conditioning([cond(p) for p in prompts])
@@ -98,7 +97,7 @@ def outputs(api, node, model, kb, tmp_path) -> dict[str, torch.Tensor]:
                                                 prompts, [SEED, SEED + 1], key_step=2, value_step=6, neighbours=1,
                                                 guard=100.0, dtype="float32")
             else:
-                result = api.learning_corrected.generate_learning_corrected(
+                result = api.generate_learning_corrected(
                     path, settings, model, positive, negative, tiny_models.empty_latent(2), prompts, [SEED, SEED + 1],
                     nfe=4, neighbours=1, guard=100.0, dtype="float32")
             out[f"{name}_{round_}"] = result.latent

@@ -1,4 +1,4 @@
-"""The error guard's default tolerance "no worse than plain at equal NFE" (kb_tools.plain_reference):
+"""The error guard's default tolerance "no worse than plain at equal NFE" (kb_tools.calibration.plain_reference):
 its fit, its storage beside the blend-error model, the guard that reads it (fixed and adaptive),
 and, on the real ComfyUI with a tiny model, the reference runs and the calibrate command that
 measure it once (never during a generation)."""
@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from test_error_calibration import make_kb, smooth_family
 
-from kb_tools.blend_error import choose_value_steps, fit_error_model, measure_blend_errors, predict_error, store_error_model
-from kb_tools.errors import KBError
-from kb_tools.guard import default_tolerance, resolve_error_guard
-from kb_tools.kb import KnowledgeBase
-from kb_tools.plain_reference import (
+from kb_tools.calibration.blend_error import choose_value_steps, fit_error_model, measure_blend_errors, predict_error, store_error_model
+from kb_tools.core.errors import KBError
+from kb_tools.calibration.guard import default_tolerance, resolve_error_guard
+from kb_tools.store import KnowledgeBase
+from kb_tools.calibration.plain_reference import (
     PLAIN, ReferenceErrors, check_plain_reference, describe_plain_reference, fit_plain_reference, plain_tolerances,
     reference_of, store_plain_reference,
 )

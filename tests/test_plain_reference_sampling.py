@@ -22,7 +22,7 @@ STORED = (3, 4, 5, 6, 7)
 @pytest.fixture(scope="module")
 def kb(pack, redi, model, tmp_path_factory):
     """Ten prompts from SEED and SEED + 2, steps 3..7 stored, the blend-error model of key step 3, H = 2 stored."""
-    be = pack.kb_tools.blend_error
+    be = pack.kb_tools.calibration.blend_error
     kb = build(redi, model, tmp_path_factory.mktemp("kb") / "kb", [f"prompt {i}" for i in range(10)],
                seeds=(SEED, SEED + 2), store=STORED)
     be.store_error_model(kb, KEY, be.fit_error_model(be.measure_blend_errors(kb, KEY, H, sample=20)))
@@ -31,13 +31,13 @@ def kb(pack, redi, model, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def measured(pack, kb):
-    return pack.kb_tools.blend_error.measure_blend_errors(kb, KEY, H, sample=20)
+    return pack.kb_tools.calibration.blend_error.measure_blend_errors(kb, KEY, H, sample=20)
 
 
 @pytest.fixture(scope="module")
 def reference(pack, kb, model, measured):
     import tiny_models
-    runs = importlib.import_module(f"{pack.__name__}.kb_tools.reference_runs")  # imported by calibration only
+    runs = importlib.import_module(f"{pack.__name__}.kb_tools.calibration.reference_runs")  # imported by calibration only
     return runs.measure_reference(kb, model, tiny_models.prompt_cond, measured, items=2)
 
 
@@ -61,7 +61,7 @@ def test_reference_runs_are_plain_at_equal_nfe_and_the_resumed_blends(pack, kb, 
     entries = kb.entries
     assert reference.value_steps.tolist() == [4, 5, 6, 7] and reference.plain_nfe.tolist() == [9, 8, 7, 6]
     np.testing.assert_array_equal(reference.state_rms, measured.rms[:2])
-    blend_entries = pack.kb_tools.retrieval.blend_entries
+    blend_entries = pack.kb_tools.core.retrieval.blend_entries
     for i, entry in enumerate(reference.ids.tolist()):
         prompt, seed = entries[entry]
         full = comfy_sample(model, prompt, seed, STEPS, tiny_models.empty_latent(1))
@@ -76,15 +76,15 @@ def test_reference_runs_are_plain_at_equal_nfe_and_the_resumed_blends(pack, kb, 
 
 def test_nodes_auto_tolerance_reads_the_stored_reference_and_measures_nothing(pack, nodes, kb, model, reference, monkeypatch):
     import tiny_models
-    pr = pack.kb_tools.plain_reference
+    pr = pack.kb_tools.calibration.plain_reference
     kb_ref = pr.fit_plain_reference(reference)
     pr.store_plain_reference(kb, KEY, kb_ref)
 
     def refuse(*args, **kwargs):
         raise AssertionError("a calibration was computed during a generation")
 
-    for module, name in ((importlib.import_module(f"{pack.__name__}.kb_tools.reference_runs"), "measure_reference"), (pack.kb_tools.blend_error, "measure_blend_errors"),
-                         (pack.kb_tools.blend_error, "leave_one_out"), (pack.kb_tools.kb.KnowledgeBase, "set_calibration")):
+    for module, name in ((importlib.import_module(f"{pack.__name__}.kb_tools.calibration.reference_runs"), "measure_reference"), (pack.kb_tools.calibration.blend_error, "measure_blend_errors"),
+                         (pack.kb_tools.calibration.blend_error, "leave_one_out"), (pack.kb_tools.store.KnowledgeBase, "set_calibration")):
         monkeypatch.setattr(module, name, refuse)
     generation = kb.generation
 

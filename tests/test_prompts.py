@@ -7,8 +7,8 @@ import os
 
 import pytest
 
-from kb_tools.errors import KBError
-from kb_tools.prompts import input_file, read_prompts
+from kb_tools.core.errors import KBError
+from kb_tools.build.prompts import input_file, read_prompts
 
 
 @pytest.fixture

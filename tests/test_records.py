@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from kb_tools.errors import KBError
-from kb_tools.records import Difference, Recipe, describe_differences, differences
+from kb_tools.core.errors import KBError
+from kb_tools.core.records import Difference, Recipe, describe_differences, differences
 
 
 def test_recipe_validates_once_and_round_trips():

@@ -16,7 +16,7 @@ SEED = 7
 
 @pytest.fixture(scope="module")
 def redi(pack):
-    return pack.kb_tools.redi
+    return pack.kb_tools.samplers.redi_chain
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +26,7 @@ def nodes(pack):
 
 @pytest.fixture(scope="module")
 def errors(pack):
-    return pack.kb_tools.errors
+    return pack.kb_tools.core.errors
 
 
 @pytest.fixture(scope="module")

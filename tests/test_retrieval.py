@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from kb_crash_helper import toy_latents, toy_settings
 
-from kb_tools.errors import KBError
-from kb_tools.kb import KnowledgeBase, reduce_keys
-from kb_tools.retrieval import (
+from kb_tools.core.errors import KBError
+from kb_tools.store import KnowledgeBase, reduce_keys
+from kb_tools.core.retrieval import (
     blend,
     blend_entries,
     calibrate,

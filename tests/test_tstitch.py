@@ -101,7 +101,7 @@ def test_output_keeps_other_latent_keys(pack, models, conds, tm):
 
 def test_evaluation_counts_follow_switch_point(pack, models, conds, tm):
     from redi_pack.kb_tools import comfy_sampling as cs
-    from redi_pack.kb_tools.schedule import stitch_switch_step
+    from redi_pack.kb_tools.core.schedule import stitch_switch_step
 
     small, large = models
     small_c, small_calls = counted(small)
@@ -144,9 +144,9 @@ def test_mismatched_pair_refused_before_sampling(pack, models, conds, tm, case):
         words = ["context", "small model", "64", "32"]
     small_c, small_calls = counted(small)
     large_c, large_calls = counted(large)
-    with pytest.raises(pack.kb_tools.errors.KBError) as info:
+    with pytest.raises(pack.kb_tools.core.errors.KBError) as info:
         run_node(pack, small_c, large_c, conds, {"samples": tm.empty_latent()})
-    assert isinstance(info.value, pack.kb_tools.errors.KBMismatchError)
+    assert isinstance(info.value, pack.kb_tools.core.errors.KBMismatchError)
     message = str(info.value)
     for word in words:
         assert word in message, message
@@ -155,8 +155,8 @@ def test_mismatched_pair_refused_before_sampling(pack, models, conds, tm, case):
 
 
 def test_check_names_every_difference(pack):
-    from redi_pack.kb_tools.errors import KBMismatchError
-    from redi_pack.kb_tools.tstitch import check_stitch_compatible
+    from redi_pack.kb_tools.core.errors import KBMismatchError
+    from redi_pack.kb_tools.samplers.tstitch import check_stitch_compatible
 
     base = {"model_class": "BaseModel", "latent_channels": 4, "latent_scale_factor": 0.18215, "latent_format": "SD15",
             "sampling_type": "EPS", "sigma_min": 0.0292, "sigma_max": 14.61, "context_dim": 768}
@@ -175,7 +175,7 @@ def test_check_names_every_difference(pack):
 
 
 def test_summary_line(pack):
-    from redi_pack.kb_tools.tstitch import stitch_summary
+    from redi_pack.kb_tools.samplers.tstitch import stitch_summary
 
     assert stitch_summary(4, 6) == "T-Stitch: 4 of 10 steps on the small model, 6 on the large (large-model evaluations -40%)"
     assert "estimated time -36%" in stitch_summary(4, 6, 0.1)
@@ -199,7 +199,7 @@ def test_schema(pack):
 
 def test_kb_tools_tstitch_imports_without_comfyui(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "COMFYUI_PATH")}
-    code = ("import sys; sys.path.insert(0, %r); import kb_tools.tstitch; "
+    code = ("import sys; sys.path.insert(0, %r); import kb_tools.samplers.tstitch; "
             "assert 'comfy' not in sys.modules, 'comfy imported'; "
             "import importlib.util; print(importlib.util.find_spec('comfy') is None)") % str(PACK_DIR)
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1800)

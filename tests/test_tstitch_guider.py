@@ -119,7 +119,7 @@ def test_multistep_history_is_kept_across_the_hand_over(pack, custom, models):
     assert (out - reference).abs().max().item() < 1e-5 * max(1.0, reference.abs().max().item())
 
     # Two separate runs (the segment approach) restart dpmpp_2m's history at the hand-over: a different result.
-    p = pack.kb_tools.plain
+    p = pack.kb_tools.comfy.plain
     pos, neg = conds()
     lat = tiny_models.empty_latent()
     early, _, _ = p.sample_counted(p.cfg_guider(small, pos, neg, CFG), lat, [SEED], sigmas[:5], "dpmpp_2m",
@@ -153,7 +153,7 @@ def test_mismatched_pair_is_refused_before_sampling(pack, custom, models):
     small_guider = custom.CFGGuider.execute(model=small, positive=tiny_models.prompt_cond("a", 32), negative=neg,
                                             cfg=CFG).result[0]
     large_guider = custom.CFGGuider.execute(model=large, positive=pos, negative=neg, cfg=CFG).result[0]
-    with pytest.raises(pack.kb_tools.errors.KBMismatchError, match=r"context size: the small model's positive conditioning is 32"):
+    with pytest.raises(pack.kb_tools.core.errors.KBMismatchError, match=r"context size: the small model's positive conditioning is 32"):
         pack.nodes.tstitch.TStitchGuider.execute(small_guider=small_guider, large_guider=large_guider,
                                                  switch_mode="fraction", small_fraction=0.4, switch_sigma=1.0)
 
@@ -176,7 +176,7 @@ def test_redi_with_small_model_keys_in_the_native_graph(pack, custom, tmp_path):
     """SamplerCustomAdvanced(ReDiKBNoise, TStitchGuider, SamplerReDi) = ReDiSampler with small_model, exactly."""
     import tiny_models
     from test_tstitch_redi import STITCH, build_stitched
-    redi, nodes = pack.kb_tools.redi, pack.nodes
+    redi, nodes = pack.kb_tools.samplers.redi_chain, pack.nodes
     large = tiny_models.make_tiny_model(0, "V_PREDICTION", model_channels=64)
     small = tiny_models.make_tiny_model(5, "V_PREDICTION", model_channels=32, channel_mult=(1,))
     kb = build_stitched(redi, large, small, tmp_path / "kb", ["a cat", "a dog", "a red car"]).kb
@@ -199,5 +199,5 @@ def test_redi_with_small_model_keys_in_the_native_graph(pack, custom, tmp_path):
             latent_image={"samples": tiny_models.empty_latent(1)}).result[0]["samples"]
 
     assert torch.equal(native(STITCH / STEPS), expected)
-    with pytest.raises(pack.kb_tools.errors.KBMismatchError, match=f"exactly the first {STITCH} steps"):
+    with pytest.raises(pack.kb_tools.core.errors.KBMismatchError, match=f"exactly the first {STITCH} steps"):
         native(0.3)

@@ -28,7 +28,7 @@ def build_stitched(redi, large, small, path, prompts):
 
 
 def test_kb_records_the_key_model_and_its_build_counts_both_models(pack, models, tmp_path):
-    redi = pack.kb_tools.redi
+    redi = pack.kb_tools.samplers.redi_chain
     large, small = models
     report = build_stitched(redi, large, small, tmp_path / "kb", ["a cat", "a dog"])
     settings = report.kb.settings
@@ -42,7 +42,7 @@ def test_kb_records_the_key_model_and_its_build_counts_both_models(pack, models,
 
 def test_redi_with_small_model_keys_counts_large_model_calls(pack, models, tmp_path):
     import tiny_models
-    redi, nodes = pack.kb_tools.redi, pack.nodes.redi
+    redi, nodes = pack.kb_tools.samplers.redi_chain, pack.nodes.redi
     large, small = models
     kb = build_stitched(redi, large, small, tmp_path / "kb", ["a cat", "a dog", "a red car"]).kb
     large_counted, large_calls = counted(large)
@@ -59,7 +59,7 @@ def test_redi_with_small_model_keys_counts_large_model_calls(pack, models, tmp_p
     assert large_calls.count == STEPS - 6
 
     # The query is the KB's own trajectory, so the result equals the stitched full run.
-    full = pack.kb_tools.plain.sample_prompts(large, tiny_models.prompt_cond, ["a dog"], [SEED],
+    full = pack.kb_tools.comfy.plain.sample_prompts(large, tiny_models.prompt_cond, ["a dog"], [SEED],
                                               redi.Recipe("euler", "normal", STEPS, CFG), latent_shape=(4, 8, 8),
                                               key_model=small, stitch_step=STITCH).latents
     assert (out - full).abs().max().item() < 1e-4
@@ -67,15 +67,15 @@ def test_redi_with_small_model_keys_counts_large_model_calls(pack, models, tmp_p
 
 def test_kb_with_small_model_keys_refuses_a_query_without_it(pack, models, tmp_path):
     import tiny_models
-    redi, nodes = pack.kb_tools.redi, pack.nodes.redi
+    redi, nodes = pack.kb_tools.samplers.redi_chain, pack.nodes.redi
     large, small = models
     kb = build_stitched(redi, large, small, tmp_path / "kb", ["a cat"]).kb
-    with pytest.raises(pack.kb_tools.errors.KBMismatchError, match="small_model input"):
+    with pytest.raises(pack.kb_tools.core.errors.KBMismatchError, match="small_model input"):
         nodes.ReDiSampler.execute(model=large, positive=tiny_models.prompt_cond("a"), negative=tiny_models.prompt_cond(""),
                                   latent_image={"samples": tiny_models.empty_latent(1)}, knowledge_base=kb, key_step=3,
                                   value_step=6, neighbours=1, weight_mode="lstsq", guard=-1.0, seed_mode="kb", seed=0)
     other_small = tiny_models.make_tiny_model(9, "V_PREDICTION", model_channels=32, channel_mult=(1,))
-    with pytest.raises(pack.kb_tools.errors.KBMismatchError, match="small model weights differ"):
+    with pytest.raises(pack.kb_tools.core.errors.KBMismatchError, match="small model weights differ"):
         nodes.ReDiSampler.execute(model=large, positive=tiny_models.prompt_cond("a"), negative=tiny_models.prompt_cond(""),
                                   latent_image={"samples": tiny_models.empty_latent(1)}, knowledge_base=kb, key_step=3,
                                   value_step=6, neighbours=1, weight_mode="lstsq", guard=-1.0, seed_mode="kb", seed=0,

@@ -16,10 +16,10 @@ import numpy as np
 
 from embedded import sampling as S
 from embedded.captions import parse_prompt, sample_captions
-from kb_tools.blend_error import stored_error_model
-from kb_tools.plain_reference import reference_of
-from kb_tools.kb import KnowledgeBase
-from kb_tools.records import Recipe
+from kb_tools.calibration.blend_error import stored_error_model
+from kb_tools.calibration.plain_reference import reference_of
+from kb_tools.store import KnowledgeBase
+from kb_tools.core.records import Recipe
 
 from .config import Regime
 from .timing import Timer

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from benchmarks import metrics as M
-from kb_tools.blend_error import spearman
+from kb_tools.calibration.blend_error import spearman
 
 
 def full_step(rows: list[dict]) -> dict:

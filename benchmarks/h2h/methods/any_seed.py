@@ -1,6 +1,6 @@
 """Retrieval for any seed (issue 12, section 3; an experiment kept out of the nodes): ReDi keyed on the denoised estimate.
 
-`kb_tools.any_seed` on the regime's KB: Euler to x_k, the nearest stored clean-image
+`benchmarks.any_seed_sampler` on the regime's KB: Euler to x_k, the nearest stored clean-image
 predictions to the query's own, their blend at the value step v re-noised with the query's own
 noise estimate, Euler from v (`embedded.sampling.any_seed_sample`). One configuration, fixed in
 advance: the best on foreign seeds in benchmarks/results/any_seed.md (32 held-out queries, the
@@ -15,7 +15,7 @@ import numpy as np
 
 from embedded import sampling as S
 from embedded.captions import parse_prompt
-from kb_tools.any_seed import AnySeedRun
+from benchmarks.any_seed_sampler import AnySeedRun
 
 from ..registry import Method, Output, Plan, Setting, register
 

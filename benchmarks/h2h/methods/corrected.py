@@ -1,6 +1,6 @@
 """The KB-corrected coarse Euler solver (issue 12, section 4) and its baseline, Euler on the same coarse grid.
 
-Each budget below T gets the default grid (`kb_tools.corrected_solver.coarse_grid`, fixed
+Each budget below T gets the default grid (`kb_tools.samplers.corrected.coarse_grid`, fixed
 before anything was measured): a short first and last step, the steps between evenly spread on
 the KB's schedule. "coarse euler" is that grid without corrections, a plain sampler with a
 custom schedule any user could build; the correction's own gain is the difference between the
@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from embedded import sampling as S
-from kb_tools.corrected_solver import coarse_grid
+from kb_tools.samplers.corrected import coarse_grid
 
 from ..registry import Method, Output, Plan, Setting, register
 

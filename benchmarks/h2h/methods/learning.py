@@ -3,7 +3,7 @@
 The learning KB starts EMPTY at the start of the workload, in a temporary folder of the run's
 scratch folder that is deleted after the run (the benchmark's own file). The queries are
 generated one at a time in the workload's order (`embedded.sampling.redi_learning`, i.e.
-`kb_tools.redi.generate_learning`): ReDi against what the KB holds so far with the residual
+`kb_tools.samplers.redi_chain.generate_learning`): ReDi against what the KB holds so far with the residual
 guard; the items the guard refused, and the first one while the KB is empty, ran every step
 from noise and are learned, the blended ones never are. An item costs k + T - v NFE when it
 blends and T when it does not, claimed exactly from the sampler's own count.
@@ -23,9 +23,9 @@ import numpy as np
 import torch
 
 from embedded import sampling as S
-from kb_tools.kb import KBBudget
-from kb_tools.records import Recipe
-from kb_tools.schedule import parse_steps
+from kb_tools.store import KBBudget
+from kb_tools.core.records import Recipe
+from kb_tools.core.schedule import parse_steps
 
 from ..registry import Method, Output, Plan, Setting, register
 

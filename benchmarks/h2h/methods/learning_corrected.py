@@ -1,4 +1,4 @@
-"""The KB-corrected solver on a learning KB (`kb_tools.learning_corrected`, issue 12 sections 2 and 4).
+"""The KB-corrected solver on a learning KB (`kb_tools.samplers.learning`, issue 12 sections 2 and 4).
 
 No prebuilt KB: the queries run one at a time, in order, as a user generates, against a learning
 KB that starts empty in a temporary folder under the bench's scratch directory (deleted after).
@@ -19,10 +19,10 @@ import numpy as np
 import torch
 
 from embedded import sampling as S
-from kb_tools.corrected_solver import coarse_grid
-from kb_tools.errors import KBError
-from kb_tools.learning_corrected import learning_grid, skipping_segments
-from kb_tools.records import Recipe
+from kb_tools.samplers.corrected import coarse_grid
+from kb_tools.core.errors import KBError
+from kb_tools.samplers.learning import learning_grid, skipping_segments
+from kb_tools.core.records import Recipe
 
 from ..registry import Method, Output, Plan, Setting, register
 from .learning import nfe_curve
@@ -52,7 +52,7 @@ def run(bench, regime, queries, setting: Setting) -> Output:
     if regime.sampler != "euler":
         raise KBError(f"the corrected solver needs an euler recipe; regime {regime.name} samples with {regime.sampler}")
     learn = S.learning_settings(model, Recipe(regime.sampler, regime.scheduler, steps, regime.cfg), range(1, steps))
-    grid = learning_grid(learn, p["budget"])
+    grid = learning_grid(learn.sampler, learn.steps, learn.stored_steps, p["budget"])
     before_guard = grid.index(skipping_segments(grid, steps)[0][0])  # evaluations spent before the guard's verdict
     scratch = Path(tempfile.mkdtemp(prefix="learning_corrected_", dir=bench.scratch))
     results = []

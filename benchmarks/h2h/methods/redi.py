@@ -1,4 +1,4 @@
-"""ReDi (Algorithm 2 in one sampler run, `kb_tools.redi.generate` through `embedded.sampling.redi_sample`) on the regime's KB: key step k, value step v, H neighbours, weight mode, guard.
+"""ReDi (Algorithm 2 in one sampler run, `kb_tools.samplers.redi_chain.generate` through `embedded.sampling.redi_sample`) on the regime's KB: key step k, value step v, H neighbours, weight mode, guard.
 
 NFE = k + (T - v) for an item that jumps, T for one the guard sends back to its key step.
 Stylization keys with the content caption and resumes with the styled one on the KB's
@@ -21,9 +21,9 @@ import numpy as np
 
 from embedded import sampling as S
 from embedded.captions import parse_prompt
-from kb_tools.blend_error import predict_error, stored_error_model
-from kb_tools.guard import GUARD_AUTO
-from kb_tools.plain_reference import PLAIN
+from kb_tools.calibration.blend_error import predict_error, stored_error_model
+from kb_tools.calibration.guard import GUARD_AUTO
+from kb_tools.calibration.plain_reference import PLAIN
 
 from ..registry import Method, Output, Plan, Setting, register
 

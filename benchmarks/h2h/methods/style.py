@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from embedded import sampling as S
-from kb_tools.records import Recipe
+from kb_tools.core.records import Recipe
 
 from ..registry import Method, Output, Plan, Setting, register
 from .redi import budgets_for

@@ -1,4 +1,4 @@
-"""T-Stitch (`kb_tools.tstitch.tstitch_sample` through `embedded.sampling.tstitch`): the small model runs the first fraction of the T steps, the large one the rest.
+"""T-Stitch (`kb_tools.samplers.tstitch.tstitch_sample` through `embedded.sampling.tstitch`): the small model runs the first fraction of the T steps, the large one the rest.
 
 One sampler run; its cost in large-model NFE counts each small-model row at the FLOP ratio of
 the two networks (Bench.small_cost).
@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from embedded import sampling as S
-from kb_tools.records import Recipe
+from kb_tools.core.records import Recipe
 
 from ..registry import Method, Output, Plan, Setting, register
 

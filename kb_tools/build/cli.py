@@ -1,0 +1,225 @@
+"""`python -m kb_tools`: build, merge, inspect and verify ReDi knowledge bases offline.
+
+`build` loads ComfyUI in-process (COMFYUI_PATH, or the ComfyUI above this pack) and runs the
+same code as the BuildKnowledgeBase node (kb_tools.build.build_knowledge_base, which samples
+through the one plain-sampler helper, kb_tools.plain.sample_prompts).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from ..core.errors import KBError
+
+
+def _build(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .job import BuildJob
+    from .prompts import read_prompts, shard_of
+
+    prompts = shard_of(read_prompts(args.prompts), args.shard)
+    if args.limit:
+        prompts = prompts[: args.limit]
+    if not prompts:
+        raise KBError(f"{args.prompts} holds no prompts for this shard; check the file and --shard.")
+    job = BuildJob(ckpt=args.ckpt, seeds=tuple(args.seed + i for i in range(args.seeds_per_prompt)), sampler=args.sampler,
+                   scheduler=args.scheduler, steps=args.steps, cfg=args.cfg, store_steps=args.store_steps, width=args.width,
+                   height=args.height, negative=args.negative, batch_size=args.batch_size, dtype=args.dtype,
+                   index=args.index, cpu=args.cpu)
+    with tqdm(total=len(prompts) * len(job.seeds), desc="trajectories", unit="traj") as bar:
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.n = done
+            bar.refresh()
+        if args.ray:
+            from .distributed import build_on_ray
+
+            report = build_on_ray(args.out, job, prompts, address=args.ray, workers=args.workers,
+                                  gpus_per_worker=args.gpus_per_worker, progress=progress)
+        else:
+            report = _build_here(args.out, job, prompts, progress)
+    print(report.summary())
+    return 0
+
+
+def _build_here(out: str, job, prompts: list[str], progress):
+    from ..comfy.env import choose_device, ensure_comfyui
+
+    ensure_comfyui()
+    choose_device(force_cpu=job.cpu)
+    from .builder import build_knowledge_base
+    from .job import load_checkpoint
+
+    model, encode, channels = load_checkpoint(job.ckpt)
+    return build_knowledge_base(out, model, encode, job.spec(channels, prompts), progress=progress)
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from ..store import merge
+
+    kb = merge(args.out, args.sources, exist_ok=args.exist_ok)
+    print(f"merged {len(args.sources)} knowledge bases into {args.out}: {len(kb)} trajectories")
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    from ..store import KnowledgeBase
+
+    kb = KnowledgeBase.open(args.kb, verify="size")
+    print(json.dumps(kb.info(), indent=2, default=str))
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from ..store import KnowledgeBase
+
+    kb = KnowledgeBase.open(args.kb, verify="size")
+    problems = kb.verify()
+    if problems:
+        for p in problems:
+            print(f"PROBLEM: {p}")
+        print(f"{args.kb}: {len(problems)} problem(s). Rebuild the damaged shards (build re-adds missing entries) or restore them.")
+        return 1
+    print(f"{args.kb}: OK ({len(kb)} trajectories, every checksum matches)")
+    return 0
+
+
+def _upgrade(args: argparse.Namespace) -> int:
+    from ..store import FORMAT_VERSION, KnowledgeBase
+
+    kb = KnowledgeBase.open(args.kb, verify="size")
+    before = kb.info()["format_version"]
+    if before == FORMAT_VERSION:
+        print(f"{args.kb}: already format version {FORMAT_VERSION}")
+        return 0
+    kb.rebuild_indexes()  # rewrites indexes and stats from the stored latents, in this version's format
+    print(f"{args.kb}: upgraded from format version {before} to {FORMAT_VERSION} ({len(kb)} trajectories)")
+    return 0
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    from ..calibration.blend_error import describe_error_model, fit_error_model, measure_blend_errors, store_error_model
+    from ..calibration.residuals import calibrate
+    from ..store import KnowledgeBase
+
+    if args.ckpt and args.skip_blend_error:
+        raise KBError("--ckpt measures the plain reference on top of the blend-error model; drop --skip-blend-error.")
+    kb = KnowledgeBase.open(args.kb)
+    result = calibrate(kb, args.key_step, args.neighbours, sample=args.sample)
+    model = reference = None  # measured before anything is stored: a refusal stores nothing
+    if not args.skip_blend_error:
+        measured = measure_blend_errors(kb, args.key_step, args.neighbours, sample=args.sample)
+        model = fit_error_model(measured)
+        if args.ckpt:
+            reference = _plain_reference(kb, measured, args)
+    kb.set_calibration(args.key_step, result)
+    print(json.dumps(result, indent=2))
+    if model is not None:
+        store_error_model(kb, args.key_step, model)
+        print(describe_error_model(model))
+    if reference is not None:
+        from ..calibration.plain_reference import describe_plain_reference, store_plain_reference
+
+        store_plain_reference(kb, args.key_step, reference)
+        print(describe_plain_reference(reference))
+    return 0
+
+
+def _plain_reference(kb, measured, args: argparse.Namespace) -> dict:
+    """Sample the plain reference with the KB's own checkpoint (ComfyUI in-process, as `build` does)."""
+    from ..comfy.env import choose_device, ensure_comfyui
+
+    ensure_comfyui()
+    choose_device(force_cpu=args.cpu)
+    from ..calibration.plain_reference import fit_plain_reference
+    from ..calibration.reference_runs import measure_reference
+    from .job import load_checkpoint
+
+    model, encode, _ = load_checkpoint(args.ckpt)
+    return fit_plain_reference(measure_reference(kb, model, encode, measured, items=args.reference_items,
+                                                 progress=logging.getLogger("kb_tools").info))
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m kb_tools", description="Build and manage ReDi knowledge bases.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    b = sub.add_parser("build", help="sample trajectories for a prompt list and store them (resumable)")
+    b.add_argument("--ckpt", required=True, help="checkpoint file (model + CLIP) ComfyUI can load")
+    b.add_argument("--prompts", required=True, help=".txt (one per line), .jsonl, or COCO captions .json")
+    b.add_argument("--out", required=True, help="knowledge-base folder (created, or extended when it exists: entries already there are skipped, so rerunning resumes)")
+    b.add_argument("--negative", default="", help="negative prompt for every trajectory")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--seeds-per-prompt", type=int, default=1)
+    b.add_argument("--sampler", default="euler")
+    b.add_argument("--scheduler", default="normal")
+    b.add_argument("--steps", type=int, default=20)
+    b.add_argument("--cfg", type=float, default=7.0)
+    b.add_argument("--store-steps", default="auto", help="e.g. '4,8-12' or 'auto'")
+    b.add_argument("--width", type=int, default=512)
+    b.add_argument("--height", type=int, default=512)
+    b.add_argument("--batch-size", type=int, default=4)
+    b.add_argument("--dtype", choices=["float16", "float32"], default="float16")
+    b.add_argument("--index", choices=["auto", "flat", "ivf", "hnsw"], default="auto",
+                   help="auto: flat (exact) for small KBs, HNSW above kb_tools.store.AUTO_FLAT_MAX_ENTRIES entries")
+    b.add_argument("--shard", default=None, help="'i/N': build only every N-th prompt starting at the i-th (merge the parts later)")
+    b.add_argument("--limit", type=int, default=0, help="only the first N prompts (0 = all)")
+    b.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is available (default: the GPU torch sees, else the CPU)")
+    b.add_argument("--ray", default=None, metavar="auto|ADDRESS|local",
+                   help="build on a Ray cluster (needs Ray: the optional extra redi-sampling[ray]): 'auto' = the cluster started on this "
+                        "machine with `ray start --head`, HOST:PORT = that cluster's head, 'local' = a private one here. "
+                        "The checkpoint, --out and the pack must be at the same paths on every node.")
+    b.add_argument("--workers", type=int, default=0, help="with --ray: workers (each loads the checkpoint once); 0 = one per CPU, or per --gpus-per-worker GPUs")
+    b.add_argument("--gpus-per-worker", type=float, default=0.0, help="with --ray: GPUs each worker reserves (0 = CPU workers)")
+    b.set_defaults(func=_build)
+
+    m = sub.add_parser("merge", help="merge knowledge bases built with the same settings (e.g. --shard parts)")
+    m.add_argument("--out", required=True)
+    m.add_argument("--exist-ok", action="store_true")
+    m.add_argument("sources", nargs="+")
+    m.set_defaults(func=_merge)
+
+    i = sub.add_parser("info", help="print a knowledge base's settings and size")
+    i.add_argument("kb")
+    i.set_defaults(func=_info)
+
+    v = sub.add_parser("verify", help="check every file and checksum and scan latents for NaN/Inf")
+    v.add_argument("kb")
+    v.set_defaults(func=_verify)
+
+    u = sub.add_parser("upgrade", help="rewrite an older knowledge base's indexes and manifest in this version's format")
+    u.add_argument("kb")
+    u.set_defaults(func=_upgrade)
+
+    c = sub.add_parser("calibrate", help="store the leave-one-out residual percentiles the auto guard uses, and the "
+                                         "blend-error model the error guard and the adaptive skip use")
+    c.add_argument("kb")
+    c.add_argument("--key-step", type=int, required=True)
+    c.add_argument("--neighbours", type=int, default=3)
+    c.add_argument("--sample", type=int, default=256, help="entries left out, one at a time")
+    c.add_argument("--skip-blend-error", action="store_true",
+                   help="store only the residual percentiles: skip measuring the blend error (one blend of H stored "
+                        "latents per sampled entry and stored step after the key step)")
+    c.add_argument("--ckpt", default=None,
+                   help="the KB's checkpoint: also measure the plain reference (a few KB prompts sampled in full, with the "
+                        "plain sampler at fewer steps and resumed from their blends) that makes the error guard's default "
+                        "tolerance 'no worse than plain at equal NFE'")
+    c.add_argument("--reference-items", type=int, default=8,
+                   help="with --ckpt: KB entries sampled for the plain reference (each costs about T * (1 + stored steps "
+                        "after the key step) model evaluations)")
+    c.add_argument("--cpu", action="store_true", help="with --ckpt: run on the CPU even when a GPU is available")
+    c.set_defaults(func=_calibrate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KBError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,43 @@
+"""The ReDi knowledge base (KB): stored trajectory latents, their search indexes and statistics.
+
+One module per job:
+    settings.py          KBSettings: what a KB was built with (frozen, validated once)
+    format.py            file names, manifest schema (parsed once into frozen records, signed), entries files
+    safe_json.py         JSON reading with size, nesting and number limits
+    safetensors_file.py  safetensors headers checked field by field; shards memory-mapped
+    files.py             path checks, atomic writes, checksums, links
+    transaction.py       the one write path: lock, generation check, stage, fsync, commit, discard on error
+    gc.py                cleanup of leftovers: own file names only, never outside the KB folder
+    generation.py        one committed generation as a reader holds it (open files, maps, derived facts)
+    index.py             FAISS indexes: key reduction, build, arrays on disk, search, exact re-rank
+    verify.py            KnowledgeBase.verify
+    arguments.py         checks of what callers pass in (steps, queries, ids, latents)
+    store.py             KnowledgeBase (open, create, append, search, ...), open_or_create, merge
+    eviction.py          KBBudget, evict_oldest: drop whole oldest shards to fit a size budget
+"""
+
+from ..core.errors import KBError, KBMismatchError
+from .eviction import KBBudget, evict_oldest
+from .files import check_kb_name, check_kb_path
+from .format import (
+    DTYPES,
+    FORMAT_VERSION,
+    INDEX_DIR,
+    INDEX_TYPES,
+    LOCK_FILE,
+    MANIFEST,
+    SHARDS_DIR,
+    step_name,
+    sum_name,
+)
+from .generation import AUTO_VERIFY_MAX_BYTES, VERIFY_MODES
+from .index import AUTO_FLAT_MAX_ENTRIES, MAX_AUTO_INDEX_DIM, auto_reduce, ivf_nlist, reduce_keys
+from .knowledge_base import KnowledgeBase, merge, merge_into, open_or_create
+from .settings import SEED_POLICIES, SETTING_KEYS, KBSettings
+
+__all__ = [
+    "AUTO_FLAT_MAX_ENTRIES", "AUTO_VERIFY_MAX_BYTES", "DTYPES", "FORMAT_VERSION", "INDEX_DIR", "INDEX_TYPES",
+    "KBBudget", "KBError", "KBMismatchError", "KBSettings", "KnowledgeBase", "LOCK_FILE", "MANIFEST", "MAX_AUTO_INDEX_DIM",
+    "SEED_POLICIES", "SETTING_KEYS", "SHARDS_DIR", "VERIFY_MODES", "auto_reduce", "check_kb_name", "check_kb_path", "evict_oldest",
+    "ivf_nlist", "merge", "merge_into", "open_or_create", "reduce_keys", "step_name", "sum_name",
+]

@@ -1,0 +1,114 @@
+"""One write to a KB, used by create, append, merge, rebuild and calibration storage alike.
+
+    with transaction(root, base) as txn:    # lock, then check that `base` is still the committed generation
+        ref = txn.write(name, data)          # stage new files under new names (fsynced)
+        txn.commit(manifest)                 # fsync the folders, atomically replace manifest.json
+                                             # an exception anywhere before: staged files are discarded
+                                             # after the commit: leftovers are collected (gc.py)
+
+A crash at any point leaves the previous manifest and everything it names intact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+from filelock import FileLock
+
+from ..core.errors import KBChangedError, KBError
+from .files import fsync_dir, is_inside, link_or_copy, remove_quietly, sha256_bytes, write_atomic
+from .format import FORMAT_VERSION, INDEX_DIR, LOCK_FILE, MANIFEST, SHARDS_DIR, FileRef, Manifest, manifest_bytes, new_tag, now, read_manifest
+from .gc import collect_garbage
+
+
+class Transaction:
+    """Files staged for one commit of one KB, and the commit itself."""
+
+    def __init__(self, root: str, base: Manifest | None):
+        self.root, self.base = root, base
+        self.generation = (base.generation if base else 0) + 1
+        self.tag = new_tag(self.generation)  # names of this commit's index and stats files
+        self.committed: Manifest | None = None
+        self._staged: list[str] = []
+
+    def path(self, rel: str) -> str:
+        return os.path.join(self.root, *rel.split("/"))
+
+    def write(self, rel: str, data: bytes) -> FileRef:
+        """Stage a new file (written to a temporary name, fsynced, renamed)."""
+        self._staged.append(self.path(rel))
+        write_atomic(self._staged[-1], data)
+        return FileRef(rel, len(data), sha256_bytes(data))
+
+    def link(self, src: str, rel: str, ref: FileRef) -> FileRef:
+        """Stage `src` under a new name by hard link (or copy); `ref` holds its recorded size and checksum."""
+        self._staged.append(self.path(rel))
+        link_or_copy(src, self._staged[-1])
+        return FileRef(rel, ref.bytes, ref.sha256)
+
+    def commit(self, m: Manifest) -> Manifest:
+        """The commit point: make the staged files durable, then atomically replace manifest.json."""
+        if self.committed is not None:
+            raise AssertionError("a transaction commits once")
+        m = m.evolve(format_version=FORMAT_VERSION, generation=self.generation, updated=now())
+        data = manifest_bytes(m)
+        for d in (SHARDS_DIR, INDEX_DIR):
+            fsync_dir(os.path.join(self.root, d))
+        write_atomic(os.path.join(self.root, MANIFEST), data)
+        fsync_dir(self.root)
+        self.committed = m
+        return m
+
+    def discard(self) -> None:
+        for p in self._staged:
+            remove_quietly(p)
+
+
+def check_writable_layout(root: str) -> None:
+    """Refuse to write where new files could never be cleaned up: index/ linked outside the KB folder."""
+    index = os.path.join(root, INDEX_DIR)
+    if os.path.lexists(index) and not is_inside(index, root):
+        raise KBError(f"{index} is a symbolic link to {os.path.realpath(index)}, outside the KB folder. Every change "
+                      "writes new index files there, and this pack never deletes files outside a KB's folder (it "
+                      "could delete another KB's), so old ones would pile up. Replace the link with a real folder "
+                      f"holding the same files (e.g. rm {index} && cp -r {os.path.realpath(index)} {index}); "
+                      "reading the KB works as it is.")
+
+
+@contextlib.contextmanager
+def transaction(root: str, base: Manifest | None) -> Iterator[Transaction]:
+    """Lock the KB for writing, check that `base` (None: no KB yet) is what is committed, and yield a Transaction."""
+    check_writable_layout(root)
+    txn = None
+    try:
+        for d in (root, os.path.join(root, SHARDS_DIR), os.path.join(root, INDEX_DIR)):
+            os.makedirs(d, exist_ok=True)
+        with FileLock(os.path.join(root, LOCK_FILE)):  # released by the OS if this process dies
+            on_disk = read_manifest(root) if os.path.isfile(os.path.join(root, MANIFEST)) else None
+            if base is None and on_disk is not None:
+                raise KBError(f"{root} already holds a knowledge base. Open it with KnowledgeBase.open "
+                              "(or open_or_create), or choose another path.")
+            if base is not None and (on_disk is None or on_disk.generation != base.generation):
+                raise KBChangedError(f"KB at {root} was changed by another process since it was opened (generation "
+                              f"{on_disk.generation if on_disk else 'none'}, expected {base.generation}). Reopen it and retry.")
+            txn = Transaction(root, base)
+            yield txn
+            if txn.committed is None:
+                txn.discard()
+                return
+            keep = txn.committed.files() | (base.files() if base else set())  # readers may still open `base`
+            collect_garbage(root, keep)
+    except BaseException as e:
+        committed = txn is not None and txn.committed is not None
+        if txn is not None and not committed:
+            txn.discard()
+        if not isinstance(e, OSError):
+            raise
+        where = f"{e.strerror or e} ({getattr(e, 'filename', '')})"
+        if committed:
+            raise KBError(f"the change to the KB at {root} was committed, but reading it back failed: {where}. "
+                          "Reopen the KB.") from e
+        raise KBError(f"could not write to the KB at {root}: {where}. Nothing was committed: the KB is as it was. "
+                      "Free disk space or fix the folder's permissions, then retry.") from e
