@@ -88,7 +88,8 @@ class Runs:
         from embedded.sampling import conditioning
         from kb_tools.comfy import model_facts as cs
         from benchmarks.any_seed_sampler import denoised_from_euler_steps, noise_estimate, renoise
-        from kb_tools.comfy.plain import cfg_guider, sample_counted
+        from kb_tools.comfy.plain import cfg_guider
+        from kb_tools.comfy.counted import sample_counted
         s = self.sigmas
         x = {a: cs.from_latent_space(self.model, s[a], states[a]).double() for a in (k, k + 1, v, v + 1)}
         d_k = denoised_from_euler_steps(x[k], x[k + 1], float(s[k]), float(s[k + 1]))

@@ -36,12 +36,12 @@ import torch
 
 import comfy.samplers
 
-from .comfy import model_facts as cs
-from .core.errors import KBError
-from .comfy.guiders import CountedDenoiser, run_sampler
-from .store import KnowledgeBase
-from .samplers.results import Evaluations
-from .core.retrieval import WEIGHT_MODES, WeightFit, fit_weights
+from kb_tools.comfy import model_facts as cs
+from kb_tools.comfy.counted import CountedDenoiser, run_sampler
+from kb_tools.core.errors import KBError
+from kb_tools.core.evaluations import Evaluations
+from kb_tools.core.weights import WEIGHT_MODES, WeightFit, fit_weights
+from kb_tools.store import KnowledgeBase
 
 KEY_SOURCES = ("extra", "previous")
 VALUE_MODES = ("blend", "blend+residual")
@@ -149,7 +149,7 @@ def sample_any_seed(model, x, sigmas, extra_args=None, callback=None, disable=No
 
     model: the k-diffusion denoiser; x [B, C, H, W]: the scaled starting noise; sigmas: the KB's schedule.
     """
-    from .samplers.redi import check_schedule
+    from kb_tools.samplers.entry import check_schedule
 
     extra_args = {} if extra_args is None else extra_args
     check_schedule(run.kb, sigmas)

@@ -46,7 +46,7 @@ def main(argv=None) -> dict:
     from embedded import sampling as S
     from embedded.captions import sample_captions
     from embedded.models import load_models
-    from kb_tools.samplers.corrected import coarse_grid
+    from kb_tools.core.coarse_grid import coarse_grid
     from kb_tools.store import KnowledgeBase
     from kb_tools.core.records import Recipe
 

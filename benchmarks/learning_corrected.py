@@ -150,7 +150,7 @@ def main(argv=None) -> None:
     setup_comfy(threads=1)
     from embedded import sampling as S
     from embedded.models import load_model
-    from kb_tools.samplers.corrected import coarse_grid
+    from kb_tools.core.coarse_grid import coarse_grid
     from kb_tools.core.records import Recipe
     from kb_tools.core.schedule import parse_steps
 

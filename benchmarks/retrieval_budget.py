@@ -52,7 +52,8 @@ from kb_scale import A_K, H, KEY, SIGMA_K, TOPICS, VALUE, Generator  # noqa: E40
 import kb_tools.store as kbmod  # noqa: E402
 from kb_tools.calibration.guard import GUARD_AUTO, resolve_guard  # noqa: E402
 from kb_tools.store import index as ix  # noqa: E402
-from kb_tools.core.retrieval import blend, blend_entries, fit_weights, nearest_keys  # noqa: E402
+from kb_tools.core.weights import blend, fit_weights  # noqa: E402
+from kb_tools.store.retrieval import blend_entries, nearest_keys  # noqa: E402
 
 kb_scale.kbmod = kbmod
 POOL = 2048

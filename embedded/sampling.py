@@ -38,13 +38,15 @@ from kb_tools.comfy.model_facts import schedule_sigmas, seeded_noise
 from kb_tools.calibration.guard import GUARD_AUTO
 from kb_tools.comfy.guiders import SwitchGuider
 from kb_tools.store import KBBudget, KBSettings, KnowledgeBase
-from kb_tools.comfy.plain import PlainSamples, batch_conditioning, cfg_guider, sample_counted, sample_prompts
+from kb_tools.comfy.plain import PlainSamples, batch_conditioning, cfg_guider, sample_prompts
+from kb_tools.comfy.counted import sample_counted
 from kb_tools.core.records import Recipe
-from kb_tools.samplers.redi_chain import LearningResult
+from kb_tools.samplers.learning import LearningResult
 from kb_tools.samplers.redi_chain import BlendedValue, KeyQuery, blend_at, find_neighbours  # noqa: F401 - line 6 and 7-8, for callers
 from kb_tools.samplers.results import ReDiResult
-from kb_tools.core.retrieval import blend_entries  # noqa: F401 - line 8 for any ids and weights, for callers
-from kb_tools.core.retrieval import calibrate, centered_residual, fit_weights, relative_residual
+from kb_tools.store.retrieval import blend_entries  # noqa: F401 - line 8 for any ids and weights, for callers
+from kb_tools.calibration.residuals import calibrate
+from kb_tools.core.weights import centered_residual, fit_weights, relative_residual
 from kb_tools.core.schedule import Switch, plan_redi
 from kb_tools.samplers.tstitch import TStitchResult, tstitch_sample
 

@@ -162,7 +162,8 @@ def denoised_at(m: Models, latent, step: int, prompts: list[str], model=None):
     """The model's denoised estimate of a latent sitting at `step` (one evaluation): what that latent will become."""
     import torch
     from kb_tools.comfy.model_facts import schedule_sigmas
-    from kb_tools.comfy.plain import cfg_guider, sample_counted
+    from kb_tools.comfy.plain import cfg_guider
+    from kb_tools.comfy.counted import sample_counted
     model = model or m.large
     pos, neg = conditioning(m, prompts)
     seen = Denoised()

@@ -31,7 +31,7 @@ def test_denoised_from_stored_euler_steps_is_the_models_own_prediction(pack, any
     import comfy.samplers
     import tiny_models
     model = tiny_models.make_tiny_model(0, model_type)
-    kb = build(pack.kb_tools.samplers.redi_chain, model, tmp_path / "kb", ["a cat"], store=range(1, STEPS))
+    kb = build(pack.kb_tools, model, tmp_path / "kb", ["a cat"], store=range(1, STEPS))
     cs = pack.kb_tools.comfy.model_facts
     sigmas = cs.schedule_sigmas(model, "euler", "normal", STEPS)
     seen = {}
@@ -64,7 +64,7 @@ def test_pure_math_round_trips(any_seed):
 def test_sampler_counts_nfe_per_item_and_keeps_each_seeds_noise(pack, any_seed, tmp_path, key_source, extra):
     import tiny_models
     model = tiny_models.make_tiny_model(0, "V_PREDICTION")
-    kb = build(pack.kb_tools.samplers.redi_chain, model, tmp_path / "kb", [f"prompt {i}" for i in range(6)], store=range(1, STEPS))
+    kb = build(pack.kb_tools, model, tmp_path / "kb", [f"prompt {i}" for i in range(6)], store=range(1, STEPS))
     cs = pack.kb_tools.comfy.model_facts
     sigmas = cs.schedule_sigmas(model, "euler", "normal", STEPS)
     run = any_seed.AnySeedRun(kb, key_step=2, value_step=6, neighbours=3, key_source=key_source)

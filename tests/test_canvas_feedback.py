@@ -23,7 +23,7 @@ PROMPTS = ["a cat", "a dog", "a red car", "a lighthouse"]
 @pytest.fixture(scope="module")
 def nodes(pack):
     """The ReDi node classes, loaded as ComfyUI loads the pack."""
-    return pack.nodes.redi
+    return pack.nodes
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,7 @@ def model():
 def built(pack, model, tmp_path_factory):
     """A BuildReport: four prompts, one seed, steps 3, 5 and 7 of 10 stored."""
     import tiny_models
-    redi = pack.kb_tools.samplers.redi_chain
+    redi = pack.kb_tools
     spec = redi.BuildSpec(prompts=PROMPTS, seeds=[SEED], recipe=redi.Recipe("euler", "normal", STEPS, 3.0),
                           store_steps=[3, 5, 7], latent_shape=(4, 8, 8), dtype="float32")
     return redi.build_knowledge_base(str(tmp_path_factory.mktemp("kb") / "feedback-kb"), model, tiny_models.prompt_cond, spec)
@@ -76,7 +76,7 @@ def run_sampler(nodes, model, kb, prompt, batch=2, **kw):
                 latent_image={"samples": tiny_models.empty_latent(batch)}, knowledge_base=kb, key_step=3, value_step=7,
                 neighbours=2, weight_mode="lstsq", guard=-1.0, seed_mode="kb", seed=0)
     args.update(kw)
-    return nodes.ReDiSampler.execute(**args)
+    return nodes.redi_sampler.ReDiSampler.execute(**args)
 
 
 def test_build_shows_counts_size_and_names_the_kb(pack, built):
@@ -110,11 +110,11 @@ def test_sampler_shows_the_guard_falling_back(nodes, model, built):
 def test_resume_node_shows_the_same_summary(nodes, model, built):
     import tiny_models
     pos, neg = tiny_models.prompt_cond("a dog"), tiny_models.prompt_cond("")
-    query = nodes.ReDiPartialSample.execute(model=model, positive=pos, negative=neg, latent_image={"samples": tiny_models.empty_latent(1)},
+    query = nodes.redi_chain.ReDiPartialSample.execute(model=model, positive=pos, negative=neg, latent_image={"samples": tiny_models.empty_latent(1)},
                                             knowledge_base=built.kb, key_step=3, seed_mode="kb", seed=0).result[0]
-    neighbours = nodes.ReDiRetrieve.execute(query_latent=query, knowledge_base=built.kb, neighbours=2).result[0]
-    value = nodes.ReDiBlend.execute(neighbours=neighbours, value_step=5, weight_mode="lstsq").result[0]
-    out = nodes.ReDiResumeSample.execute(model=model, positive=pos, negative=neg, value_latent=value, guard=100.0)
+    neighbours = nodes.redi_chain.ReDiRetrieve.execute(query_latent=query, knowledge_base=built.kb, neighbours=2).result[0]
+    value = nodes.redi_chain.ReDiBlend.execute(neighbours=neighbours, value_step=5, weight_mode="lstsq").result[0]
+    out = nodes.redi_chain.ReDiResumeSample.execute(model=model, positive=pos, negative=neg, value_latent=value, guard=100.0)
     text = out.ui["text"][0]
     assert text.startswith("ReDi: skipped 2 steps for all 1 item(s)")
     assert "item 0: skipped 2 steps" in text
@@ -123,10 +123,10 @@ def test_resume_node_shows_the_same_summary(nodes, model, built):
 def test_retrieve_lists_the_matched_prompts_without_a_vae(nodes, model, built, temp_dir, caplog):
     import tiny_models
     pos, neg = tiny_models.prompt_cond("a dog"), tiny_models.prompt_cond("")
-    query = nodes.ReDiPartialSample.execute(model=model, positive=pos, negative=neg, latent_image={"samples": tiny_models.empty_latent(1)},
+    query = nodes.redi_chain.ReDiPartialSample.execute(model=model, positive=pos, negative=neg, latent_image={"samples": tiny_models.empty_latent(1)},
                                             knowledge_base=built.kb, key_step=3, seed_mode="kb", seed=0).result[0]
     with caplog.at_level(logging.INFO, logger="ReDi"):
-        out = nodes.ReDiRetrieve.execute(query_latent=query, knowledge_base=built.kb, neighbours=3)
+        out = nodes.redi_chain.ReDiRetrieve.execute(query_latent=query, knowledge_base=built.kb, neighbours=3)
     text = out.ui["text"][0]
     # Its own trajectory is in the KB: the nearest neighbour is "a dog" with the KB seed, at distance ~0.
     assert "  1. #1 'a dog' seed 7, distance " in text
@@ -141,9 +141,9 @@ def test_retrieve_with_a_vae_shows_the_neighbours_as_images(pack, nodes, model, 
     import tiny_models
     from PIL import Image
     pos, neg = tiny_models.prompt_cond("a car"), tiny_models.prompt_cond("")
-    query = nodes.ReDiPartialSample.execute(model=model, positive=pos, negative=neg, latent_image={"samples": tiny_models.empty_latent(2)},
+    query = nodes.redi_chain.ReDiPartialSample.execute(model=model, positive=pos, negative=neg, latent_image={"samples": tiny_models.empty_latent(2)},
                                             knowledge_base=built.kb, key_step=3, seed_mode="kb", seed=0).result[0]
-    out = nodes.ReDiRetrieve.execute(query_latent=query, knowledge_base=built.kb, neighbours=3, vae=taesd_vae)
+    out = nodes.redi_chain.ReDiRetrieve.execute(query_latent=query, knowledge_base=built.kb, neighbours=3, vae=taesd_vae)
     images = out.ui["images"]
     assert len(images) == 6  # 2 items x 3 neighbours
     for image in images:

@@ -30,7 +30,7 @@ def model():
 @pytest.fixture(scope="module")
 def kb(pack, model, tmp_path_factory):
     """Euler trajectories of six prompts from SEED, every step 1 .. T-1 stored."""
-    return build(pack.kb_tools.samplers.redi_chain, model, tmp_path_factory.mktemp("kb") / "kb", [f"prompt {i}" for i in range(6)],
+    return build(pack.kb_tools, model, tmp_path_factory.mktemp("kb") / "kb", [f"prompt {i}" for i in range(6)],
                  store=range(1, STEPS))
 
 
@@ -59,12 +59,23 @@ def test_default_grid_spends_exactly_the_budget_on_the_schedule(cs_, steps):
 
 def test_grid_text_and_bad_grids_name_the_fix(cs_, errors):
     assert cs_.parse_grid("auto", 20, 6) == (0, 2, 6, 11, 15, 19, 20)
-    assert cs_.parse_grid(" 0, 3,20 ", 20, 6) == (0, 3, 20)
+    assert cs_.parse_grid(" 0, 3,20 ", 20, 2) == (0, 3, 20)
     for bad in ("0,5,4,20", "1,5,20", "0,5,19", "0,x,20", "0", "1.5"):
         with pytest.raises(errors.KBError, match="grid"):
             cs_.parse_grid(bad, 20, 6)
     with pytest.raises(errors.KBError, match="between 1 and 20"):
         cs_.parse_grid("auto", 20, 21)
+
+
+def test_an_explicit_grid_and_a_differing_nfe_are_refused_with_both_fixes(cs_, nodes, kb, errors):
+    """nfe counts only for grid 'auto'; an explicit grid has its own count, so a different nfe is refused, not ignored."""
+    with pytest.raises(errors.KBError, match=r"the grid '0,3,20' has 2 segments \(2 evaluations\) but nfe is 6: "
+                                             r"set nfe to 2, or set grid to 'auto' to spread nfe evaluations"):
+        cs_.parse_grid("0,3,20", 20, 6)
+    assert cs_.parse_grid("0,3,20", 20, 2) == (0, 3, 20)
+    with pytest.raises(errors.KBError, match="has 4 segments .* but nfe is 6: set nfe to 4"):
+        corrected_node(nodes, kb, f"0,1,4,{STEPS - 1},{STEPS}", nfe=6)
+    assert corrected_node(nodes, kb, f"0,1,4,{STEPS - 1},{STEPS}", nfe=4).extra_options["run"].grid == (0, 1, 4, STEPS - 1, STEPS)
 
 
 def advanced(custom, nodes, model, kb, prompt, sampler, seed=SEED):
@@ -122,7 +133,7 @@ def test_auto_grid_counts_nfe_per_item_and_summary_names_the_corrections(custom,
 
 def test_refuses_a_non_euler_kb_a_wrong_schedule_and_a_bad_grid_with_the_fix(pack, custom, nodes, model, kb, errors,
                                                                               tmp_path):
-    other = build(pack.kb_tools.samplers.redi_chain, model, tmp_path / "dpm", ["prompt 0", "prompt 1"], sampler="dpmpp_2m",
+    other = build(pack.kb_tools, model, tmp_path / "dpm", ["prompt 0", "prompt 1"], sampler="dpmpp_2m",
                   store=range(1, STEPS))
     with pytest.raises(errors.KBError, match="built with sampler 'euler'"):
         corrected_node(nodes, other)

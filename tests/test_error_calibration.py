@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from kb_crash_helper import LATENT_SHAPE, SIGMAS, toy_latents, toy_settings
 
-from kb_tools.calibration import blend_error; from kb_tools.core import retrieval
+from kb_tools.calibration import blend_error
 from kb_tools.calibration.blend_error import (
     MAX_VALUE_STEPS,
     check_error_model,
@@ -30,7 +30,8 @@ from kb_tools.core.errors import KBError
 from kb_tools.calibration.guard import GUARD_AUTO, ErrorGuard, resolve_error_guard, resolve_guard
 from kb_tools.store import KnowledgeBase
 from kb_tools.store.format import MAX_CALIBRATION_BYTES
-from kb_tools.core.retrieval import blend, calibrate, solve_weights
+from kb_tools.calibration.residuals import calibrate
+from kb_tools.core.weights import blend, solve_weights
 
 faiss.omp_set_num_threads(1)
 PACK_DIR = Path(__file__).resolve().parent.parent

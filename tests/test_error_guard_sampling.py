@@ -149,7 +149,7 @@ def test_kb_without_a_blend_error_model_is_refused_before_sampling(pack, redi, n
                                                   weight_mode="lstsq", guard=-1.0, error_tolerance=0.1)
     counted_model, counter = counted(model)
     with pytest.raises(pack.kb_tools.core.errors.KBError, match=r"python -m kb_tools calibrate"):
-        nodes.redi.ReDiSampler.execute(model=counted_model, positive=cond("a cat"), negative=cond(""), knowledge_base=bare,
+        nodes.redi_sampler.ReDiSampler.execute(model=counted_model, positive=cond("a cat"), negative=cond(""), knowledge_base=bare,
                                        latent_image={"samples": tiny_models.empty_latent(1)}, key_step=3, value_step=7,
                                        neighbours=2, weight_mode="lstsq", guard=-1.0, seed_mode="kb", seed=0,
                                        error_tolerance=0.1, adaptive_skip=True)
@@ -163,7 +163,7 @@ def test_adaptive_skip_without_a_tolerance_is_refused(pack, nodes, model, kb):
         nodes.custom_sampling.SamplerReDi.execute(knowledge_base=kb, key_step=KEY, value_step=VALUE, neighbours=H,
                                                   weight_mode="lstsq", guard=-1.0, adaptive_skip=True)
     with pytest.raises(pack.kb_tools.core.errors.KBError, match=r"adaptive skip needs the error guard"):
-        nodes.redi.ReDiSampler.execute(model=model, positive=cond("prompt 1"), negative=cond(""), knowledge_base=kb,
+        nodes.redi_sampler.ReDiSampler.execute(model=model, positive=cond("prompt 1"), negative=cond(""), knowledge_base=kb,
                                        latent_image={"samples": tiny_models.empty_latent(1)}, key_step=KEY,
                                        value_step=VALUE, neighbours=H, weight_mode="lstsq", guard=-1.0, seed_mode="kb",
                                        seed=0, error_tolerance=-1.0, adaptive_skip=True)
@@ -173,7 +173,7 @@ def test_redi_sampler_node_runs_the_error_guard_as_the_native_sampler_does(pack,
     import tiny_models
     args = dict(model=model, positive=cond("prompt 4"), negative=cond(""), knowledge_base=kb, key_step=KEY,
                 value_step=VALUE, neighbours=H, weight_mode="lstsq", guard=-1.0, seed_mode="kb", seed=0)
-    node = nodes.redi.ReDiSampler.execute(latent_image={"samples": tiny_models.empty_latent(1)}, error_tolerance=0.5,
+    node = nodes.redi_sampler.ReDiSampler.execute(latent_image={"samples": tiny_models.empty_latent(1)}, error_tolerance=0.5,
                                           adaptive_skip=True, **args)
     out, result = run(pack, nodes, custom, cfg_guider(custom, model, cond("prompt 4")), kb, tolerance=0.5, adaptive=True,
                       seeds=[SEED])
@@ -185,7 +185,7 @@ def test_redi_sampler_node_runs_the_error_guard_as_the_native_sampler_does(pack,
 def blended(nodes, model, kb, prompts, seed_mode="kb", seed=0) -> dict:
     """ReDiPartialSample -> ReDiRetrieve -> ReDiBlend at (KEY, VALUE, H): the LATENT ReDiResumeSample takes."""
     import tiny_models
-    n = nodes.redi
+    n = nodes.redi_chain
     query = n.ReDiPartialSample.execute(model=model, positive=cond(*prompts), negative=cond(""), knowledge_base=kb,
                                         latent_image={"samples": tiny_models.empty_latent(len(prompts))}, key_step=KEY,
                                         seed_mode=seed_mode, seed=seed).result[0]
@@ -196,18 +196,18 @@ def blended(nodes, model, kb, prompts, seed_mode="kb", seed=0) -> dict:
 def test_four_node_chain_takes_the_error_guard_at_its_blend_step(pack, nodes, model, kb):
     prompts = ["prompt 2", "a prompt the KB lacks"]
     value = blended(nodes, model, kb, prompts)
-    resume, pos, neg = nodes.redi.ReDiResumeSample.execute, cond(*prompts), cond("")
+    resume, pos, neg = nodes.redi_chain.ReDiResumeSample.execute, cond(*prompts), cond("")
     plain = resume(model=model, positive=pos, negative=neg, value_latent=value, guard=-1.0)
     off = resume(model=model, positive=pos, negative=neg, value_latent=value, guard=-1.0, error_tolerance=-1.0)
     assert torch.equal(plain.result[0]["samples"], off.result[0]["samples"])  # -1: the residual guard, as before
     state = value["redi"]
     for tolerance in (0.0, 100.0):
-        result = pack.kb_tools.samplers.redi_chain.resume(state, model, pos, neg, tolerance=tolerance)
+        result = pack.kb_tools.resume(state, model, pos, neg, tolerance=tolerance)
         want = predicted(pack, kb, state.fit.centered_residual, VALUE) <= tolerance
         assert result.accepted.tolist() == want.tolist() and result.predicted_error is not None
         assert result.start_steps.tolist() == [VALUE if a else KEY for a in want]
         assert want[0] == (tolerance > 0)  # the KB prompt from its KB seed jumps unless nothing may
-    assert not pack.kb_tools.samplers.redi_chain.resume(state, model, pos, neg, tolerance=0.0).accepted.any()
+    assert not pack.kb_tools.resume(state, model, pos, neg, tolerance=0.0).accepted.any()
     text = resume(model=model, positive=pos, negative=neg, value_latent=value, guard=-1.0, error_tolerance=0.0).ui["text"][0]
     assert "error guard" in text
 
@@ -216,5 +216,5 @@ def test_four_node_chain_refuses_the_error_guard_on_a_kb_without_its_model(pack,
     bare = build(redi, model, tmp_path / "bare", ["a cat", "a dog", "a red car"])
     value = blended(nodes, model, bare, ["a cat"])
     with pytest.raises(pack.kb_tools.core.errors.KBError, match=r"no blend-error model.*python -m kb_tools calibrate"):
-        nodes.redi.ReDiResumeSample.execute(model=model, positive=cond("a cat"), negative=cond(""), value_latent=value,
+        nodes.redi_chain.ReDiResumeSample.execute(model=model, positive=cond("a cat"), negative=cond(""), value_latent=value,
                                             guard=-1.0, error_tolerance=0.1)

@@ -13,7 +13,7 @@ from kb_crash_helper import (
     LATENT_SHAPE, forge_safetensors, kb_file, manifest_of, replace_file_signed, toy_latents, toy_settings, write_manifest,
 )
 
-from kb_tools.core import retrieval
+import kb_tools as retrieval  # the public names: nearest_keys, blend_entries, fit_weights, calibrate
 from kb_tools.core.errors import KBError
 from kb_tools.store import KnowledgeBase, check_kb_name, merge, open_or_create
 from kb_tools.store.safetensors_file import tensors_from_bytes

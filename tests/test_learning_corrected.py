@@ -48,7 +48,7 @@ def assert_stored_as_plain(redi, model, kb, pair):
     """The stored latents of `pair` are those of a plain run of that prompt and seed, sampled on its own."""
     import tiny_models
     positive, negative = conds(redi, [pair[0]])
-    sigmas = redi.cs.schedule_sigmas(model, "euler", "normal", STEPS)
+    sigmas = redi.schedule_sigmas(model, "euler", "normal", STEPS)
     _, kept, _ = redi.sample_counted(redi.cfg_guider(model, positive, negative, CFG), tiny_models.empty_latent(1),
                                      [pair[1]], sigmas, "euler", keep_steps=STORE)
     i = kb.entries.index(pair)

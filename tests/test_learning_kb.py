@@ -21,7 +21,7 @@ HELPER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "learning_writ
 
 @pytest.fixture(scope="module")
 def redi(pack):
-    return pack.kb_tools.samplers.redi_chain
+    return pack.kb_tools
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,7 @@ def plain_states(redi, model, prompt, seed):
     import tiny_models
     positive, negative = conds(redi, [prompt])
     guider = redi.cfg_guider(model, positive, negative, CFG)
-    sigmas = redi.cs.schedule_sigmas(model, "euler", "normal", STEPS)
+    sigmas = redi.schedule_sigmas(model, "euler", "normal", STEPS)
     _, kept, _ = redi.sample_counted(guider, tiny_models.empty_latent(1), [seed], sigmas, "euler", keep_steps=STORE)
     return kept
 
@@ -102,7 +102,7 @@ def test_only_trajectories_sampled_in_full_are_stored(redi, model, settings, tmp
     positive, negative = conds(redi, ["prompt 9"])
     import tiny_models
     out, _, _ = redi.sample_counted(redi.cfg_guider(model, positive, negative, CFG), tiny_models.empty_latent(1),
-                                    [SEED + 1000], redi.cs.schedule_sigmas(model, "euler", "normal", STEPS), "euler")
+                                    [SEED + 1000], redi.schedule_sigmas(model, "euler", "normal", STEPS), "euler")
     torch.testing.assert_close(mixed.latent[1:], out, rtol=1e-4, atol=1e-4)
     assert kb.verify() == []
 

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.comfy
 
 @pytest.fixture(scope="module")
 def redi(pack):
-    return pack.kb_tools.samplers.redi_chain
+    return pack.kb_tools
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +70,7 @@ def redi_sampler(nodes, model, kb, positive, batch=1, **kw):
     import tiny_models
     args = dict(key_step=3, value_step=7, neighbours=2, weight_mode="lstsq", guard=-1.0, seed_mode="kb", seed=0)
     args.update(kw)
-    return nodes.redi.ReDiSampler.execute(model=model, positive=positive, negative=cond(""), knowledge_base=kb,
+    return nodes.redi_sampler.ReDiSampler.execute(model=model, positive=positive, negative=cond(""), knowledge_base=kb,
                                           latent_image={"samples": tiny_models.empty_latent(batch)}, **args).result[0]["samples"]
 
 
@@ -190,7 +190,7 @@ def test_mixed_batch_paths_and_counts(pack, nodes, custom, model, kb):
 def chain(nodes, model, kb, positive, batch=1, seed_mode="kb", seed=0):
     """ReDiPartialSample -> ReDiRetrieve -> ReDiBlend -> ReDiResumeSample."""
     import tiny_models
-    n = nodes.redi
+    n = nodes.redi_chain
     query = n.ReDiPartialSample.execute(model=model, positive=positive, negative=cond(""), knowledge_base=kb,
                                         latent_image={"samples": tiny_models.empty_latent(batch)}, key_step=3,
                                         seed_mode=seed_mode, seed=seed).result[0]

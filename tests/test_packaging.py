@@ -25,7 +25,7 @@ def test_pyproject_has_comfy_registry_fields():
 
 def test_kb_tools_imports_and_runs_without_comfyui(tmp_path):
     """The library and its command line work in a plain Python with no ComfyUI on the path."""
-    code = ("import sys; sys.path.insert(0, %r); import kb_tools.store, kb_tools.core.retrieval, kb_tools.core.schedule, "
+    code = ("import sys; sys.path.insert(0, %r); import kb_tools.store, kb_tools.core.weights, kb_tools.core.schedule, "
             "kb_tools.build.prompts, kb_tools.samplers.tstitch, kb_tools.build.cli; "
             "assert not any(m == 'comfy' or m.startswith('comfy.') for m in sys.modules), 'comfy imported'" % str(PACK_DIR))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env={"PATH": "/usr/bin:/bin"})

@@ -7,6 +7,8 @@ import logging
 import pytest
 import torch
 
+from kb_tools.comfy import model_facts as cs
+
 pytestmark = pytest.mark.comfy
 
 STEPS = 10
@@ -16,12 +18,12 @@ SEED = 7
 
 @pytest.fixture(scope="module")
 def redi(pack):
-    return pack.kb_tools.samplers.redi_chain
+    return pack.kb_tools
 
 
 @pytest.fixture(scope="module")
 def nodes(pack):
-    return pack.nodes.redi
+    return pack.nodes
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +83,7 @@ def ksampler(model, prompt, seed=SEED, sampler="euler", cfg=CFG, batch=1):
 
 def run_sampler(nodes, model, kb, prompt, *, key=3, value=5, h=1, guard=-1.0, seed_mode="kb", seed=0, batch=1, mode="lstsq", resume_positive=None):
     import tiny_models
-    out = nodes.ReDiSampler.execute(model=model, positive=tiny_models.prompt_cond(prompt), negative=tiny_models.prompt_cond(""),
+    out = nodes.redi_sampler.ReDiSampler.execute(model=model, positive=tiny_models.prompt_cond(prompt), negative=tiny_models.prompt_cond(""),
                                     latent_image={"samples": tiny_models.empty_latent(batch)}, knowledge_base=kb, key_step=key,
                                     value_step=value, neighbours=h, weight_mode=mode, guard=guard, seed_mode=seed_mode, seed=seed,
                                     resume_positive=resume_positive)
@@ -112,13 +114,13 @@ def test_partial_then_resume_at_key_equals_split_ksampler_advanced(pack, nodes, 
     first = adv.sample(model, "enable", SEED, STEPS, CFG, "euler", "normal", pos, neg, lat, 0, 3, "enable")[0]
     split = adv.sample(model, "disable", SEED, STEPS, CFG, "euler", "normal", pos, neg, first, 3, 10000, "disable")[0]["samples"]
 
-    query = nodes.ReDiPartialSample.execute(model=model, positive=pos, negative=neg, latent_image=lat, knowledge_base=kb,
+    query = nodes.redi_chain.ReDiPartialSample.execute(model=model, positive=pos, negative=neg, latent_image=lat, knowledge_base=kb,
                                             key_step=3, seed_mode="kb", seed=0).result[0]
     assert torch.allclose(query["samples"], first["samples"], atol=1e-5)
-    neighbours = nodes.ReDiRetrieve.execute(query_latent=query, knowledge_base=kb, neighbours=1).result[0]
-    value = nodes.ReDiBlend.execute(neighbours=neighbours, value_step=3, weight_mode="lstsq").result[0]
+    neighbours = nodes.redi_chain.ReDiRetrieve.execute(query_latent=query, knowledge_base=kb, neighbours=1).result[0]
+    value = nodes.redi_chain.ReDiBlend.execute(neighbours=neighbours, value_step=3, weight_mode="lstsq").result[0]
     # value step == key step: the blend of the query's own stored key is the query itself.
-    out = nodes.ReDiResumeSample.execute(model=model, positive=pos, negative=neg, value_latent=value, guard=-1.0).result[0]["samples"]
+    out = nodes.redi_chain.ReDiResumeSample.execute(model=model, positive=pos, negative=neg, value_latent=value, guard=-1.0).result[0]["samples"]
     assert (out - split).abs().max().item() < 1e-4
 
 
@@ -131,7 +133,6 @@ def test_every_sampler_resumes_on_exactly_the_remaining_sigmas(redi, model, tmp_
     """The resume runs sigmas[v:] exactly: no step dropped (the official code drops one after PNDM)."""
     import comfy.samplers
     import tiny_models
-    cs = redi.cs
     problems = []
     for i, name in enumerate(comfy.samplers.KSampler.SAMPLERS):
         sigmas = cs.schedule_sigmas(model, name, "normal", STEPS)
@@ -159,7 +160,7 @@ def test_redi_runs_for_every_sampler(redi, nodes, model, tmp_path):
     import comfy.samplers
     failures = []
     for name in comfy.samplers.KSampler.SAMPLERS:
-        if name in redi.cs.SCHEDULE_FREE_SAMPLERS:
+        if name in cs.SCHEDULE_FREE_SAMPLERS:
             with pytest.raises(redi.KBError, match="chooses its own noise levels"):
                 build(redi, model, tmp_path / name, ["a cat"], sampler=name)
             continue
@@ -204,12 +205,12 @@ def test_mismatched_kb_is_refused_before_any_sampling(redi, nodes, model, tiny, 
 
     mine, mine_counter = counted(model)
     with pytest.raises(errors.KBMismatchError, match=r"latent size.*\[4, 8, 8\].*\[4, 16, 16\]"):
-        nodes.ReDiPartialSample.execute(model=mine, positive=tiny.prompt_cond("a"), negative=tiny.prompt_cond(""),
+        nodes.redi_chain.ReDiPartialSample.execute(model=mine, positive=tiny.prompt_cond("a"), negative=tiny.prompt_cond(""),
                                         latent_image={"samples": tiny.empty_latent(1, size=16)}, knowledge_base=kb,
                                         key_step=3, seed_mode="kb", seed=0)
     for override in ({"sampler_override": "dpmpp_2m"}, {"steps_override": 20}):
         with pytest.raises(errors.KBMismatchError, match="knowledge base has"):
-            nodes.ReDiPartialSample.execute(model=mine, positive=tiny.prompt_cond("a"), negative=tiny.prompt_cond(""),
+            nodes.redi_chain.ReDiPartialSample.execute(model=mine, positive=tiny.prompt_cond("a"), negative=tiny.prompt_cond(""),
                                             latent_image={"samples": tiny.empty_latent(1)}, knowledge_base=kb,
                                             key_step=3, seed_mode="kb", seed=0, **override)
     with pytest.raises(errors.KBError, match="stores no latents at key step 4"):
@@ -259,17 +260,17 @@ def test_latent_from_elsewhere_gets_a_clear_error(nodes, model, tmp_path, errors
     import tiny_models
     kb = build(redi, model, tmp_path / "kb", ["a cat"])
     with pytest.raises(errors.KBError, match="needs the LATENT that comes out of ReDiPartialSample"):
-        nodes.ReDiRetrieve.execute(query_latent={"samples": tiny_models.empty_latent(1)}, knowledge_base=kb, neighbours=1)
+        nodes.redi_chain.ReDiRetrieve.execute(query_latent={"samples": tiny_models.empty_latent(1)}, knowledge_base=kb, neighbours=1)
 
 
 def test_every_node_has_description_category_and_input_tooltips(nodes):
-    for node in nodes.NODES:
+    for node in [*nodes.knowledge_base.NODES, *nodes.redi_chain.NODES, *nodes.redi_sampler.NODES]:
         schema = node.define_schema()
         assert schema.category == "sampling/ReDi"
         assert schema.description
         for inp in schema.inputs:
             assert inp.tooltip, f"{schema.node_id}.{inp.id} has no tooltip"
-    ids = {n.define_schema().node_id for n in nodes.NODES}
+    ids = {n.define_schema().node_id for n in [*nodes.knowledge_base.NODES, *nodes.redi_chain.NODES, *nodes.redi_sampler.NODES]}
     assert {"ReDiLoadKnowledgeBase", "BuildKnowledgeBase", "ReDiPartialSample", "ReDiRetrieve", "ReDiBlend",
             "ReDiResumeSample", "ReDiSampler"} <= ids
 
@@ -285,7 +286,7 @@ def test_lora_patch_warns_through_the_fingerprint_and_still_runs(redi, nodes, mo
     assert torch.isfinite(out).all()
     assert "weight patches (LoRA) differ" in caplog.text
     # The patched clone was loaded last; the base model's fingerprint must still read base weights.
-    assert redi.cs.model_fingerprint(model)["weight_probe"] == list(kb.settings.model_fingerprint["weight_probe"])  # settings hold tuples (frozen)
+    assert cs.model_fingerprint(model)["weight_probe"] == list(kb.settings.model_fingerprint["weight_probe"])  # settings hold tuples (frozen)
 
 
 def test_interrupted_build_keeps_finished_entries_and_resumes(redi, model, tmp_path):

@@ -11,7 +11,8 @@ import pytest
 from conftest import PACK_DIR
 from kb_tools.core.errors import KBError
 from kb_tools.calibration.guard import FALLBACK_GUARD, GUARD_AUTO, MAX_AUTO_GUARD, resolve_guard
-from kb_tools.samplers.results import Evaluations, ReDiResult
+from kb_tools.core.evaluations import Evaluations
+from kb_tools.samplers.result import ReDiResult
 from kb_tools.core.schedule import Switch, plan_redi
 
 
@@ -67,7 +68,7 @@ def test_switch_resolves_against_the_schedule():
 
 def test_plain_modules_import_without_comfyui(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "COMFYUI_PATH")}
-    code = ("import sys; sys.path.insert(0, %r); import kb_tools.calibration.guard, kb_tools.samplers.results, kb_tools.core.retrieval, "
+    code = ("import sys; sys.path.insert(0, %r); import kb_tools.calibration.guard, kb_tools.samplers.result, kb_tools.core.weights, "
             "kb_tools.core.schedule, kb_tools.core.records; assert 'comfy' not in sys.modules, 'comfy imported'") % str(PACK_DIR)
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr

@@ -9,18 +9,9 @@ from kb_crash_helper import toy_latents, toy_settings
 
 from kb_tools.core.errors import KBError
 from kb_tools.store import KnowledgeBase, reduce_keys
-from kb_tools.core.retrieval import (
-    blend,
-    blend_entries,
-    calibrate,
-    centered_residual,
-    check_value_step,
-    fit_weights,
-    least_squares,
-    nearest_keys,
-    relative_residual,
-    solve_weights,
-)
+from kb_tools.core.weights import blend, centered_residual, check_value_step, fit_weights, least_squares, relative_residual, solve_weights
+from kb_tools.store.retrieval import blend_entries, nearest_keys
+from kb_tools.calibration.residuals import calibrate
 
 faiss.omp_set_num_threads(1)
 

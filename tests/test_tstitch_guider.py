@@ -176,12 +176,12 @@ def test_redi_with_small_model_keys_in_the_native_graph(pack, custom, tmp_path):
     """SamplerCustomAdvanced(ReDiKBNoise, TStitchGuider, SamplerReDi) = ReDiSampler with small_model, exactly."""
     import tiny_models
     from test_tstitch_redi import STITCH, build_stitched
-    redi, nodes = pack.kb_tools.samplers.redi_chain, pack.nodes
+    redi, nodes = pack.kb_tools, pack.nodes
     large = tiny_models.make_tiny_model(0, "V_PREDICTION", model_channels=64)
     small = tiny_models.make_tiny_model(5, "V_PREDICTION", model_channels=32, channel_mult=(1,))
     kb = build_stitched(redi, large, small, tmp_path / "kb", ["a cat", "a dog", "a red car"]).kb
     pos, neg = tiny_models.prompt_cond("a dog"), tiny_models.prompt_cond("")
-    expected = nodes.redi.ReDiSampler.execute(
+    expected = nodes.redi_sampler.ReDiSampler.execute(
         model=large, positive=pos, negative=neg, latent_image={"samples": tiny_models.empty_latent(1)}, knowledge_base=kb,
         key_step=3, value_step=6, neighbours=1, weight_mode="lstsq", guard=-1.0, seed_mode="kb", seed=0,
         small_model=small).result[0]["samples"]

@@ -28,7 +28,7 @@ def build_stitched(redi, large, small, path, prompts):
 
 
 def test_kb_records_the_key_model_and_its_build_counts_both_models(pack, models, tmp_path):
-    redi = pack.kb_tools.samplers.redi_chain
+    redi = pack.kb_tools
     large, small = models
     report = build_stitched(redi, large, small, tmp_path / "kb", ["a cat", "a dog"])
     settings = report.kb.settings
@@ -42,7 +42,7 @@ def test_kb_records_the_key_model_and_its_build_counts_both_models(pack, models,
 
 def test_redi_with_small_model_keys_counts_large_model_calls(pack, models, tmp_path):
     import tiny_models
-    redi, nodes = pack.kb_tools.samplers.redi_chain, pack.nodes.redi
+    redi, nodes = pack.kb_tools, pack.nodes.redi_sampler
     large, small = models
     kb = build_stitched(redi, large, small, tmp_path / "kb", ["a cat", "a dog", "a red car"]).kb
     large_counted, large_calls = counted(large)
@@ -67,7 +67,7 @@ def test_redi_with_small_model_keys_counts_large_model_calls(pack, models, tmp_p
 
 def test_kb_with_small_model_keys_refuses_a_query_without_it(pack, models, tmp_path):
     import tiny_models
-    redi, nodes = pack.kb_tools.samplers.redi_chain, pack.nodes.redi
+    redi, nodes = pack.kb_tools, pack.nodes.redi_sampler
     large, small = models
     kb = build_stitched(redi, large, small, tmp_path / "kb", ["a cat"]).kb
     with pytest.raises(pack.kb_tools.core.errors.KBMismatchError, match="small_model input"):

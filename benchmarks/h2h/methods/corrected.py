@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from embedded import sampling as S
-from kb_tools.samplers.corrected import coarse_grid
+from kb_tools.core.coarse_grid import coarse_grid
 
 from ..registry import Method, Output, Plan, Setting, register
 

@@ -19,9 +19,9 @@ import numpy as np
 import torch
 
 from embedded import sampling as S
-from kb_tools.samplers.corrected import coarse_grid
+from kb_tools.core.coarse_grid import coarse_grid
 from kb_tools.core.errors import KBError
-from kb_tools.samplers.learning import learning_grid, skipping_segments
+from kb_tools.core.coarse_grid import learning_grid, skipping_segments
 from kb_tools.core.records import Recipe
 
 from ..registry import Method, Output, Plan, Setting, register
