@@ -3,7 +3,7 @@ latent and H; and what a run takes from the KB (its seeds' noise, its guider). R
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -17,9 +17,6 @@ from ..core.weights import WEIGHT_MODES
 from ..store import KnowledgeBase
 
 log = logging.getLogger("ReDi")
-
-if TYPE_CHECKING:
-    from .redi import ReDiRun
 
 
 #: How close a run's SIGMAS must be to the KB's schedule (float32 schedules from one formula agree exactly).
@@ -100,14 +97,15 @@ def check_latent(kb: KnowledgeBase, shape) -> None:
 
 
 
-def check_sampling(run: ReDiRun, model, x, sigmas, extra_args: dict) -> list[str]:
-    """Everything sample_redi needs, checked before the first model evaluation; returns warnings."""
+def check_sampling(kb: KnowledgeBase, model, x, sigmas, extra_args: dict, sampler: str = "ReDi") -> list[str]:
+    """What every KB sampler is given inside a sampler run (denoiser, x [B, C, H, W], SIGMAS), checked against the KB
+    before the first model evaluation; returns warnings."""
     if extra_args.get("denoise_mask") is not None:
-        raise KBError("ReDi does not support a latent noise mask (inpainting): the stored trajectories start from an "
-                      "empty latent. Remove the mask (SetLatentNoiseMask) or sample the masked latent with KSampler.")
-    warnings = check_models(run.kb, lambda sigma: patcher_at(model, torch.tensor(sigma)))
-    check_latent(run.kb, x.shape[1:])
-    check_schedule(run.kb, sigmas)
+        raise KBError(f"{sampler} does not support a latent noise mask (inpainting): the stored trajectories start from "
+                      "an empty latent. Remove the mask (SetLatentNoiseMask) or sample the masked latent with KSampler.")
+    warnings = check_models(kb, lambda sigma: patcher_at(model, torch.tensor(sigma)))
+    check_latent(kb, x.shape[1:])
+    check_schedule(kb, sigmas)
     return warnings
 
 
