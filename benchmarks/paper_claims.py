@@ -76,9 +76,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 def render(res: dict) -> None:
-    """paper_claims.md, README's block and the plots from a results JSON."""
+    """paper_claims.md, the block in benchmarks/README.md and the plots from a results JSON."""
     writers.write_markdown(res, RESULTS / "paper_claims.md")
-    writers.update_readme(RESULTS / "paper_claims.md", PACK / "README.md")
+    writers.update_readme(RESULTS / "paper_claims.md", PACK / "benchmarks" / "README.md")
     writers.write_plots(res, RESULTS)
 
 
