@@ -24,8 +24,9 @@ import numpy as np
 
 from ..core.errors import KBError
 from . import index as ix
+from .commits import keys_and_sums, stage_derived
 from .generation import Generation
-from .knowledge_base import KnowledgeBase, _keys_and_sums, _stage_derived
+from .knowledge_base import KnowledgeBase
 from .settings import is_int
 from .transaction import transaction
 
@@ -90,8 +91,8 @@ def evict_oldest(kb: KnowledgeBase, budget: KBBudget) -> int:
             indexes, sums = {}, {}
             for st in m.settings.stored_steps:
                 sums[st] = np.zeros(g.D, np.float64)
-                indexes[st] = ix.build(m.index_type, rec.dim, _keys_and_sums(g.key_chunks(st, drop), m.reduce, sums[st]))
-            new = _stage_derived(txn, m.evolve(shards=keep, count=sum(s.count for s in keep)), indexes, sums)
+                indexes[st] = ix.build(m.index_type, rec.dim, keys_and_sums(g.key_chunks(st, drop), m.reduce, sums[st]))
+            new = stage_derived(txn, m.evolve(shards=keep, count=sum(s.count for s in keep)), indexes, sums)
             committed = txn.commit(new)
             # Map the kept shards afresh under the writer lock (their ids start at 0 now); the
             # indexes and sums just built are this generation's.

@@ -1,4 +1,4 @@
-"""The knowledge base: open, create, append, merge, read and search stored trajectories.
+"""The knowledge base: open, read and search stored trajectories (writes.py: create, append; merge.py: merge).
 
 ReDi (paper Algorithm 1) stores, for each (prompt, seed), the latent x_k at a key step and
 x_v at a value step; Algorithm 2 retrieves the keys nearest to a query's x_k and blends
@@ -10,50 +10,26 @@ transaction.py; what one open generation holds is generation.py.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable
 from typing import Any
 
-import faiss
 import numpy as np
-import safetensors.numpy
 
 from ..core.errors import KBError, KBMismatchError
 from ..core.records import Difference, describe_differences, differences
 from . import arguments as args
 from . import index as ix
 from .files import check_kb_path
-from .format import (
-    DTYPES,
-    FORMAT_VERSION,
-    INDEX_DIR,
-    INDEX_TYPES,
-    LOCK_FILE,
-    MANIFEST,
-    MAX_CALIBRATION_BYTES,
-    SHARDS_DIR,
-    IndexRecord,
-    Manifest,
-    ShardRecord,
-    entries_bytes,
-    index_file_name,
-    now,
-    read_manifest,
-    shard_stem,
-    stats_file_name,
-    step_name,
-    sum_name,
-)
+from .format import FORMAT_VERSION, MANIFEST
 from .gc import linked_outside
 from .generation import VERIFY_MODES, FileVanished, Generation
-from .safe_json import load_json
-from .safetensors_file import MappedFile
-from .settings import KBSettings, freeze, is_int, thaw
-from .transaction import Transaction, transaction
+from .manifest import read_manifest
+from .settings import KBSettings, is_int, thaw
 from .verify import verify as verify_generation
+from .writes import KnowledgeBaseWrites
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +38,7 @@ OPEN_ATTEMPTS = 10
 _WARNED_LEGACY: set[str] = set()  # KB folders already warned about (log once per process)
 
 
-class KnowledgeBase:
+class KnowledgeBase(KnowledgeBaseWrites):
     """One open knowledge base; create with `create`, `open` or `open_or_create`.
 
     The object answers from the generation it opened (or last committed itself), whatever
@@ -78,36 +54,6 @@ class KnowledgeBase:
         self._ef_search: int | None = None
 
     # ------------------------------------------------------------ construction
-
-    @classmethod
-    def create(cls, path: str, settings: KBSettings, *, dtype: str = "float16", index_type: str = "auto",
-               reduce: int | str = "auto", exist_ok: bool = False) -> KnowledgeBase:
-        """Make an empty KB (count 0) at `path` and commit its manifest.
-
-        index_type: "auto" (flat up to index.AUTO_FLAT_MAX_ENTRIES entries, HNSW above),
-        "flat" (exact), "ivf" (trains itself once big enough) or "hnsw".
-        """
-        if not isinstance(settings, KBSettings):
-            raise KBError(f"settings must be a KBSettings, got {type(settings).__name__}. Build one with KBSettings(...).")
-        if dtype not in DTYPES:
-            raise KBError(f"dtype {args.short(dtype)} is not supported; use one of {list(DTYPES)}.")
-        if index_type not in INDEX_TYPES:
-            raise KBError(f"index_type {args.short(index_type)} is unknown; use one of {list(INDEX_TYPES)}.")
-        c, h, w = settings.latent_shape
-        if reduce == "auto":
-            r = ix.auto_reduce(settings.latent_shape)
-        elif is_int(reduce) and reduce >= 1 and h % reduce == 0 and w % reduce == 0:
-            r = int(reduce)
-        else:
-            raise KBError(f"reduce={args.short(reduce)} does not divide the latent's H={h} and W={w}. "
-                          "Use 'auto' or a positive int dividing both.")
-        root = _new_kb_folder(path, exist_ok)
-        dim = c * (h // r) * (w // r)
-        with transaction(root, None) as txn:
-            indexes = {st: ix.empty(index_type, dim) for st in settings.stored_steps}
-            sums = {st: np.zeros(c * h * w, np.float64) for st in settings.stored_steps}
-            txn.commit(_stage_derived(txn, _empty_manifest(settings, dtype), indexes, sums, index_type, r))
-        return cls.open(root, verify="size")
 
     @classmethod
     def open(cls, path: str, verify: str = "auto") -> KnowledgeBase:
@@ -290,95 +236,10 @@ class KnowledgeBase:
         uniq = np.unique(cand[cand >= 0])
         return ix.rerank(q, cand, uniq, g.gather(step, uniq).reshape(len(uniq), -1), h)
 
-    # ------------------------------------------------------------ writing
-
-    def append(self, latents: dict[int, Any], prompts: Sequence[str], seeds: Sequence[int], *,
-               _before_commit: Callable[[], None] | None = None) -> None:
-        """Add n entries: latents {step: [n, C, H, W]} for every stored step, one prompt and seed each.
-
-        Writes a new shard, new index and stats files, then commits the manifest; a crash at
-        any point leaves the KB as it was. `_before_commit` is a test hook, called after
-        every file is written and before the commit.
-        """
-        prompts, seeds = list(prompts), list(seeds)
-        if len(prompts) != len(seeds):
-            raise KBError(f"append got {len(prompts)} prompts and {len(seeds)} seeds; pass one seed per prompt.")
-        if not all(isinstance(p, str) for p in prompts) or not all(is_int(s) and -(2**63) <= s < 2**64 for s in seeds):
-            raise KBError("prompts must be strings and seeds 64-bit ints. Convert them before appending.")
-        seeds = [int(s) for s in seeds]
-        if not prompts:
-            return
-        pairs = list(zip(prompts, seeds))
-        with self._lock:
-            g = self._gen
-            have, seen = g.ids_by_pair(), set()
-            for p in pairs:
-                if p in have or p in seen:
-                    raise KBError(f"prompt {args.short(p[0])} with seed {p[1]} is already in the KB at "
-                                  f"{self._path}{'' if p in have else ' (twice in this append)'}. Append only new "
-                                  "pairs: filter them with kb.missing(pairs) first.")
-                seen.add(p)
-            arrays = args.check_latents(latents, prompts, seeds, self.settings.stored_steps, self.latent_shape, self.dtype)
-            m = g.manifest
-            with transaction(self._path, m) as txn:
-                stem = shard_stem(len(m.shards))
-                shard = ShardRecord(txn.write(stem + ".safetensors", safetensors.numpy.save({step_name(st): a for st, a in arrays.items()})),
-                                    txn.write(stem + ".entries.json", entries_bytes(pairs)), len(pairs))
-                indexes = {st: ix.grow(g.index(st, self._nprobe, self._ef_search), m.index_type,
-                                       ix.reduce_keys(arrays[st], m.reduce)) for st in m.settings.stored_steps}
-                old = g.require_sums()
-                sums = {st: old[st] + arrays[st].reshape(len(pairs), -1).sum(axis=0, dtype=np.float64) for st in old}
-                new = _stage_derived(txn, m.evolve(shards=(*m.shards, shard), count=m.count + len(pairs)), indexes, sums)
-                if _before_commit is not None:
-                    _before_commit()
-                committed = txn.commit(new)
-                mapped = MappedFile(txn.path(shard.data.file), "Restore the file, or rebuild the KB.")
-                self._adopt(g.successor(committed, indexes, sums, (mapped, pairs)))
-
-    def rebuild_indexes(self) -> None:
-        """Rebuild every index and the stats from the shards (repairs a corrupt index or stats file;
-        upgrades a version-1 KB)."""
-        with self._lock:
-            g = self._gen
-            with transaction(self._path, g.manifest) as txn:
-                indexes, sums = _derive_from_shards(g)
-                committed = txn.commit(_stage_derived(txn, g.manifest, indexes, sums))
-                self._adopt(g.successor(committed, indexes, sums))
-
-    def set_calibration(self, step: int, calibration: dict) -> None:
-        """Store a calibration result for `step` in the manifest (atomic commit)."""
-        step = self.check_step(step)
-        if not isinstance(calibration, dict):
-            raise KBError(f"calibration must be a dict (as returned by retrieval.calibrate), got {type(calibration).__name__}.")
-        try:
-            data = _canonical_json(calibration)
-        except (TypeError, ValueError) as e:
-            raise KBError(f"calibration must be a JSON-serialisable dict of finite numbers ({e}). Pass what "
-                          "retrieval.calibrate returns.") from None
-        cal = load_json(data, name="the calibration", fix="Pass what retrieval.calibrate returns.",
-                        max_bytes=MAX_CALIBRATION_BYTES, max_depth=8)
-        with self._lock:
-            g = self._gen
-            if g.problems:
-                raise KBError(f"{next(iter(g.problems.values()))} Repair it with rebuild_indexes() before storing a calibration.")
-            with transaction(self._path, g.manifest) as txn:
-                m = g.manifest.evolve(calibration=freeze({**g.manifest.calibration, step: cal}))
-                indexes, sums = dict(g.indexes), g.sums
-                if m.legacy:  # the first commit of a version-1 KB rewrites its indexes in this version's format
-                    indexes = {st: g.index(st, self._nprobe, self._ef_search) for st in m.settings.stored_steps}
-                    m = _stage_derived(txn, m, indexes, g.require_sums())
-                committed = txn.commit(m)
-                self._adopt(g.successor(committed, indexes, sums))
-
-    def _adopt(self, g: Generation) -> None:
-        for index in g.indexes.values():
-            ix.apply_params(index, self._nprobe, self._ef_search)
-        self._gen = g
-
     # ------------------------------------------------------------ checks
 
     def verify(self) -> list[str]:
-        """Full check of the generation this object holds ([] if sound); see kb/verify.py for the list."""
+        """Full check of the generation this object holds ([] if sound); see verify.py for the list."""
         return verify_generation(self._gen, self._nprobe, self._ef_search)
 
     def info(self) -> dict:
@@ -398,10 +259,6 @@ class KnowledgeBase:
 
 
 # --------------------------------------------------------------------------- module helpers
-
-
-def _canonical_json(value: Any) -> bytes:
-    return json.dumps(value, allow_nan=False, sort_keys=True).encode("utf-8")
 
 
 def _load(root: str, verify: str) -> Generation:
@@ -428,72 +285,6 @@ def _load(root: str, verify: str) -> Generation:
         return g
     raise KBError(f"KB at {root} changed {OPEN_ATTEMPTS} times while it was being opened: a writer commits faster "
                   "than this reader can open it. Retry, or open it between writes.")
-
-
-def _new_kb_folder(path: Any, exist_ok: bool) -> str:
-    root = check_kb_path(path)
-    if os.path.exists(os.path.join(root, MANIFEST)):
-        raise KBError(f"{root} already holds a knowledge base. Open it with KnowledgeBase.open "
-                      "(or open_or_create), or choose another path.")
-    if os.path.exists(root) and not exist_ok:
-        raise KBError(f"{root} already exists. Choose a new path, or pass exist_ok=True to use this folder.")
-    if os.path.exists(root) and not os.path.isdir(root):
-        raise KBError(f"{root} is a file, not a folder. Choose another path for the KB.")
-    return root
-
-
-def _remove_new_folders(root: str, made: list[str]) -> None:
-    """Undo the folders a failed merge created (the transaction already removed its files): only empty ones."""
-    if root in made:
-        try:
-            os.remove(os.path.join(root, LOCK_FILE))
-        except OSError:
-            pass
-    for d in reversed(made):
-        try:
-            os.rmdir(d)
-        except OSError:
-            pass
-
-
-def _empty_manifest(settings: KBSettings, dtype: str) -> Manifest:
-    """The manifest fields of a new KB; indexes and stats are filled in by _stage_derived."""
-    return Manifest(format_version=FORMAT_VERSION, generation=0, settings=settings, count=0, dtype=dtype, shards=(),
-                    indexes=(), stats=None, calibration=freeze({}), created=now(), updated=now())  # type: ignore[arg-type]
-
-
-def _stage_derived(txn: Transaction, m: Manifest, indexes: dict[int, faiss.Index], sums: dict[int, np.ndarray],
-                   kind: str | None = None, reduce: int | None = None) -> Manifest:
-    """Write new index files and a new stats file for this commit; `m` with them recorded."""
-    kind = m.index_type if kind is None else kind
-    reduce = m.reduce if reduce is None else reduce
-    records = []
-    for st in m.settings.stored_steps:
-        index = indexes[st]
-        structure, nlist = ix.structure_of(index)
-        ref = txn.write(index_file_name(st, txn.tag), ix.encode(index))
-        records.append(IndexRecord(st, kind, structure, reduce, index.d, nlist, int(index.ntotal), ref))
-    stats = txn.write(stats_file_name(txn.tag), safetensors.numpy.save({sum_name(st): s for st, s in sums.items()}))
-    return m.evolve(indexes=tuple(records), stats=stats)
-
-
-def _keys_and_sums(chunks: Iterable[np.ndarray], reduce: int, total: np.ndarray) -> Iterator[np.ndarray]:
-    """Reduced keys of each chunk, adding the chunk's full keys to `total` on the way."""
-    for chunk in chunks:
-        total += chunk.reshape(len(chunk), -1).sum(axis=0, dtype=np.float64)
-        yield ix.reduce_keys(chunk, reduce)
-
-
-def _derive_from_shards(*gens: Generation) -> tuple[dict[int, faiss.Index], dict[int, np.ndarray]]:
-    """Indexes and key sums over the shards of `gens`, in order, one chunk at a time (bounded memory)."""
-    m = gens[0].manifest
-    rec = m.indexes[0]
-    indexes, sums = {}, {}
-    for st in m.settings.stored_steps:
-        sums[st] = np.zeros(gens[0].D, np.float64)
-        chunks = (c for g in gens for c in g.key_chunks(st))
-        indexes[st] = ix.build(rec.type, rec.dim, _keys_and_sums(chunks, rec.reduce, sums[st]))
-    return indexes, sums
 
 
 def open_or_create(path: str, settings: KBSettings, *, dtype: str | None = None, index_type: str | None = None,
@@ -523,82 +314,3 @@ def open_or_create(path: str, settings: KBSettings, *, dtype: str | None = None,
         raise KBMismatchError(f"KB at {root} was built with different settings: {describe_differences(diffs, 'KB', 'request')}. "
                               "Use a new KB path for these settings, or change them to match the KB.")
     return kb
-
-
-def _check_sources(base: KnowledgeBase, sources: Sequence[KnowledgeBase], owner: dict[tuple[str, int], str]) -> None:
-    """Refuse a source built with other settings or dtype than `base`, or holding an entry `owner` already has."""
-    for src in sources:
-        diffs = differences(base.settings.to_dict(), src.settings.to_dict())
-        if src.dtype != base.dtype:
-            diffs.append(Difference("dtype", base.dtype, src.dtype))
-        if diffs:
-            raise KBMismatchError(f"Cannot merge {src.path} with {base.path}: they differ in "
-                                  f"{describe_differences(diffs, base.path, src.path)}. Merge only KBs built with "
-                                  "the same settings; rebuild one of them to match.")
-        for p in src._gen.entries:
-            if p in owner:
-                raise KBError(f"prompt {args.short(p[0])} with seed {p[1]} is in both {owner[p]} and {src.path}. "
-                              "Remove it from one source (rebuild that source without it) before merging.")
-            owner[p] = src.path
-
-
-def merge(out_path: str, sources: Sequence[str | KnowledgeBase], *, exist_ok: bool = False) -> KnowledgeBase:
-    """A new KB holding every entry of `sources`; shards are hard-linked, indexes and stats rebuilt."""
-    check_kb_path(out_path)
-    if isinstance(sources, (str, bytes, os.PathLike)) or not sources:
-        raise KBError("merge needs a list of at least one source KB path.")
-    kbs = [s if isinstance(s, KnowledgeBase) else KnowledgeBase.open(s) for s in sources]
-    first = kbs[0]
-    _check_sources(first, kbs, {})
-    root = _new_kb_folder(out_path, exist_ok)
-    made = [d for d in (root, os.path.join(root, SHARDS_DIR), os.path.join(root, INDEX_DIR)) if not os.path.exists(d)]
-    gens = [kb._gen for kb in kbs]
-    try:
-        with transaction(root, None) as txn:
-            shards = []
-            for g in gens:
-                for s in g.manifest.shards:
-                    stem = shard_stem(len(shards))
-                    shards.append(ShardRecord(txn.link(g.path(s.data.file), stem + ".safetensors", s.data),
-                                              txn.link(g.path(s.entries.file), stem + ".entries.json", s.entries), s.count))
-            m = _empty_manifest(first.settings, first.dtype).evolve(
-                shards=tuple(shards), count=sum(s.count for s in shards), indexes=gens[0].manifest.indexes)
-            indexes, sums = _derive_from_shards(*gens)
-            txn.commit(_stage_derived(txn, m, indexes, sums))
-    except BaseException:
-        _remove_new_folders(root, made)
-        raise
-    return KnowledgeBase.open(root, verify="size")
-
-
-def merge_into(target: str | KnowledgeBase, sources: Sequence[str | KnowledgeBase]) -> KnowledgeBase:
-    """Add every entry of `sources` to the existing KB `target` in one commit; shards hard-linked, indexes grown.
-
-    What `merge` does for a new KB, for one that already holds entries (a distributed build's
-    shards joining the KB a previous run finished). A crash leaves `target` as it was.
-    """
-    kb = target if isinstance(target, KnowledgeBase) else KnowledgeBase.open(target)
-    if isinstance(sources, (str, bytes, os.PathLike)) or not sources:
-        raise KBError("merge_into needs a list of at least one source KB path.")
-    kbs = [s if isinstance(s, KnowledgeBase) else KnowledgeBase.open(s) for s in sources]
-    _check_sources(kb, kbs, {p: kb.path for p in kb._gen.entries})
-    with kb._lock:
-        g = kb._gen
-        m = g.manifest
-        with transaction(kb._path, m) as txn:
-            shards = list(m.shards)
-            for src in kbs:
-                for s in src._gen.manifest.shards:
-                    stem = shard_stem(len(shards))
-                    shards.append(ShardRecord(txn.link(src._gen.path(s.data.file), stem + ".safetensors", s.data),
-                                              txn.link(src._gen.path(s.entries.file), stem + ".entries.json", s.entries), s.count))
-            indexes, sums = {}, {}
-            for st in m.settings.stored_steps:
-                sums[st] = g.require_sums()[st].copy()
-                chunks = (c for src in kbs for c in src._gen.key_chunks(st))
-                keys = list(_keys_and_sums(chunks, m.reduce, sums[st]))
-                index = g.index(st, kb._nprobe, kb._ef_search)
-                indexes[st] = ix.grow(index, m.index_type, np.concatenate(keys)) if keys else index
-            new = m.evolve(shards=tuple(shards), count=sum(s.count for s in shards))
-            txn.commit(_stage_derived(txn, new, indexes, sums))
-    return KnowledgeBase.open(kb._path, verify="size")

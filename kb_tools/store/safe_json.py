@@ -94,3 +94,15 @@ def load_json(data: bytes | memoryview, *, name: str, fix: str, max_bytes: int, 
     if max_depth is not None and depth(value) > max_depth:
         raise KBError(f"{name} nests its JSON {depth(value)} levels deep, more than the {max_depth} a KB file may. {fix}")
     return value
+
+
+def json_kind(value: Any) -> str:
+    """What a decoded JSON value is, for an error message ("an object", "the number 3", ...)."""
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(value), f"the number {short(value)}" if isinstance(value, (int, float)) else type(value).__name__)
+
+
+def short(value: Any, limit: int = 60) -> str:
+    """repr(value), cut to `limit` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

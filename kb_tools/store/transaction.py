@@ -19,8 +19,9 @@ from filelock import FileLock
 
 from ..core.errors import KBChangedError, KBError
 from .files import fsync_dir, is_inside, link_or_copy, remove_quietly, sha256_bytes, write_atomic
-from .format import FORMAT_VERSION, INDEX_DIR, LOCK_FILE, MANIFEST, SHARDS_DIR, FileRef, Manifest, manifest_bytes, new_tag, now, read_manifest
+from .format import FORMAT_VERSION, INDEX_DIR, LOCK_FILE, MANIFEST, SHARDS_DIR, FileRef, Manifest, manifest_bytes, new_tag, now
 from .gc import collect_garbage
+from .manifest import read_manifest
 
 
 class Transaction:
