@@ -28,7 +28,10 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from kb_tools.samplers import corrected as corrected_solver; from kb_tools.samplers import learning as learning_corrected; from kb_tools.samplers import redi_chain as redi
+import kb_tools as redi  # the public names: generate, make_run, generate_learning, sample_to_key, resume, ...
+from kb_tools.comfy.counted import resume_from
+from kb_tools.samplers import corrected as corrected_solver
+from kb_tools.samplers import learning as learning_corrected
 from benchmarks.any_seed_sampler import AnySeedRun, any_seed_ksampler
 from kb_tools.calibration.blend_error import fit_error_model, measure_blend_errors, store_error_model
 from kb_tools.calibration.plain_reference import fit_plain_reference, store_plain_reference
@@ -232,8 +235,9 @@ def resume_blend(query: KeyQuery, model, prompts: Sequence[str], value_step: int
     kb = query.kb
     positive, negative = conditioning(prompts)
     plan = plan_redi(kb.settings.steps, query.key_step, value_step, kb.settings.stored_steps)
-    out, _, _ = redi.resume_from(kb, plan, query.latent, torch.from_numpy(value), np.ones(len(prompts), bool),
-                                 cfg_guider(model, positive, negative, kb.settings.cfg), query.seeds)
+    out, _ = resume_from(cfg_guider(model, positive, negative, kb.settings.cfg), torch.tensor(kb.settings.sigmas, dtype=torch.float32),
+                         kb.settings.sampler, plan.key_step, np.full(len(prompts), plan.value_step), query.latent,
+                         torch.from_numpy(value), query.seeds)
     return out
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from kb_crash_helper import LATENT_SHAPE, SIGMAS, toy_latents, toy_settings
 
-from kb_tools.calibration import blend_error
+from kb_tools.calibration import blend_error, residuals
 from kb_tools.calibration.blend_error import (
     MAX_VALUE_STEPS,
     check_error_model,
@@ -225,7 +225,7 @@ def test_predict_and_choose_only_read(family_kb, family_model, monkeypatch):
         raise AssertionError("a calibration was computed while reading the model")
 
     for module, name in ((blend_error, "leave_one_out"), (blend_error, "blend_entries"), (blend_error, "measure_blend_errors"),
-                         (retrieval, "calibrate"), (retrieval, "leave_one_out"), (KnowledgeBase, "set_calibration"),
+                         (residuals, "calibrate"), (residuals, "leave_one_out"), (KnowledgeBase, "set_calibration"),
                          (KnowledgeBase, "search"), (KnowledgeBase, "latents")):
         monkeypatch.setattr(module, name, refuse)
     model = stored_error_model(kb, 2, 3)
