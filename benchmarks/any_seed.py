@@ -103,7 +103,7 @@ class Runs:
     def easycache(self, threshold: float):
         from comfy_extras import nodes_easycache
 
-        from kb_tools.comfy.counting import counted
+        from benchmarks.forward_counter import counted
         cached = nodes_easycache.EasyCacheNode.execute(self.model, reuse_threshold=float(threshold), start_percent=0.15,
                                                        end_percent=0.95, verbose=False).result[0]
         model, counter = counted(cached)

@@ -3,7 +3,7 @@
 Every sample goes through `embedded.sampling` (the pack's kb_tools code paths: plain
 `sample_prompts`, ReDi `generate`, `tstitch_sample`, `build_knowledge_base`) on the embedded
 crops UNets. Both models are clones whose diffusion model counts its forward rows per item
-(kb_tools.comfy.counting); `measure` opens a counting session on both and times the block (wall and
+(benchmarks/forward_counter.py); `measure` opens a counting session on both and times the block (wall and
 CPU seconds). Caches (EasyCache, LazyCache) are applied to the uncounted model first and
 counted after (methods/caches.py), so the calls they answer from the cache cost nothing.
 """
@@ -22,7 +22,7 @@ from embedded import sampling as S
 from embedded.judge import Judge
 from embedded.models import bf16_autocast, load_models
 from embedded.rendering import LATENT_SHAPE
-from kb_tools.comfy.counting import ForwardCounter, counted
+from benchmarks.forward_counter import ForwardCounter, counted
 from kb_tools.core.records import Recipe
 
 from . import kbs

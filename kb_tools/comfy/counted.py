@@ -45,7 +45,7 @@ class CountedDenoiser:
         for step, s in self.keep.items():
             if abs(level - s) <= 1e-4 * max(abs(s), 1e-7):
                 self.states[step] = x.detach().clone()
-        with evaluating(self.items):  # the forward counter (counting.py) credits these items
+        with evaluating(self.items):  # a forward-pass counter (counting.evaluating_items) credits these items
             return self.denoiser(x, sigma, **kwargs)
 
 

@@ -7,7 +7,7 @@
   never stops.
 - `batch_view`: the same denoiser for a subset of the batch, with every per-item
   conditioning sliced to those items (ReDi resumes items of one batch from different steps).
-- `count_evaluations`: a k-diffusion denoiser that counts its evaluations per model and item.
+- (Evaluations are counted per model and item by `counted.CountedDenoiser`, not here.)
 
 Each guider is prepared by its own `sample()` (conditioning, hooks, patches, model loading,
 clean-up), so nothing of ComfyUI's sampling preparation is repeated here: the late guider's
@@ -262,8 +262,3 @@ def batch_view(denoiser, idx: Sequence[int], batch: int):
     view = copy.copy(denoiser)  # a prepared guider: its conditioning, sliced
     view.conds = {name: [_slice_cond(c, idx, batch) for c in conds] for name, conds in denoiser.conds.items()}
     return view
-
-
-# --------------------------------------------------------------------------- counting
-
-

@@ -19,7 +19,7 @@ Steps count from the start (0 = pure noise). Shapes: B batch items, H neighbours
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import comfy.sample
@@ -29,7 +29,6 @@ import torch
 
 from ..comfy import model_facts as cs
 from ..comfy.counted import CountedDenoiser
-from ..comfy.guiders import patcher_at
 from ..comfy.plain import cfg_guider
 from ..core.coarse_grid import check_grid, coarse_errors, correctable, euler_step
 from ..core.errors import KBError
@@ -37,14 +36,23 @@ from ..core.evaluations import Evaluations
 from ..core.weights import WeightFit, fit_weights
 from ..store import KnowledgeBase
 from ..store.retrieval import NearestKeys, nearest_keys
-from .entry import check_latent, check_models, check_neighbours, check_schedule
+from .entry import check_neighbours, check_sampling
 
 log = logging.getLogger("ReDi")
 
 
 @dataclass
+class CorrectedOutcome:
+    """What one corrected-solver call left behind; a fresh one replaces the last at the start of every call."""
+
+    evaluations: Evaluations | None = None                  # None until the call's checks passed
+    centered_residual: dict[int, np.ndarray] | None = None  # per corrected segment start a: float64 [B]
+
+
+@dataclass
 class CorrectedRun:
-    """One corrected-solver configuration, validated once by `make_corrected_run`; a run leaves its tally behind."""
+    """One corrected-solver configuration, validated once by `make_corrected_run`; each call leaves its CorrectedOutcome
+    (tally, fits) in `outcome`."""
 
     kb: KnowledgeBase
     grid: tuple[int, ...]                      # coarse steps 0 .. T; NFE = len(grid) - 1
@@ -52,10 +60,20 @@ class CorrectedRun:
     weight_mode: str
     corrected: tuple[tuple[int, int], ...]     # the segments a -> b the KB corrects
     ridge: float = 1e-2
-    evaluations: Evaluations | None = None
-    centered_residual: dict[int, np.ndarray] | None = None  # per corrected segment start a: float64 [B]
     #: Called with the run after it finished (the node shows its summary); None: log only.
     on_result: Callable[[CorrectedRun], None] | None = None
+    #: The last call's outputs (written by the samplers only).
+    outcome: CorrectedOutcome = field(default_factory=CorrectedOutcome, repr=False, compare=False)
+
+    @property
+    def evaluations(self) -> Evaluations | None:
+        """The last call's model evaluations per item (None before one ran)."""
+        return self.outcome.evaluations
+
+    @property
+    def centered_residual(self) -> dict[int, np.ndarray] | None:
+        """The last call's centered residual per corrected segment start a: float64 [B] (None before one ran)."""
+        return self.outcome.centered_residual
 
     def summary(self) -> str:
         """One line: what the run spent and which segments the KB corrected."""
@@ -102,7 +120,7 @@ def neighbour_correction(run: CorrectedRun, base, sigmas: torch.Tensor, x: torch
     """The blended truncation error of the query's neighbours for segment a -> b: [B, C, H, W] in the sampler's space."""
     kb = run.kb
     near, fit = key_fit(run, base, sigmas, x, a)
-    run.centered_residual[a] = fit.centered_residual
+    run.outcome.centered_residual[a] = fit.centered_residual
     sig = [float(s) for s in sigmas]
     errors = coarse_errors(*(_stored_states(kb, base, sigmas, s, near.ids) for s in (a, a + 1, b)), sig, a, b)
     return torch.einsum("bh,bhd->bd", torch.from_numpy(fit.weights).to(errors), errors).reshape(x.shape).to(x)
@@ -139,15 +157,13 @@ def sample_kb_corrected_euler(model, x, sigmas, extra_args=None, callback=None, 
     full schedule (T + 1 values), evaluated only at the grid's steps.
     """
     extra_args = {} if extra_args is None else extra_args
+    run.outcome = CorrectedOutcome()  # a failed call leaves no stale tally behind
     kb = run.kb
     base = model.inner_model.inner_model
-    if extra_args.get("denoise_mask") is not None:
-        raise KBError("the corrected solver does not support a latent noise mask (inpainting); remove SetLatentNoiseMask.")
-    check_models(kb, lambda sigma: patcher_at(model, torch.tensor(sigma)))
-    check_latent(kb, x.shape[1:])
-    check_schedule(kb, sigmas)
-    run.evaluations, run.centered_residual = Evaluations(len(x)), {}
-    x = corrected_steps(run, CountedDenoiser(model, run.evaluations, range(len(x))), base, x, sigmas, extra_args, callback)
+    check_sampling(kb, model, x, sigmas, extra_args, "the corrected solver")
+    run.outcome = CorrectedOutcome(Evaluations(len(x)), {})
+    x = corrected_steps(run, CountedDenoiser(model, run.outcome.evaluations, range(len(x))), base, x, sigmas, extra_args,
+                        callback)
     log.info(run.summary())
     if run.on_result is not None:
         run.on_result(run)

@@ -17,7 +17,7 @@ Shapes: B batch items, H neighbours, D = C*H*W.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
 
 import comfy.samplers
@@ -40,8 +40,18 @@ log = logging.getLogger("ReDi")
 
 
 @dataclass
+class ReDiOutcome:
+    """What one `sample_redi` call left behind; a fresh one replaces the last at the start of every call."""
+
+    result: ReDiResult | None = None  # None until the call finished: a failed call leaves no stale result behind
+    #: With the run's keep_steps: {step: [n, C, H, W]} LATENT-dict space, the states of the n items the guard
+    #: refused (accepted False, in batch order), which ran every step from noise; never a blended state.
+    full_states: dict[int, torch.Tensor] | None = None
+
+
+@dataclass
 class ReDiRun:
-    """One ReDi configuration, validated once by `make_run`; `sample_redi` leaves its ReDiResult in `result`."""
+    """One ReDi configuration, validated once by `make_run`; each `sample_redi` call leaves its ReDiOutcome in `outcome`."""
 
     kb: KnowledgeBase
     plan: ReDiPlan
@@ -49,14 +59,22 @@ class ReDiRun:
     weight_mode: str
     guard: Guard | ErrorGuard  # residual guard, or (an error tolerance given) the error guard, fixed or adaptive
     ridge: float = 1e-2
-    result: ReDiResult | None = None
     #: Called with each run's ReDiResult (the SamplerReDi node shows it on the canvas); None: log only.
     on_result: Callable[[ReDiResult], None] | None = None
     #: Steps whose states to keep for the items sampled in full (a learning KB's stored steps); () keeps none.
     keep_steps: tuple[int, ...] = ()
-    #: After a run with keep_steps: {step: [n, C, H, W]} LATENT-dict space, the states of the n items the
-    #: guard refused (accepted False, in batch order), which ran every step from noise; never a blended state.
-    full_states: dict[int, torch.Tensor] | None = None
+    #: The last sample_redi call's outputs (written by sample_redi only).
+    outcome: ReDiOutcome = field(default_factory=ReDiOutcome, repr=False, compare=False)
+
+    @property
+    def result(self) -> ReDiResult | None:
+        """The last run's ReDiResult (None before one finished)."""
+        return self.outcome.result
+
+    @property
+    def full_states(self) -> dict[int, torch.Tensor] | None:
+        """The last run's kept states of the items sampled in full (see ReDiOutcome.full_states)."""
+        return self.outcome.full_states
 
 
 def make_run(kb: KnowledgeBase, key_step: int, value_step: int, neighbours: int = 3, weight_mode: str = "lstsq",
@@ -108,14 +126,14 @@ def sample_redi(model, x, sigmas, extra_args=None, callback=None, disable=None, 
 
     model: the k-diffusion denoiser (ComfyUI's KSamplerX0Inpaint around a GUIDER); x [B, C, H, W]:
     the scaled starting noise; sigmas: the KB's schedule. Returns x at sigmas[-1] and leaves a
-    ReDiResult in run.result.
+    ReDiResult in run.outcome (run.result).
     """
     extra_args = {} if extra_args is None else extra_args
-    run.result = run.full_states = None  # a failed run leaves no stale result behind
+    run.outcome = outcome = ReDiOutcome()  # a failed run leaves no stale result behind
     kb, plan = run.kb, run.plan
     k = plan.key_step
     base = model.inner_model.inner_model  # the BaseModel: latent format and noise scaling
-    warnings = check_sampling(run, model, x, sigmas, extra_args)
+    warnings = check_sampling(run.kb, model, x, sigmas, extra_args)
     sampler = comfy.samplers.sampler_object(kb.settings.sampler)  # the KB's own sampler
     tally = Evaluations(len(x))
     keep = {int(st): float(sigmas[st]) for st in run.keep_steps}
@@ -141,14 +159,14 @@ def sample_redi(model, x, sigmas, extra_args=None, callback=None, disable=None, 
     kept: dict[int, torch.Tensor] = {}
     out = resume_items(model, states, start, sigmas, extra_args, callback, disable, sampler, tally, keep, kept)
     if keep:
-        run.full_states = _full_states(base, sigmas, ~accepted, first.states, kept, keep) if not accepted.all() else \
+        outcome.full_states = _full_states(base, sigmas, ~accepted, first.states, kept, keep) if not accepted.all() else \
             {st: torch.zeros((0, *kb.latent_shape)) for st in keep}
-    run.result = ReDiResult(cs.to_latent_space(base, sigmas[-1], out).float().cpu(), plan, accepted, start, near.ids,
-                            near.distances, fit.weights, fit.mode, fit.residual, fit.centered_residual, run.guard,
-                            tally, tuple(warnings), predicted)
-    log.info(run.result.summary())
+    outcome.result = ReDiResult(cs.to_latent_space(base, sigmas[-1], out).float().cpu(), plan, accepted, start, near.ids,
+                                near.distances, fit.weights, fit.mode, fit.residual, fit.centered_residual, run.guard,
+                                tally, tuple(warnings), predicted)
+    log.info(outcome.result.summary())
     if run.on_result is not None:
-        run.on_result(run.result)
+        run.on_result(outcome.result)
     return out
 
 
@@ -185,5 +203,5 @@ def generate(kb: KnowledgeBase, model, positive, negative, latent: torch.Tensor,
     with torch.no_grad():
         guider.sample(cs.seeded_noise(latent, seeds), latent, redi_ksampler(run), sigmas, callback=callback,
                       disable_pbar=True, seed=int(seeds[0]))
-    result = run.result
+    result = run.outcome.result
     return replace(result, warnings=tuple(warnings) + result.warnings) if warnings else result

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from kb_tools.comfy.counting import counted
+from benchmarks.forward_counter import counted
 
 from ..registry import Method, Output, Plan, Setting, register
 
