@@ -11,7 +11,7 @@ from comfy_api.latest import io
 
 from ..kb_tools import KBNoise, corrected_ksampler, make_corrected_run, make_run, parse_grid, redi_ksampler
 from . import feedback
-from .redi import CATEGORY, GUARD_TOOLTIP, WEIGHT_MODES, error_guard_inputs, kb_input, tolerance_of
+from .common import CATEGORY, GUARD_TOOLTIP, WEIGHT_MODES, error_guard_inputs, kb_input, tolerance_of
 
 
 class SamplerReDi(io.ComfyNode):
@@ -66,11 +66,13 @@ class SamplerReDiCorrected(io.ComfyNode):
             inputs=[
                 kb_input(),
                 io.Int.Input("nfe", default=6, min=1, max=1000,
-                             tooltip="Model evaluations per image (the coarse grid's steps) when grid is 'auto'."),
+                             tooltip="Model evaluations per image (the coarse grid's steps), spread by grid 'auto'. Fewer = "
+                                     "cheaper, further from the full-step output. With an explicit grid it must equal "
+                                     "the grid's number of segments (a different value is refused)."),
                 io.String.Input("grid", default="auto",
                                 tooltip="'auto': a short first and last step, the rest evenly spread. Or the schedule's steps "
                                         "to evaluate, e.g. '0,2,6,10,14,18,20' (from 0 to the KB's steps; segments whose start, "
-                                        "start + 1 and end the KB stores are corrected)."),
+                                        "start + 1 and end the KB stores are corrected); nfe must then equal its number of segments."),
                 io.Int.Input("neighbours", default=3, min=1, max=512, tooltip="H, stored trajectories whose errors are blended."),
                 io.Combo.Input("weight_mode", options=WEIGHT_MODES, default="lstsq",
                                tooltip="lstsq: least squares on the keys (paper). affine: weights sum to 1. ridge: shrunk weights."),

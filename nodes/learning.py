@@ -9,8 +9,6 @@ KB fits runs the KB-corrected coarse Euler solver at `nfe` evaluations instead, 
 """
 from __future__ import annotations
 
-import logging
-
 from comfy_api.latest import io
 
 from ..kb_tools import (
@@ -26,28 +24,25 @@ from ..kb_tools import (
     scheduler_names,
 )
 from . import feedback
-from .redi import CATEGORY, WEIGHT_MODES, clip_encoder, kb_path, preview_callback, with_samples
+from .common import CATEGORY, WEIGHT_MODES, clip_encoder, kb_path, log, preview_callback, with_samples
 
-log = logging.getLogger("ReDi")
-# A learning KB stores no calibration, so -1 would mean the fallback 0.5; measured on the embedded model
-# (benchmarks/results/learning_kb*.md) that accepts blends far worse than plain sampling at the same NFE.
+# A learning KB stores no calibration, so -1 would mean the generic fallback 0.5, which accepts blends far worse
+# than plain sampling at the same NFE (benchmarks/results/learning_kb*.md); hence the default 0.1.
 LEARNING_GUARD_TOOLTIP = (
     "Largest accepted centered residual ||q - sum w key|| / (RMS spread of the KB's keys); an item above it is sampled in "
-    "full (and learned). Default 0.1: a learning KB stores no calibration, and -1 (auto) then falls back to 0.5, which "
-    "accepted blends far worse than plain sampling at the same number of steps on the embedded model. Lower = safer, "
-    "fewer skipped steps.")
+    "full (and learned). A learning KB stores no calibration, so -1 (auto) falls back to the generic 0.5, which is too "
+    "loose for it; keep a small value. Lower = safer, fewer items skip steps; higher = more items blended or corrected, "
+    "at more risk of a worse image.")
 
 SOLVERS = ("redi blend", "corrected euler")
 SOLVER_TOOLTIP = (
-    "redi blend: ReDi jumps from key_step to value_step on a blend of the KB's states. corrected euler: Euler on a "
-    "coarse grid of nfe steps, each step corrected by the truncation error of the KB's neighbours (needs sampler "
-    "'euler'; 'auto' store_steps then stores every step; key_step and value_step are unused; the guard judges the fit "
-    "at the grid's first corrected step, and a refused item is sampled in full and learned). Measured on the embedded model (T 20, one fixed seed, sessions of small prompt changes, 200 generations from an "
-    "empty KB, guard 0.5): at 10 evaluations the corrected items were closer to the 20-step output than plain euler at 10 "
-    "steps (per-sample MSE mean 3.5e-4 vs 7.5e-4, p95 1.5e-3 vs 2.2e-3); at 5, better on the mean (5.5e-3 vs 9.5e-3) but "
-    "worse on the worst 5% (p95 2.7e-2 vs 2.2e-2). With this node's default guard 0.1 at 5: 38 of 200 items corrected, "
-    "none worse than plain euler (mean 2.3e-3 vs 9.1e-3), 10% of all evaluations saved. New seeds gain nothing "
-    "(benchmarks/results/learning_corrected*.md).")
+    "redi blend: ReDi jumps from key_step to value_step on a blend of the KB's states (nfe is not used). corrected "
+    "euler: Euler on the coarse grid of nfe evaluations that SamplerReDiCorrected's grid 'auto' uses, each step "
+    "corrected by the truncation error of the KB's neighbours (needs sampler 'euler'; 'auto' store_steps then stores "
+    "every step; key_step and value_step are not used; the guard judges the fit at the grid's first corrected step, "
+    "and a refused item is sampled in full and learned). Either pays off only for a seed the KB has seen (keep the "
+    "seed, change the prompt a little); a new seed rarely fits and is then sampled in full. Fewer nfe saves more evaluations but strays "
+    "further from the full-step output.")
 
 
 class ReDiLearningSampler(io.ComfyNode):
@@ -78,10 +73,15 @@ class ReDiLearningSampler(io.ComfyNode):
                 io.Int.Input("steps", default=20, min=2, max=1000, tooltip="Total steps; the KB is bound to them."),
                 io.Float.Input("cfg", default=7.0, min=0.0, max=100.0, step=0.1, round=0.01, tooltip="Guidance scale; the KB is bound to it."),
                 io.String.Input("store_steps", default="auto",
-                                tooltip="Steps stored per trajectory, e.g. '2,10'; 'auto' stores 10% to 80% of the schedule. "
-                                        "Must include key_step and value_step."),
-                io.Int.Input("key_step", default=2, min=1, max=1000, tooltip="Step where the query is taken (a stored step)."),
-                io.Int.Input("value_step", default=10, min=1, max=1000, tooltip="Step where a matched item resumes (a stored step >= key_step)."),
+                                tooltip="Steps stored per trajectory, e.g. '2,10'; 'auto' stores 10% to 80% of the schedule "
+                                        "(every step with solver 'corrected euler'). With 'redi blend' it must include "
+                                        "key_step and value_step."),
+                io.Int.Input("key_step", default=2, min=1, max=1000,
+                             tooltip="solver 'redi blend' only: step where the query is taken (a stored step). Later = "
+                                     "closer matches, fewer steps skipped. Not used by 'corrected euler'."),
+                io.Int.Input("value_step", default=10, min=1, max=1000,
+                             tooltip="solver 'redi blend' only: step where a matched item resumes (a stored step >= "
+                                     "key_step). Larger = more steps skipped, less faithful. Not used by 'corrected euler'."),
                 io.Int.Input("neighbours", default=3, min=1, max=512, tooltip="H, stored trajectories to blend (fewer while the KB is smaller)."),
                 io.Combo.Input("weight_mode", options=WEIGHT_MODES, default="lstsq", tooltip="How neighbours are weighted (see ReDiBlend)."),
                 io.Float.Input("guard", default=0.1, min=-1.0, max=100.0, step=0.01, tooltip=LEARNING_GUARD_TOOLTIP),
@@ -91,8 +91,9 @@ class ReDiLearningSampler(io.ComfyNode):
                              tooltip="Budget: most MB of stored trajectories (0 = no limit); above it the oldest are dropped whole."),
                 io.Combo.Input("solver", options=SOLVERS, default=SOLVERS[0], optional=True, tooltip=SOLVER_TOOLTIP),
                 io.Int.Input("nfe", default=10, min=3, max=1000, optional=True,
-                             tooltip="corrected euler: model evaluations of an item the KB corrects (the coarse grid's "
-                                     "steps); fewer than steps. Ignored by 'redi blend'."),
+                             tooltip="solver 'corrected euler' only: model evaluations of an item the KB corrects (the "
+                                     "coarse grid's steps, spread as SamplerReDiCorrected's grid 'auto'); fewer than "
+                                     "steps. Fewer = cheaper, further from the full-step output. Not used by 'redi blend'."),
             ],
             outputs=[io.Latent.Output(display_name="LATENT")],
         )

@@ -4,12 +4,10 @@ TStitchSampler is the KSampler-style node; TStitchGuider is the GUIDER for Sampl
 """
 from __future__ import annotations
 
-import latent_preview
 from comfy_api.latest import io
 
 from ..kb_tools import SWITCH_MODES, node_switch, sampler_names, scheduler_names, tstitch_guider, tstitch_sample
-
-CATEGORY = "sampling/ReDi"
+from .common import CATEGORY, preview_callback
 
 
 def switch_inputs() -> list[io.Input]:
@@ -17,7 +15,7 @@ def switch_inputs() -> list[io.Input]:
         io.Combo.Input("switch_mode", options=list(SWITCH_MODES), default="fraction",
                        tooltip="How the hand-over point is given: 'fraction' of the steps, or a noise level ('sigma')."),
         io.Float.Input("small_fraction", default=0.4, min=0.0, max=1.0, step=0.01,
-                       tooltip="Fraction of the steps run by the small model (switch_mode 'fraction'): 0 = large model only, 1 = small model only. The paper keeps quality at 0.4."),
+                       tooltip="Fraction of the steps run by the small model (switch_mode 'fraction'): 0 = large model only, 1 = small model only. Higher = cheaper, less of the large model's detail; the default follows the paper."),
         io.Float.Input("switch_sigma", default=1.0, min=0.0, max=1000.0, step=0.01,
                        tooltip="Switch noise level (switch_mode 'sigma'): the small model evaluates every noise level above it. Sigmas are in the model's own units (about 14.6 down to 0 for SD1.x/SDXL, 1 down to 0 for flow models)."),
     ]
@@ -69,7 +67,7 @@ class TStitchSampler(io.ComfyNode):
             large_positive=large_positive, large_negative=large_negative, latent=latent_image, seed=seed,
             sampler_name=sampler_name, scheduler=scheduler, steps=steps, cfg=cfg, switch_mode=switch_mode,
             small_fraction=small_fraction, switch_sigma=switch_sigma,
-            callback=latent_preview.prepare_callback(large_model, int(steps)))
+            callback=preview_callback(large_model, int(steps)))
         return io.NodeOutput(out)
 
 

@@ -15,7 +15,7 @@ def node(pack, tmp_path, monkeypatch):
     (tmp_path / "input").mkdir()
     (tmp_path / "input" / "prompts.txt").write_text("a cat\n")
     monkeypatch.setattr(folder_paths, "get_input_directory", lambda: str(tmp_path / "input"))
-    return pack.nodes.redi.BuildKnowledgeBase
+    return pack.nodes.knowledge_base.BuildKnowledgeBase
 
 
 def test_prompts_file_is_validated_against_the_input_folder(node):

@@ -89,7 +89,7 @@ def test_nodes_auto_tolerance_reads_the_stored_reference_and_measures_nothing(pa
     generation = kb.generation
 
     def sampler(guard=-1.0, error_tolerance=-1.0, adaptive_skip=False, value=7):
-        out = nodes.redi.ReDiSampler.execute(
+        out = nodes.redi_sampler.ReDiSampler.execute(
             model=model, positive=tiny_models.prompt_cond("prompt 4"), negative=tiny_models.prompt_cond(""),
             latent_image={"samples": tiny_models.empty_latent(2)}, knowledge_base=kb, key_step=KEY, value_step=value,
             neighbours=H, weight_mode="lstsq", guard=guard, seed_mode="kb", seed=0, error_tolerance=error_tolerance,

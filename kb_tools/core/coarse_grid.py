@@ -67,7 +67,11 @@ def check_grid(grid: Sequence[int], steps: int) -> tuple[int, ...]:
 
 
 def parse_grid(text: str, steps: int, nfe: int) -> tuple[int, ...]:
-    """The node's grid text: 'auto' (coarse_grid for `nfe`) or comma-separated steps such as '0,2,6,10,14,18,20'."""
+    """The node's grid text: 'auto' (coarse_grid for `nfe`) or comma-separated steps such as '0,2,6,10,14,18,20'.
+
+    An explicit grid fixes the number of evaluations itself (one per segment), so `nfe` must agree with
+    it: a differing `nfe` would otherwise be silently ignored, and is refused with both ways out.
+    """
     if text.strip().lower() in ("", "auto"):
         return coarse_grid(steps, nfe)
     try:
@@ -75,7 +79,13 @@ def parse_grid(text: str, steps: int, nfe: int) -> tuple[int, ...]:
     except ValueError:
         raise KBError(f"could not read the coarse grid {text!r}: write 'auto' or steps separated by commas, "
                       f"e.g. '{','.join(map(str, coarse_grid(steps, min(6, steps))))}'.") from None
-    return check_grid(steps_given, steps)
+    grid = check_grid(steps_given, steps)
+    segments = len(grid) - 1
+    if int(nfe) != segments:
+        raise KBError(f"the grid '{','.join(map(str, grid))}' has {segments} segment{'s' * (segments != 1)} "
+                      f"({segments} evaluation{'s' * (segments != 1)}) but nfe is {nfe}: set nfe to {segments}, "
+                      f"or set grid to 'auto' to spread nfe evaluations.")
+    return grid
 
 
 def learning_grid(sampler: str, steps: int, stored_steps: Sequence[int], nfe: int) -> tuple[int, ...]:
