@@ -84,6 +84,21 @@ if [ ! -f "$_redi_venv/.complete" ]; then
   printf 'import _redi_torchvision_cpu_shim\n' > "$_redi_site/_redi_torchvision_cpu_shim.pth"
   touch "$_redi_venv/.complete"
 fi
+
+# 3. The oldest filelock the pack allows (the floor in requirements.txt), in a folder of its own:
+# tests/test_kb_lock_link.py runs the KB writer lock against it in a subprocess, with
+# PYTHONPATH=$REDI_OLDEST_FILELOCK first; the environment above keeps its pinned filelock.
+_redi_fl_floor="$(sed -n 's/^filelock>=\([0-9][0-9.]*\).*/\1/p' "$_redi_pack_dir/requirements.txt")"
+[ -n "$_redi_fl_floor" ] || { _redi_log "requirements.txt has no 'filelock>=X.Y.Z' line; restore it."; exit 2; }
+REDI_OLDEST_FILELOCK="$_redi_cache/filelock-$_redi_fl_floor"
+if [ ! -f "$REDI_OLDEST_FILELOCK/.complete" ]; then
+  _redi_log "fetching filelock $_redi_fl_floor (the oldest the pack allows) into $REDI_OLDEST_FILELOCK"
+  rm -rf "$REDI_OLDEST_FILELOCK" "$REDI_OLDEST_FILELOCK.partial"
+  "$_redi_venv/bin/python" -m pip install -q --no-deps --target "$REDI_OLDEST_FILELOCK.partial" "filelock==$_redi_fl_floor"
+  touch "$REDI_OLDEST_FILELOCK.partial/.complete"
+  mv "$REDI_OLDEST_FILELOCK.partial" "$REDI_OLDEST_FILELOCK"
+fi
+export REDI_OLDEST_FILELOCK
 exec 9>&-
 REDI_PYTHON="$_redi_venv/bin/python"
 export REDI_PYTHON

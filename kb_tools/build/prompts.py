@@ -7,6 +7,7 @@ import re
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from ..core.errors import KBError
+from ..store.files import open_regular
 
 
 def input_file(name: str, input_dir: str | Path) -> Path:
@@ -68,7 +69,9 @@ def read_prompts(path: str | Path, *, first_caption_only: bool = True) -> list[s
     if not path.is_file():
         raise KBError(f"prompt file {path} does not exist; give the path of a .txt (one prompt per line), .jsonl or COCO captions .json file.")
     try:
-        text = path.read_text(encoding="utf-8")
+        with open_regular(str(path), "prompt file", "give the path of a .txt, .jsonl or COCO captions .json file.") as f:
+            # (not read_text: a FIFO swapped in after the check above is refused here, never waited on)
+            text = f.read().decode("utf-8")
     except UnicodeDecodeError as e:
         raise KBError(f"prompt file {path} is not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8.") from None
     except OSError as e:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import stat
 import time
 from typing import Any, BinaryIO
 
@@ -75,17 +76,59 @@ def sha256_stream(f: BinaryIO) -> str:
     return h.hexdigest()
 
 
-def sha256_file(path: str) -> str:
-    with open(path, "rb") as f:
+def sha256_file(path: str, what: str = "KB file") -> str:
+    with open_regular(path, what) as f:
         return sha256_stream(f)
+
+
+def describe_mode(mode: int) -> str:
+    """What a file-system node is, for an error message ("a FIFO (named pipe)", "a directory", ...)."""
+    kinds = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISLNK, "a symbolic link"))
+    return next((text for test, text in kinds if test(mode)), "a special file")
+
+
+#: Opening for reading never blocks (a FIFO with no writer), never makes a terminal ours, never leaks into children.
+_READ_FLAGS = (os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0)
+               | getattr(os, "O_BINARY", 0))
+
+
+def open_regular(path: str, what: str, fix: str = "") -> BinaryIO:
+    """`path` opened for binary reading if it is a regular file (symbolic links followed), else a KBError.
+
+    Every file the store reads goes through here: a FIFO, device, socket or directory in a KB's
+    place would block the open or the read forever (a FIFO with no writer) or return nonsense.
+    os.stat first refuses them without opening anything (stat never blocks); the open itself is
+    non-blocking and its descriptor is checked again (fstat), so a FIFO swapped in between the two
+    is refused too, not waited on. FileNotFoundError and other OSErrors reach the caller as they are.
+    `fix` ends the refusal's message (default: restore the KB's file, or rebuild the KB).
+    """
+    def refuse(mode: int) -> KBError:
+        return KBError(f"{what} ({path}) is {describe_mode(mode)}, not a regular file: " + (
+            fix or "replace it with the KB's real file (restore it from a backup), or rebuild the KB."))
+
+    st = os.stat(path)
+    if not stat.S_ISREG(st.st_mode):
+        raise refuse(st.st_mode)
+    fd = os.open(path, _READ_FLAGS)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise refuse(st.st_mode)
+        if getattr(os, "O_NONBLOCK", 0):
+            os.set_blocking(fd, True)  # a regular file: plain reads from here on
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def fsync_dir(path: str) -> None:
     """Make renames in `path` durable (POSIX); Windows cannot open directories, skip there."""
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NONBLOCK", 0))
     except OSError:
-        return
+        return  # also anything but a folder (O_DIRECTORY): never an open that blocks on a FIFO
     try:
         os.fsync(fd)
     except OSError:

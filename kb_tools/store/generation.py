@@ -22,7 +22,7 @@ import numpy as np
 
 from ..core.errors import KBError
 from . import index as ix
-from .files import read_handle, sha256_bytes, sha256_file, sha256_stream
+from .files import open_regular, read_handle, sha256_bytes, sha256_stream
 from .format import DTYPES, FileRef, Manifest, parse_entries, step_name, sum_name
 from .safetensors_file import MappedFile, tensors_from_bytes
 
@@ -106,7 +106,7 @@ class Generation:
     def _open_derived(self, ref: FileRef, key: object, tolerate: bool) -> BinaryIO | None:
         """Open an index or stats file and check its size; in tolerate mode a problem is recorded, not raised."""
         try:
-            f = open(self.path(ref.file), "rb")
+            f = open_regular(self.path(ref.file), f"KB file {ref.file}")
         except FileNotFoundError:
             if not tolerate:
                 raise FileVanished(ref.file, derived=True) from None
@@ -174,7 +174,7 @@ class Generation:
     def _read_entries(self, ref: FileRef, count: int) -> list[tuple[str, int]]:
         fix = "Restore the file from a backup, or rebuild the KB."
         try:
-            with open(self.path(ref.file), "rb") as f:
+            with open_regular(self.path(ref.file), f"KB entries file {ref.file}") as f:
                 size = os.fstat(f.fileno()).st_size
                 if size != ref.bytes:
                     raise self.size_error(ref.file, size, ref.bytes)
@@ -192,11 +192,12 @@ class Generation:
         fix = "Restore the file from a backup, or rebuild the KB."
         path = self.path(ref.file)
         try:
-            size = os.path.getsize(path)
-            if size != ref.bytes:
-                raise self.size_error(ref.file, size, ref.bytes)
-            if hash_it and sha256_file(path) != ref.sha256:
-                raise self.checksum_error(ref.file, "shard (stored latents)", fix)
+            with open_regular(path, f"KB shard {ref.file}") as f:
+                size = os.fstat(f.fileno()).st_size
+                if size != ref.bytes:
+                    raise self.size_error(ref.file, size, ref.bytes)
+                if hash_it and sha256_stream(f) != ref.sha256:
+                    raise self.checksum_error(ref.file, "shard (stored latents)", fix)
             mapped = MappedFile(path, fix)
         except FileNotFoundError:
             raise FileVanished(ref.file, derived=False) from None
@@ -236,8 +237,8 @@ class Generation:
         else:
             g._id_of, self._id_of = self._id_of, None
         for rec in m.indexes:  # written by us under the writer lock: present
-            g.index_files[rec.step] = open(g.path(rec.file.file), "rb")
-        g.stats_file = open(g.path(m.stats.file), "rb")
+            g.index_files[rec.step] = open_regular(g.path(rec.file.file), f"KB file {rec.file.file}")
+        g.stats_file = open_regular(g.path(m.stats.file), f"KB file {m.stats.file}")
         g.indexes, g.sums = dict(indexes), sums
         return g
 

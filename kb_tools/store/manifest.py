@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..core.errors import KBError
+from .files import open_regular
 from .format import (
     DTYPES,
     ENTRIES_RE,
@@ -240,7 +241,7 @@ def read_manifest(root: str) -> Manifest:
         raise KBError(f"No knowledge base at {root}: the directory does not exist. Check the path, or build a KB there.")
     path = os.path.join(root, MANIFEST)
     try:
-        with open(path, "rb") as f:
+        with open_regular(path, "the KB's manifest") as f:  # a FIFO here would block a plain open forever
             data = f.read(MAX_MANIFEST_BYTES + 1)
     except FileNotFoundError:
         raise KBError(f"{root} has no {MANIFEST}: it is not a knowledge base, or its first build never "

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..core.errors import KBError
+from .files import open_regular
 from .safe_json import load_json
 
 # Only the dtypes a KB writes: latents (F16, F32), key sums (F64), index arrays (F32, I32, I64, F64).
@@ -98,7 +99,7 @@ def parse_header(head: bytes, size: int, where: str, fix: str) -> dict[str, Tens
 
 def read_header(path: str, fix: str = "Restore the file from a backup, or rebuild the knowledge base.") -> dict[str, TensorInfo]:
     """Parse and check the header of a safetensors file without touching its data."""
-    with open(path, "rb") as f:
+    with open_regular(path, "safetensors file") as f:
         size = os.fstat(f.fileno()).st_size
         return parse_header(_read_head(f, size), size, path, fix)
 
@@ -120,7 +121,7 @@ class MappedFile:
     """A read-only memory map of one safetensors file and a view per tensor; nothing is read until used."""
 
     def __init__(self, path: str, fix: str):
-        with open(path, "rb") as f:
+        with open_regular(path, "KB shard") as f:
             size = os.fstat(f.fileno()).st_size
             infos = parse_header(_read_head(f, size), size, path, fix)
             # The map keeps the file's data alive after a writer's cleanup unlinks the name (POSIX).

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shlex
+import stat
 from collections.abc import Iterator
 
 from filelock import FileLock
 
 from ..core.errors import KBChangedError, KBError
-from .files import fsync_dir, is_inside, link_or_copy, remove_quietly, sha256_bytes, write_atomic
+from .files import describe_mode, fsync_dir, is_inside, link_or_copy, remove_quietly, sha256_bytes, write_atomic
 from .format import FORMAT_VERSION, INDEX_DIR, LOCK_FILE, MANIFEST, SHARDS_DIR, FileRef, Manifest, manifest_bytes, new_tag, now
 from .gc import collect_garbage
 from .manifest import read_manifest
@@ -78,6 +80,40 @@ def check_writable_layout(root: str) -> None:
                       "reading the KB works as it is.")
 
 
+def check_lock_file(root: str) -> str:
+    """The path of the KB's writer lock, once it is known to be absent or a plain file of this KB; else a KBError.
+
+    Taking the lock opens this path for writing. Older filelock versions the pack allows (3.8.0 and
+    3.12.2 among them) open it with O_CREAT|O_TRUNC and follow a symbolic link: a `.writer.lock`
+    leading to a user's file would empty that file, and a hard link would too. So, whatever the
+    installed filelock, the path is lstat-ed (never followed) right before the lock is taken.
+    filelock's API takes only a path (no descriptor, no open flags), so the lock cannot be opened
+    with O_NOFOLLOW by us: between this check and filelock's open a process that can write into
+    the KB folder could still swap a link in. This check is the defence there; recent filelock
+    versions (4.2.11, the test pin) also open with O_NOFOLLOW and without O_TRUNC.
+    """
+    path = os.path.join(root, LOCK_FILE)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return path
+    fix = f"Nothing was written. Remove it (rm {shlex.quote(path)}); the pack recreates the lock file at its next write."
+    if stat.S_ISLNK(st.st_mode):
+        raise KBError(f"{path}, the KB's writer lock, is a symbolic link to {os.path.realpath(path)}. Taking the lock "
+                      "opens it for writing, which could empty the file it leads to, so this pack refuses to write "
+                      f"to the KB. Remove the link: rm {shlex.quote(path)}; the pack recreates the lock file.")
+    if not stat.S_ISREG(st.st_mode):
+        raise KBError(f"{path}, the KB's writer lock, is {describe_mode(st.st_mode)}, not the plain file the pack "
+                      f"creates there, so this pack refuses to write to the KB. {fix}")
+    if st.st_nlink > 1 and st.st_size > 0:
+        raise KBError(f"{path}, the KB's writer lock, holds {st.st_size} bytes and is a hard link shared with "
+                      f"{st.st_nlink - 1} other name(s): taking the lock could empty that file, so this pack refuses "
+                      f"to write to the KB. {fix}")
+    if not is_inside(path, root):  # cannot happen for a non-link in root; kept so the rule holds if LOCK_FILE moves
+        raise KBError(f"{path}, the KB's writer lock, lies outside the KB folder {root}. {fix}")
+    return path
+
+
 @contextlib.contextmanager
 def transaction(root: str, base: Manifest | None) -> Iterator[Transaction]:
     """Lock the KB for writing, check that `base` (None: no KB yet) is what is committed, and yield a Transaction."""
@@ -86,8 +122,10 @@ def transaction(root: str, base: Manifest | None) -> Iterator[Transaction]:
     try:
         for d in (root, os.path.join(root, SHARDS_DIR), os.path.join(root, INDEX_DIR)):
             os.makedirs(d, exist_ok=True)
-        with FileLock(os.path.join(root, LOCK_FILE)):  # released by the OS if this process dies
-            on_disk = read_manifest(root) if os.path.isfile(os.path.join(root, MANIFEST)) else None
+        with FileLock(check_lock_file(root)):  # released by the OS if this process dies
+            # lexists, not isfile: a manifest.json that is a FIFO, folder or dangling link is refused by
+            # read_manifest, never replaced by a new KB's manifest.
+            on_disk = read_manifest(root) if os.path.lexists(os.path.join(root, MANIFEST)) else None
             if base is None and on_disk is not None:
                 raise KBError(f"{root} already holds a knowledge base. Open it with KnowledgeBase.open "
                               "(or open_or_create), or choose another path.")

@@ -21,7 +21,7 @@ import numpy as np
 
 from ..core.errors import KBError
 from . import index as ix
-from .files import sha256_file, sha256_stream
+from .files import open_regular, sha256_stream
 from .generation import CHUNK, Generation
 
 #: Entries per stored step whose own key is searched for.
@@ -72,15 +72,17 @@ def verify(g: Generation, nprobe: int | None, ef_search: int | None) -> list[str
 
 
 def _check_named_file(g: Generation, ref, kind: str) -> None:
-    path = g.path(ref.file)
-    if not os.path.isfile(path):
+    try:
+        f = open_regular(g.path(ref.file), f"KB {kind} {ref.file}")  # a FIFO is refused, never waited on
+    except FileNotFoundError:
         raise KBError(f"KB at {g.root} is missing {ref.file} (named in manifest.json): it was deleted or the KB was "
-                      "copied incompletely. Restore the file, or rebuild the KB.")
-    size = os.path.getsize(path)
-    if size != ref.bytes:
-        raise g.size_error(ref.file, size, ref.bytes)
-    if sha256_file(path) != ref.sha256:
-        raise g.checksum_error(ref.file, kind, "Restore it from a backup, or rebuild the KB.")
+                      "copied incompletely. Restore the file, or rebuild the KB.") from None
+    with f:
+        size = os.fstat(f.fileno()).st_size
+        if size != ref.bytes:
+            raise g.size_error(ref.file, size, ref.bytes)
+        if sha256_stream(f) != ref.sha256:
+            raise g.checksum_error(ref.file, kind, "Restore it from a backup, or rebuild the KB.")
 
 
 def _check_open_file(g: Generation, f, ref, kind: str) -> None:
