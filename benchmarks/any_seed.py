@@ -76,7 +76,7 @@ class Runs:
         return r.latent, r.evaluations.per_item(), {"centered_residual_mean": float(r.centered_residual.mean())}
 
     def any_seed(self, run):
-        from embedded.sampling import any_seed_sample
+        from benchmarks.any_seed_sampler import any_seed_sample
         out = any_seed_sample(self.kb, self.model, self.prompts, self.seeds, run)
         return out, run.evaluations.per_item(), {"centered_residual_mean": float(run.fit.centered_residual.mean())}
 

@@ -30,6 +30,7 @@ H neighbours, D = C*H*W.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -184,3 +185,17 @@ def sample_any_seed(model, x, sigmas, extra_args=None, callback=None, disable=No
                       first_step=v)
     run.evaluations, run.ids, run.fit = tally, ids, fit
     return out
+
+
+def any_seed_sample(kb: KnowledgeBase, model, prompts: Sequence[str], seeds: Sequence[int], run: AnySeedRun) -> torch.Tensor:
+    """Retrieval for any seed on the KB's recipe with the embedded model: Euler to x_k, retrieve on the denoised estimate,
+    resume from the re-noised blend at v. Latents [B, 3, 16, 16]; `run` keeps the NFE per item, ids and weights."""
+    from embedded.sampling import cfg_guider, conditioning, empty_latents, schedule_sigmas
+    from kb_tools.comfy.model_facts import seeded_noise
+    latent = empty_latents(len(prompts))
+    guider = cfg_guider(model, *conditioning(prompts), kb.settings.cfg)
+    sigmas = schedule_sigmas(model, kb.settings.sampler, kb.settings.scheduler, kb.settings.steps)
+    with torch.no_grad():
+        out = guider.sample(seeded_noise(latent, seeds), latent, any_seed_ksampler(run), sigmas, disable_pbar=True,
+                            seed=int(seeds[0]))
+    return out.float().cpu()

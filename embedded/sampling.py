@@ -12,7 +12,6 @@ the offline command uses, given the embedded text encoder and latent shape:
 - T-Stitch: `kb_tools.samplers.tstitch.tstitch_sample` (the TStitchSampler node);
 - the KB-corrected coarse Euler solver: `kb_tools.samplers.corrected.generate` (the SamplerReDiCorrected node),
   and against a learning KB `kb_tools.samplers.learning.generate_learning_corrected`;
-- retrieval for any seed: `benchmarks.any_seed_sampler.sample_any_seed` (an experiment, in no node);
 - knowledge bases: `kb_tools.build.builder.build_knowledge_base` and `retrieval.calibrate` (what
   `python -m kb_tools calibrate` stores for the auto guard).
 Every batch item has its own seed (the noise ComfyUI draws for a batch of one with that seed).
@@ -32,12 +31,11 @@ import kb_tools as redi  # the public names: generate, make_run, generate_learni
 from kb_tools.comfy.counted import resume_from
 from kb_tools.samplers import corrected as corrected_solver
 from kb_tools.samplers import learning as learning_corrected
-from benchmarks.any_seed_sampler import AnySeedRun, any_seed_ksampler
 from kb_tools.calibration.blend_error import fit_error_model, measure_blend_errors, store_error_model
 from kb_tools.calibration.plain_reference import fit_plain_reference, store_plain_reference
 from kb_tools.calibration.reference_runs import DEFAULT_ITEMS, measure_reference
 from kb_tools.build.builder import BuildReport, BuildSpec, build_knowledge_base
-from kb_tools.comfy.model_facts import schedule_sigmas, seeded_noise
+from kb_tools.comfy.model_facts import schedule_sigmas
 from kb_tools.calibration.guard import GUARD_AUTO
 from kb_tools.comfy.guiders import SwitchGuider
 from kb_tools.store import KBBudget, KBSettings, KnowledgeBase
@@ -46,7 +44,7 @@ from kb_tools.comfy.counted import sample_counted
 from kb_tools.core.records import Recipe
 from kb_tools.samplers.learning import LearningResult
 from kb_tools.samplers.redi_chain import BlendedValue, KeyQuery, blend_at, find_neighbours  # noqa: F401 - line 6 and 7-8, for callers
-from kb_tools.samplers.results import ReDiResult
+from kb_tools.samplers.result import ReDiResult
 from kb_tools.store.retrieval import blend_entries  # noqa: F401 - line 8 for any ids and weights, for callers
 from kb_tools.calibration.residuals import calibrate
 from kb_tools.core.weights import centered_residual, fit_weights, relative_residual
@@ -165,18 +163,6 @@ def redi_sample(kb: KnowledgeBase, model, prompts: Sequence[str], seeds: Sequenc
     styled = conditioning(resume_prompts)[0] if resume_prompts is not None else None
     run = redi.make_run(kb, key_step, value_step, h, mode, guard, tolerance, adaptive)
     return redi.generate(kb, model, positive, negative, empty_latents(len(prompts)), seeds, run, resume_positive=styled)
-
-
-def any_seed_sample(kb: KnowledgeBase, model, prompts: Sequence[str], seeds: Sequence[int], run: AnySeedRun) -> torch.Tensor:
-    """Retrieval for any seed on the KB's recipe: Euler to x_k, retrieve on the denoised estimate, resume from the
-    re-noised blend at v (`benchmarks.any_seed_sampler`). Latents [B, 3, 16, 16]; `run` keeps the NFE per item, ids and weights."""
-    latent = empty_latents(len(prompts))
-    guider = cfg_guider(model, *conditioning(prompts), kb.settings.cfg)
-    sigmas = schedule_sigmas(model, kb.settings.sampler, kb.settings.scheduler, kb.settings.steps)
-    with torch.no_grad():
-        out = guider.sample(seeded_noise(latent, seeds), latent, any_seed_ksampler(run), sigmas, disable_pbar=True,
-                            seed=int(seeds[0]))
-    return out.float().cpu()
 
 
 def corrected_sample(kb: KnowledgeBase, model, prompts: Sequence[str], seeds: Sequence[int], grid: Sequence[int], *,

@@ -13,7 +13,10 @@ pytestmark = pytest.mark.comfy
 
 @pytest.fixture(scope="module")
 def cs_(pack):
-    return pack.kb_tools.samplers.corrected
+    """The corrected solver's parts: the pure grid and step math (core) and the sampler (samplers)."""
+    import types
+    return types.SimpleNamespace(**vars(pack.kb_tools.core.coarse_grid), **{
+        name: getattr(pack.kb_tools.samplers.corrected, name) for name in ("corrected_ksampler", "make_corrected_run")})
 
 
 @pytest.fixture(scope="module")

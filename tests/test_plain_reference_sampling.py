@@ -61,7 +61,7 @@ def test_reference_runs_are_plain_at_equal_nfe_and_the_resumed_blends(pack, kb, 
     entries = kb.entries
     assert reference.value_steps.tolist() == [4, 5, 6, 7] and reference.plain_nfe.tolist() == [9, 8, 7, 6]
     np.testing.assert_array_equal(reference.state_rms, measured.rms[:2])
-    blend_entries = pack.kb_tools.core.retrieval.blend_entries
+    blend_entries = pack.kb_tools.store.retrieval.blend_entries
     for i, entry in enumerate(reference.ids.tolist()):
         prompt, seed = entries[entry]
         full = comfy_sample(model, prompt, seed, STEPS, tiny_models.empty_latent(1))

@@ -100,7 +100,7 @@ def test_output_keeps_other_latent_keys(pack, models, conds, tm):
 
 
 def test_evaluation_counts_follow_switch_point(pack, models, conds, tm):
-    from redi_pack.kb_tools import comfy_sampling as cs
+    from redi_pack.kb_tools.comfy import model_facts as cs
     from redi_pack.kb_tools.core.schedule import stitch_switch_step
 
     small, large = models

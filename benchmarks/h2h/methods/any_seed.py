@@ -2,7 +2,7 @@
 
 `benchmarks.any_seed_sampler` on the regime's KB: Euler to x_k, the nearest stored clean-image
 predictions to the query's own, their blend at the value step v re-noised with the query's own
-noise estimate, Euler from v (`embedded.sampling.any_seed_sample`). One configuration, fixed in
+noise estimate, Euler from v (`benchmarks.any_seed_sampler.any_seed_sample`). One configuration, fixed in
 advance: the best on foreign seeds in benchmarks/results/any_seed.md (32 held-out queries, the
 800-entry KB, T = 20) at each of its budgets where the key is free: key source "previous" (the
 sampler's own prediction at k - 1, no extra evaluation), value "blend+residual", lstsq weights,
@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from embedded import sampling as S
 from embedded.captions import parse_prompt
-from benchmarks.any_seed_sampler import AnySeedRun
+from benchmarks.any_seed_sampler import AnySeedRun, any_seed_sample
 
 from ..registry import Method, Output, Plan, Setting, register
 
@@ -43,7 +42,7 @@ def run_any_seed(bench, regime, queries, setting: Setting) -> Output:
     p = setting.params
     kb = bench.kb(regime).kb
     run = AnySeedRun(kb, p["k"], p["v"], p["h"], p["mode"], p["key_source"], p["value_mode"])
-    out = S.any_seed_sample(kb, bench.models["large"], list(queries.prompts), list(queries.seeds), run)
+    out = any_seed_sample(kb, bench.models["large"], list(queries.prompts), list(queries.seeds), run)
     n = len(queries)
     entries = kb.entries
     same = np.array([[parse_prompt(entries[int(j)][0]).source == c.source for j in row]
