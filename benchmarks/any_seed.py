@@ -1,4 +1,4 @@
-"""Retrieval for any seed (issue 12, section 3; an experiment): is ReDi keyed on the denoised estimate
+"""Retrieval for any seed (an experiment): is ReDi keyed on the denoised estimate
 (benchmarks.any_seed_sampler) better than plain Euler at the same NFE for seeds the KB never saw?
 
     python benchmarks/any_seed.py --kb PATH/kb_crops16_euler-normal_T20_cfg3_seed7_n800 [--n 32]
@@ -219,7 +219,7 @@ def verdict_lines(rows: list[dict]) -> list[str]:
 
 def markdown(result: dict) -> str:
     rows = result["rows"]
-    lines = [f"# Retrieval for any seed (issue 12, section 3): results, N = {result['n']} held-out queries", "",
+    lines = [f"# Retrieval for any seed: results, N = {result['n']} held-out queries", "",
              result["setup"], "", "MSE: mean per-sample MSE (LATENT space) to plain euler at 20 steps from the same "
              "prompt and noise (+- standard error). vs plain: paired verdict against plain euler at the same NFE "
              "(or the next larger plain budget where none has exactly that NFE), and the MSE ratio. oracle_renoise: "

@@ -1,4 +1,4 @@
-"""Retrieval for any seed (issue 12, section 3; an experiment, not wired into the nodes): ReDi keyed on the
+"""Retrieval for any seed (an experiment, not wired into the nodes): ReDi keyed on the
 denoised estimate, `sample_any_seed`.
 
 With a seed the KB never saw, x_k is mostly the query's own noise, so its nearest stored x_k is far.

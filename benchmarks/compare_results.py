@@ -2,7 +2,7 @@
 
     python benchmarks/compare_results.py BEFORE.json AFTER.json [--label NAME] [--out benchmarks/results/X.json]
 
-Used to check that a change of code paths moved no result (issue 10's "measure that nothing
+Used to check that a change of code paths moved no result ("measure that nothing
 moved"): the demo's demo_results.json or a paper_claims run, before and after. Timings differ
 on a shared machine whatever the code does, so keys that name a time are listed apart and do
 not count as a difference in the results.

@@ -1,4 +1,4 @@
-"""Head to head: ReDi and T-Stitch against what a ComfyUI user already has, on the workloads users run (issue 11).
+"""Head to head: ReDi and T-Stitch against what a ComfyUI user already has, on the workloads users run.
 
     source scripts/env.sh
     $REDI_PYTHON benchmarks/head_to_head.py                      # the full T = 20 run

@@ -1,4 +1,4 @@
-"""KB build throughput against plain sampling of the same prompts, sampler and batch size (issue 14, part 2).
+"""KB build throughput against plain sampling of the same prompts, sampler and batch size.
 
     python benchmarks/kb_build.py                 # tiny SD1.5-format checkpoint, 128x128, 6 steps
     python benchmarks/kb_build.py --quick         # smoke run

@@ -21,7 +21,7 @@ field (8x8 Gaussian noise upsampled to 64x64: image layout) and D per-pixel deta
 structures are drawn around 512 "topics" (S = topic + 0.5 * own), so neighbours are
 meaningfully near, as similar captions are. Queries are new prompts around the same topics:
 held-out, not copies of stored entries.
-Targets (issue 2): 100k opens < 2 s with RSS < 1.5 GB; p50 < 10 ms at 100k with
+Targets: 100k opens < 2 s with RSS < 1.5 GB; p50 < 10 ms at 100k with
 recall@3 >= 0.95; <= 70 KB of disk per entry for one key/value pair. "flat_scan" times a
 one-query FAISS flat search by KB size: where flat stops meeting the latency target is where
 index_type "auto" switches to HNSW (kb_tools.store.AUTO_FLAT_MAX_ENTRIES).

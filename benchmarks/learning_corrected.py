@@ -1,4 +1,4 @@
-"""The KB-corrected solver against a learning KB (issue 12, sections 2 and 4), on the embedded model.
+"""The KB-corrected solver against a learning KB, on the embedded model.
 
     source scripts/env.sh
     OMP_NUM_THREADS=1 $REDI_PYTHON benchmarks/learning_corrected.py                        # 200 iterate + 50 fresh

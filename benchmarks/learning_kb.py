@@ -1,4 +1,4 @@
-"""A knowledge base that learns from the user's own generations (issue 12, section 2), on the embedded model.
+"""A knowledge base that learns from the user's own generations, on the embedded model.
 
     source scripts/env.sh
     OMP_NUM_THREADS=1 $REDI_PYTHON benchmarks/learning_kb.py                    # 500 generations per workload

@@ -58,7 +58,7 @@ from kb_tools.store.retrieval import blend_entries, nearest_keys  # noqa: E402
 kb_scale.kbmod = kbmod
 POOL = 2048
 IVF_FULL_TRAIN_MAX = 300_000
-GPU_STEP_MS = (20.0, 50.0)  # an SD1.5 UNet step on a GPU (issue 14's reference)
+GPU_STEP_MS = (20.0, 50.0)  # an SD1.5 UNet step on a GPU (the reference step time)
 EF_SWEEP = (64, 128, 256, 512)  # HNSW efSearch values tried at 1M (64 is kb_tools' default)
 
 

@@ -1,4 +1,4 @@
-"""The KB-corrected coarse Euler solver (issue 12, section 4): its pure parts, and on the real ComfyUI with a tiny
+"""The KB-corrected coarse Euler solver: its pure parts, and on the real ComfyUI with a tiny
 model: a query that is a stored trajectory is corrected back onto its fine trajectory, the NFE is the grid's
 (counted), the SAMPLER node runs in SamplerCustomAdvanced, and bad input is refused with the fix."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The head-to-head artist's loop ("iterate", benchmarks/h2h/workloads.py) is what issue 12 describes: sessions of small
+"""The head-to-head artist's loop ("iterate", benchmarks/h2h/workloads.py) is the artist's loop the pack is measured on: sessions of small
 prompt changes, each from one fixed seed of the user's (never the KB's, never another workload's), in generation order.
 Pure captions and seeds, no model."""
 from __future__ import annotations

@@ -77,16 +77,16 @@ class Config:
     redi_h_extra: tuple = (1, 16, 64)
     redi_modes_extra: tuple = ("affine", "ridge")
     redi_modes_h: int = 16
-    # The error guard and the adaptive skip (issue 12): tolerances on the predicted blend error, in units of
+    # The error guard and the adaptive skip: tolerances on the predicted blend error, in units of
     # the KB's spread at the value step, fixed in advance; "plain" is the default tolerance, no worse than
     # plain euler at equal NFE (the KB's plain reference, measured when the KB is calibrated).
     redi_error_tolerances: tuple = ("plain", 0.05, 0.1, 0.2, 0.4)
-    # The learning KB (issue 12, section 2) at the ReDiLearningSampler node's defaults (nodes/learning.py): residual
+    # The learning KB at the ReDiLearningSampler node's defaults (nodes/learning.py): residual
     # guard 0.1, H 3, lstsq, store steps "auto", a budget of 10000 entries; value steps: the node's 10 of 20 (half of T)
     # and the middle budget's.
     learning_guards: tuple = (0.1,)
     learning_max_entries: int = 10_000
-    # Retrieval for any seed (issue 12, section 3) at the best configuration of benchmarks/results/any_seed.md on
+    # Retrieval for any seed at the best configuration of benchmarks/results/any_seed.md on
     # foreign seeds (key source "previous", value "blend+residual", lstsq, H 3, k 2) and its value steps 6, 10, 14 of
     # T = 20, here as fractions of T.
     any_seed_value_fractions: tuple = (0.3, 0.5, 0.7)

@@ -87,7 +87,7 @@ def artist_loop(n: int, session: int, cfg: Config, split: str = "train", offset:
 
 
 def iterate(cfg: Config, regime: Regime) -> Queries:
-    """The artist's loop (issue 12): sessions of small prompt changes, each session from its own fixed seed (the user's,
+    """The artist's loop: sessions of small prompt changes, each session from its own fixed seed (the user's,
     never the KB's); the queries stay in generation order, which a KB that learns from each generation depends on."""
     caps = artist_loop(cfg.queries, cfg.iterate_session, cfg, "heldout", ITERATE_OFFSET)
     seeds = [cfg.iterate_seed_base + i // cfg.iterate_session for i in range(len(caps))]

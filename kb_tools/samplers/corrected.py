@@ -1,4 +1,4 @@
-"""A retrieval-corrected coarse Euler solver: `sample_kb_corrected_euler` (issue 12, section 4).
+"""A retrieval-corrected coarse Euler solver: `sample_kb_corrected_euler`.
 
 A coarse Euler step from step a to step b of the KB's schedule lands away from the fine
 trajectory by a truncation error that depends on the prompt and on the state. The KB knows that

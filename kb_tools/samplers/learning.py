@@ -1,5 +1,5 @@
 """Generating against a learning KB, then learning what was sampled in full: `generate_learning` (ReDi's blend) and
-`generate_learning_corrected` (the KB-corrected coarse Euler solver, issue 12, sections 2 and 4), both thin wrappers
+`generate_learning_corrected` (the KB-corrected coarse Euler solver), both thin wrappers
 around one loop (`generate_and_learn`) that takes the solver as a parameter (`LearningSolver`).
 
 The loop: check the batch and the solver's choices, open (or create) the KB, sample every item in

@@ -1,4 +1,4 @@
-"""Retrieval for any seed (issue 12, section 3; an experiment kept out of the nodes): ReDi keyed on the denoised estimate.
+"""Retrieval for any seed (an experiment kept out of the nodes): ReDi keyed on the denoised estimate.
 
 `benchmarks.any_seed_sampler` on the regime's KB: Euler to x_k, the nearest stored clean-image
 predictions to the query's own, their blend at the value step v re-noised with the query's own

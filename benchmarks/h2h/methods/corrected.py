@@ -1,4 +1,4 @@
-"""The KB-corrected coarse Euler solver (issue 12, section 4) and its baseline, Euler on the same coarse grid.
+"""The KB-corrected coarse Euler solver and its baseline, Euler on the same coarse grid.
 
 Each budget below T gets the default grid (`kb_tools.samplers.corrected.coarse_grid`, fixed
 before anything was measured): a short first and last step, the steps between evenly spread on

@@ -1,4 +1,4 @@
-"""ReDi against a knowledge base that learns from the user's own generations (issue 12, section 2; the ReDiLearningSampler node).
+"""ReDi against a knowledge base that learns from the user's own generations (the ReDiLearningSampler node).
 
 The learning KB starts EMPTY at the start of the workload, in a temporary folder of the run's
 scratch folder that is deleted after the run (the benchmark's own file). The queries are
@@ -30,7 +30,7 @@ from kb_tools.core.schedule import parse_steps
 from ..registry import Method, Output, Plan, Setting, register
 
 WORKLOADS = ("iterate", "heldout_fixed", "reuse")  # from a fixed seed: where a generation can meet an earlier one
-#: NFE means over the first generations of a run, as the KB grows (issue 12: the first 10, 100, 500).
+#: NFE means over the first generations of a run, as the KB grows (the first 10, 100, 500).
 WINDOWS = ((1, 10), (11, 100), (101, 500))
 
 

@@ -1,4 +1,4 @@
-"""The KB-corrected solver on a learning KB (`kb_tools.samplers.learning`, issue 12 sections 2 and 4).
+"""The KB-corrected solver on a learning KB (`kb_tools.samplers.learning`).
 
 No prebuilt KB: the queries run one at a time, in order, as a user generates, against a learning
 KB that starts empty in a temporary folder under the bench's scratch directory (deleted after).

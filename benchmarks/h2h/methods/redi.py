@@ -5,7 +5,7 @@ Stylization keys with the content caption and resumes with the styled one on the
 style-free entries (the paper's setting). The guard is off (the paper) or auto (the KB's stored
 leave-one-out calibration for the main key step and H, else the documented fallback).
 
-The error guard (method "redi_error_guard", issue 12): an item jumps when its predicted blend
+The error guard (method "redi_error_guard"): an item jumps when its predicted blend
 error (the KB's stored leave-one-out error model, in units of the KB's spread) is within a
 tolerance fixed in advance (a number, or "plain": no worse than plain euler at equal NFE, from
 the KB's plain reference), at the budget's value step ("fixed"), or with the adaptive skip at
