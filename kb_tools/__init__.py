@@ -15,6 +15,7 @@ pure rooms work without ComfyUI (only comfy/ and samplers/ need it).
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
 
 #: public name -> the module (under kb_tools) that defines it
 _PUBLIC = {
@@ -55,6 +56,39 @@ _PUBLIC = {
 }
 
 __all__ = sorted(_PUBLIC)
+
+if TYPE_CHECKING:  # the same names for type checkers and readers of the import graph; at run time they load lazily
+    from .build.builder import build_knowledge_base, BuildReport, BuildSpec, kb_settings_for, learning_settings
+    from .build.prompts import input_file, read_prompts
+    from .calibration.guard import default_tolerance, FALLBACK_GUARD, GUARD_AUTO
+    from .calibration.residuals import calibrate
+    from .comfy.counted import sample_counted
+    from .comfy.model_facts import sampler_names, schedule_sigmas, scheduler_names, seeded_noise
+    from .comfy.plain import batch_conditioning, cfg_guider, sample_prompts
+    from .core.coarse_grid import coarse_grid, parse_grid
+    from .core.errors import KBChangedError, KBError, KBMismatchError
+    from .core.evaluations import Evaluations
+    from .core.records import Recipe
+    from .core.schedule import default_store_steps, parse_steps, plan_redi, ReDiPlan, Switch
+    from .core.stitch import check_stitch_compatible, node_switch, SWITCH_MODES
+    from .core.weights import fit_weights, WEIGHT_MODES, WeightFit
+    from .samplers.corrected import corrected_ksampler, make_corrected_run, sample_kb_corrected_euler
+    from .samplers.entry import check_recipe, KBNoise, query_seeds
+    from .samplers.learning import (
+        generate_learning, generate_learning_corrected, LearningCorrectedResult, LearningResult
+    )
+    from .samplers.redi import generate, make_run, redi_ksampler, ReDiRun, sample_redi
+    from .samplers.redi_chain import (
+        blend_at, BlendedValue, find_neighbours, KeyQuery, QueryNeighbours, resume, sample_to_key
+    )
+    from .samplers.result import ReDiResult
+    from .samplers.tstitch import tstitch_guider, tstitch_sample, TStitchResult
+    from .store import (
+        AUTO_FLAT_MAX_ENTRIES, check_kb_name, evict_oldest, FORMAT_VERSION, KBBudget, KBSettings, KnowledgeBase,
+        merge, open_or_create
+    )
+    from .store.learning import learn, LearnReport
+    from .store.retrieval import blend_entries, nearest_keys, NearestKeys
 
 
 def __getattr__(name: str):

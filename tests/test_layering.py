@@ -236,3 +236,16 @@ def test_the_checker_catches_a_node_reaching_into_a_room_or_another_node():
     assert node_to_node_violations("nodes/redi_chain.py", "from . import tstitch\n")
     assert node_to_node_violations("nodes/redi_chain.py", "from . import feedback\nfrom .common import CATEGORY\n") == []
     assert node_to_node_violations("nodes/__init__.py", "from .redi_sampler import NODES\n") == []
+
+
+def test_the_public_api_table_and_its_type_checking_imports_name_the_same_things():
+    """kb_tools/__init__.py lists each public name twice (the lazy loader's table, the imports type checkers read): one list."""
+    tree = ast.parse((ROOT / PACK / "__init__.py").read_text())
+    imported = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING":
+            for imp in node.body:
+                for alias in imp.names:
+                    imported[alias.name] = imp.module
+    import kb_tools
+    assert imported == kb_tools._PUBLIC
