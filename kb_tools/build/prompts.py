@@ -40,6 +40,12 @@ def input_file(name: str, input_dir: str | Path) -> Path:
     return Path(path)
 
 
+def _shown(path: object, limit: int = 120) -> str:
+    """A path for a message: repr'd, cut to `limit` characters (a 5,000-character name stays readable)."""
+    text = repr(str(path)) if isinstance(path, (str, os.PathLike)) else repr(path)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _order(value) -> tuple:
     """Sort key for COCO ids: numbers by value (as the official KB ordered them), anything else after, by text."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -65,9 +71,18 @@ def read_prompts(path: str | Path, *, first_caption_only: bool = True) -> list[s
     - ``.json``: a COCO captions file (``annotations`` with ``image_id`` and ``caption``); by
       default the first caption of each image, as the official ReDi knowledge base used.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise KBError(f"prompt file {path} does not exist; give the path of a .txt (one prompt per line), .jsonl or COCO captions .json file.")
+    kinds = "give the path of a .txt (one prompt per line), .jsonl or COCO captions .json file"
+    try:
+        path = Path(path)
+        is_file = path.is_file()  # stat: a name too long, a NUL byte or a folder it may not enter raise here
+    except (TypeError, ValueError, OSError) as e:
+        why, fix = getattr(e, "strerror", None) or e, "pass it as text (str or Path)"
+        if isinstance(e, OSError):
+            fix = "check the path: within the system's length limit, in folders you may enter"
+        raise KBError(f"cannot use {_shown(path)} as a prompt file ({why}); {fix}, and {kinds}.") from None
+    if not is_file:
+        what = "is a directory" if path.is_dir() else "is not a regular file" if path.exists() else "does not exist"
+        raise KBError(f"prompt file {_shown(path)} {what}; {kinds}.")
     try:
         with open_regular(str(path), "prompt file", "give the path of a .txt, .jsonl or COCO captions .json file.") as f:
             # (not read_text: a FIFO swapped in after the check above is refused here, never waited on)

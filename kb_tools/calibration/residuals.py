@@ -7,6 +7,7 @@ import numpy as np
 from ..core.errors import KBError
 from ..core.weights import WeightFit, fit_weights
 from ..store import KnowledgeBase
+from ..store.arguments import check_seed
 
 
 def leave_one_out(kb: KnowledgeBase, step: int, h: int, *, sample: int, mode: str = "lstsq",
@@ -14,6 +15,7 @@ def leave_one_out(kb: KnowledgeBase, step: int, h: int, *, sample: int, mode: st
     """Each of `sample` random entries' key at `step` fitted on its h nearest other entries (Algorithm 2, lines 6-7).
 
     Returns the entries left out (int64 [n], ascending), their neighbours (int64 [n, h]) and the fit.
+    seed: 0..2**64-1, picks the sample (calibrate and measure_blend_errors pass theirs here).
     """
     n = len(kb)
     if isinstance(h, bool) or not isinstance(h, (int, np.integer)) or h < 1:
@@ -23,6 +25,7 @@ def leave_one_out(kb: KnowledgeBase, step: int, h: int, *, sample: int, mode: st
                       "Add entries, or lower H.")
     if isinstance(sample, bool) or not isinstance(sample, (int, np.integer)) or sample < 1:
         raise KBError(f"sample must be an integer >= 1, got {sample!r}. Pass how many entries to calibrate on, e.g. 256.")
+    seed = check_seed(seed)
     ids = np.sort(np.random.default_rng(seed).choice(n, size=min(sample, n), replace=False))
     q = kb.keys_flat(step, ids)
     found, _ = kb.search(step, q, h + 1)

@@ -117,7 +117,7 @@ def centered_residual(query: np.ndarray, keys: np.ndarray, weights: np.ndarray, 
     query the KB covers, and far above 1 for a query whose starting noise is not in the KB.
     """
     q, k = _check_problem(query, keys)
-    return _ratio(_residual_norm(q, k, weights), float(spread))
+    return _ratio(_residual_norm(q, k, weights), _check_spread(spread))
 
 
 def blend(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
@@ -142,16 +142,67 @@ class WeightFit:
     centered_residual: np.ndarray  # float64 [B], ||q - sum w key|| / key spread
 
 
+def _real_array(x, name: str) -> np.ndarray:
+    """`x` as a numpy array of real numbers (float or int), not yet copied to float64."""
+    try:
+        a = np.asarray(x)
+    except (ValueError, TypeError, RuntimeError) as e:
+        raise KBError(f"{name} must be one numeric array; numpy cannot convert the {type(x).__name__} given ({e}). "
+                      "Pass numpy arrays (for a torch tensor: t.float().cpu().numpy()).") from None
+    if a.dtype.kind not in "fiu":
+        raise KBError(f"{name} has dtype {a.dtype}, not a real number type. Pass float32 or float64 latents.")
+    return a
+
+
+def _check_spread(spread: object) -> float:
+    if isinstance(spread, (bool, np.bool_)) or not isinstance(spread, (int, float, np.integer, np.floating)) \
+            or not math.isfinite(spread) or spread <= 0:
+        raise KBError(f"spread must be a finite number > 0, got {spread!r}. Pass kb.key_spread(key_step), the RMS "
+                      "distance of the KB's keys from their mean (0 means the KB's keys do not vary: add entries).")
+    return float(spread)
+
+
+def _check_batch(query, keys) -> tuple[np.ndarray, np.ndarray]:
+    """query [B, D] and keys [B, H, D] (B, H, D >= 1), finite: checked once, left in their own dtype."""
+    q, k = _real_array(query, "query"), _real_array(keys, "keys")
+    if q.ndim != 2 or k.ndim != 3 or k.shape[0] != q.shape[0] or k.shape[2] != q.shape[1] or 0 in k.shape:
+        raise KBError(f"fit_weights needs queries [B, D] and their keys [B, H, D] with the same B and D, each >= 1; "
+                      f"got {list(q.shape)} and {list(k.shape)}. Pass kb.as_queries(latents) and "
+                      "nearest_keys(kb, query, ...).keys.")
+    for name, a in (("query", q), ("keys", k)):
+        bad = ~np.isfinite(a.reshape(len(a), -1)).all(axis=1)
+        if bad.any():
+            raise KBError(f"{name} {int(np.argmax(bad))} of the batch contains NaN/Inf: the latents diverged. "
+                          "Check the model, cfg and input latent, or use an earlier key step.")
+    return q, k
+
+
 def fit_weights(query: np.ndarray, keys: np.ndarray, spread: float, mode: str = "lstsq",
                 ridge: float = 1e-2) -> WeightFit:
-    """w* = argmin_w d(q, sum_i w_i key_i) per query [B, D] and its keys [B, H, D] (line 7), in float64."""
+    """w* = argmin_w d(q, sum_i w_i key_i) per query [B, D] and its keys [B, H, D] (line 7), in float64.
+
+    spread: the KB's key spread (finite, > 0). Returns weights [B, H] and residuals [B], all finite:
+    a fit that overflows float64 (values far beyond a latent's range) is refused with a KBError.
+    """
+    q_all, k_all = _check_batch(query, keys)
+    spread = _check_spread(spread)
     _check_mode(mode, ridge)
-    w, rel, cen = np.empty(np.shape(keys)[:2]), np.empty(len(query)), np.empty(len(query))
-    for b, (query_b, keys_b) in enumerate(zip(query, keys)):
-        q, k = _check_problem(query_b, keys_b)  # one float64 copy per item, shared by the solve and the residuals
-        w[b] = _solve(q, k, mode, ridge)
-        r = _residual_norm(q, k, w[b])
-        rel[b], cen[b] = _ratio(r, _norm(q)), _ratio(r, float(spread))
+    w, rel, cen = np.empty(k_all.shape[:2]), np.empty(len(q_all)), np.empty(len(q_all))
+    try:
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            for b in range(len(q_all)):  # one float64 copy per item, shared by the solve and the residuals
+                q, k = q_all[b].astype(np.float64), k_all[b].astype(np.float64)
+                w[b] = _solve(q, k, mode, ridge)
+                r = _residual_norm(q, k, w[b])
+                rel[b], cen[b] = _ratio(r, _norm(q)), _ratio(r, spread)
+        ok = np.isfinite(w).all() and np.isfinite(rel).all() and np.isfinite(cen).all()
+    except np.linalg.LinAlgError:
+        ok = False
+    if not ok:
+        top = max(float(np.abs(q_all).max()), float(np.abs(k_all).max()))
+        raise KBError(f"the least-squares fit overflowed float64 (query and keys hold values up to {top:.3g}, spread "
+                      f"{spread:.3g}, mode {mode!r}): no finite weights exist at this scale. A diffusion latent is of "
+                      "order 1 to 100; check what was connected (an image instead of a latent?) and the spread.")
     return WeightFit(mode, w, rel, cen)
 
 

@@ -18,6 +18,30 @@ def short(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+#: Sampling seeds run 0..2**64-1 (ComfyUI's seed range); numpy's generators refuse negative ones.
+MAX_SEED = 2**64 - 1
+#: Upper bound of nprobe / ef_search: FAISS takes a C int, and beyond this an IVF probe (capped at
+#: the list count anyway) or an HNSW beam visits more keys than a flat scan of any KB this pack builds.
+MAX_SEARCH_PARAM = 100_000
+
+
+def check_seed(seed: Any, what: str = "seed") -> int:
+    """`seed` as an int in 0..MAX_SEED, else a KBError naming the value and the range."""
+    if not is_int(seed) or not 0 <= int(seed) <= MAX_SEED:
+        raise KBError(f"{what} must be an integer from 0 to 2**64-1, got {short(seed)}. Pass a non-negative seed, e.g. 0.")
+    return int(seed)
+
+
+def check_search_param(name: str, value: Any) -> int | None:
+    """nprobe / ef_search: None (the default) or an int in 1..MAX_SEARCH_PARAM, else a KBError."""
+    if value is None:
+        return None
+    if not is_int(value) or not 1 <= int(value) <= MAX_SEARCH_PARAM:
+        raise KBError(f"{name} must be a positive int or None (the default), at most {MAX_SEARCH_PARAM:,}, got "
+                      f"{short(value)}. Pass e.g. {name}=64, or None; for exact search use index_type='flat'.")
+    return int(value)
+
+
 def to_numpy(x: Any) -> np.ndarray:
     """numpy view of a numpy array or torch tensor (torch is never imported here)."""
     if hasattr(x, "detach"):

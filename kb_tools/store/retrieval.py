@@ -23,9 +23,12 @@ class NearestKeys:
 
 def nearest_keys(kb: KnowledgeBase, query: np.ndarray, key_step: int, h: int,
                  candidates: int | None = None) -> NearestKeys:
-    """Top-h neighbours j_1..j_h of each query float32 [B, D] among the KB's keys at `key_step` (line 6)."""
+    """Top-h neighbours j_1..j_h of each query [B, D] or [B, C, H, W] among the KB's keys at `key_step` (line 6).
+
+    kb.search checks every argument (step, h, candidates, the queries' shape, dtype and finiteness).
+    """
     ids, dist = kb.search(key_step, query, h, candidates=candidates)
-    keys = kb.keys_flat(key_step, ids.reshape(-1)).reshape(len(query), h, -1)
+    keys = kb.keys_flat(key_step, ids.reshape(-1)).reshape(*ids.shape, -1)
     return NearestKeys(int(key_step), ids, dist, keys)
 
 
@@ -34,14 +37,29 @@ def blend_entries(kb: KnowledgeBase, ids: np.ndarray, weights: np.ndarray, value
     """x_v_hat = sum_i w_i val^(j_i) at `value_step` for ids [B, H] and weights [B, H] (line 8): float32 [B, C, H, W].
 
     Any ids and weights will do (a condition-embedding retrieval, uniform weights...): this is
-    the blend on its own.
+    the blend on its own. Weights must be finite (a least-squares fit's may be large); a blend
+    that overflows float32 is refused with a KBError naming the weights' size.
     """
-    ids = np.asarray(ids)
-    weights = np.asarray(weights, dtype=np.float64)
-    if ids.ndim != 2 or weights.shape != ids.shape:
-        raise KBError(f"blend needs ids [B, H] and weights [B, H] of one shape, got {list(ids.shape)} and "
-                      f"{list(weights.shape)}.")
-    kb.check_step(value_step, "value step")
+    try:
+        ids, weights = np.asarray(ids), np.asarray(weights, dtype=np.float64)
+    except (ValueError, TypeError):
+        raise KBError("blend needs ids [B, H] (ints) and weights [B, H] (numbers) as arrays. Pass "
+                      "nearest_keys(...).ids and fit_weights(...).weights.") from None
+    if ids.ndim != 2 or weights.shape != ids.shape or ids.shape[1] < 1:
+        raise KBError(f"blend needs ids [B, H] and weights [B, H] of one shape, H >= 1, got {list(ids.shape)} and "
+                      f"{list(weights.shape)}. Pass nearest_keys(...).ids and fit_weights(...).weights.")
+    if not np.isfinite(weights).all():
+        raise KBError(f"blend weights contain NaN/Inf (first at {np.argwhere(~np.isfinite(weights))[0].tolist()}). "
+                      "Pass the finite weights fit_weights returns.")
+    value_step = kb.check_step(value_step, "value step")
     b, h = ids.shape
+    if b == 0:
+        return np.zeros((0, *kb.latent_shape), np.float32)
     values = kb.latents(value_step, ids.reshape(-1)).reshape(b, h, *kb.latent_shape)
-    return np.stack([blend(v, w) for v, w in zip(values, weights)]).astype(np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = np.stack([blend(v, w) for v, w in zip(values, weights)]).astype(np.float32)
+    if not np.isfinite(out).all():
+        raise KBError(f"the blend overflows float32: weights up to {float(np.abs(weights).max()):.3g} in size times "
+                      "the stored values exceed its range. Pass weights of a sensible size (fit_weights gives "
+                      "ones that rebuild the query), or check the KB's latents with kb.verify().")
+    return out
