@@ -170,19 +170,18 @@ class KnowledgeBase(KnowledgeBaseWrites):
         step, g = self.check_step(step), self._gen
         if not is_int(sample) or sample < 1:
             raise KBError(f"sample must be an integer >= 1, got {args.short(sample)}. Pass how many keys to sample, e.g. 256.")
-        if not is_int(seed):
-            raise KBError(f"seed must be an integer, got {args.short(seed)}.")
+        seed = args.check_seed(seed)
         n = len(g.entries)
         if n == 0:
             raise KBError(f"the KB at {self._path} is empty; build or append entries first.")
 
         def compute() -> float:
-            ids = np.sort(np.random.default_rng(int(seed)).choice(n, size=min(int(sample), n), replace=False))
+            ids = np.sort(np.random.default_rng(seed).choice(n, size=min(int(sample), n), replace=False))
             keys = g.gather(step, ids).reshape(len(ids), -1).astype(np.float64)
             mean = (g.require_sums()[step] / n).astype(np.float32).astype(np.float64)
             return float(np.sqrt(np.mean(np.sum((keys - mean) ** 2, axis=1))))
 
-        return g.fact(("spread", step, int(sample), int(seed)), compute)
+        return g.fact(("spread", step, int(sample), seed), compute)
 
     def shard_views(self, step: int) -> list[np.ndarray]:
         """The memory-mapped [n, C, H, W] arrays of `step`, one per shard (read-only)."""
@@ -196,10 +195,11 @@ class KnowledgeBase(KnowledgeBaseWrites):
     # ------------------------------------------------------------ searching
 
     def set_search_params(self, *, nprobe: int | None = None, ef_search: int | None = None) -> None:
-        """IVF lists probed / HNSW efSearch for this session (defaults nlist//8, and 64 or 512 above 200,000 entries)."""
-        for name, v in (("nprobe", nprobe), ("ef_search", ef_search)):
-            if v is not None and (not is_int(v) or v < 1):
-                raise KBError(f"{name} must be a positive int or None (the default), got {args.short(v)}.")
+        """IVF lists probed / HNSW efSearch for this session (defaults nlist//8, and 64 or 512 above 200,000 entries).
+
+        Each is None or an int in 1..args.MAX_SEARCH_PARAM (FAISS takes a C int; nprobe is capped at the list count).
+        """
+        nprobe, ef_search = args.check_search_param("nprobe", nprobe), args.check_search_param("ef_search", ef_search)
         g = self._gen
         with g.lock:
             self._nprobe, self._ef_search = nprobe, ef_search
