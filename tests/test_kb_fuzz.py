@@ -373,3 +373,124 @@ def test_forged_arrays(pristine, kind, data):
             # A forged index can refuse, or propose candidates; the exact re-rank over all 12 entries decides.
             for k in (k for k in c.want if k.startswith("search")):
                 assert _is_error(got[k]) or _same(got[k], c.want[k]), f"a forged index changed the result of {k}"
+
+
+# --------------------------------------------------------------------------- forged downgrades, bad values, full verify
+
+DOWNGRADE_EDITS = {
+    "none": lambda m: None,
+    "sampler": lambda m: m["settings"].update(sampler="heun"),
+    "shard order": lambda m: m.update(shards=m["shards"][::-1]),
+    "calibration": lambda m: m["calibration"].update({"4": {"h": 7, "centered_p95": 9.0}}),
+}
+DOWNGRADE_STEPS = ["version", "checksum", "structure", "records", "files"]
+
+
+@fuzz_settings(40)
+@given(data=st.data())
+def test_downgrade_forgeries_are_refused(pristine, data):
+    """Any subset of the downgrade forgery (format_version 1, checksum deleted, index records and files renamed as
+    version 1 had them), over any hand edit, re-signed or not: a manifest that says version 1 is refused."""
+    name = data.draw(st.sampled_from(["flat", "hnsw", "ivf"]))
+    edit = data.draw(st.sampled_from(sorted(DOWNGRADE_EDITS)))
+    steps = data.draw(st.sets(st.sampled_from(DOWNGRADE_STEPS)))
+    sign = data.draw(st.booleans())
+    note(f"{name}: edit {edit}, steps {sorted(steps)}, re-signed {sign}")
+    with Case(pristine, name, "downgrade") as case:
+        m = case.m
+        DOWNGRADE_EDITS[edit](m)
+        if "version" in steps:
+            m["format_version"] = 1
+        for rec in m["indexes"].values():
+            if "structure" in steps:
+                rec.pop("structure", None)
+            if "records" in steps:
+                new = rec["file"].replace(".safetensors", ".faiss")
+                if "files" in steps:
+                    case.path(rec["file"]).rename(case.path(new))
+                rec["file"] = new
+        if "checksum" in steps:
+            m.pop("checksum", None)
+        write_manifest(case.root, m, sign=sign and "checksum" not in steps)
+        got = case.outcome(observe(case.root, "size"))
+        if "version" in steps or (not sign and (edit != "none" or steps)):
+            assert "open" in got, got
+        if "version" in steps:
+            assert "not checksummed" in got["open"][1] or "format version" in got["open"][1], got["open"]
+
+
+def _inject_bad_value(case: Case, draw) -> str:
+    """Store one value no KB can hold in a drawn field (every checksum re-signed); returns the file it is in."""
+    field = draw(st.sampled_from(["sigmas", "sampler", "scheduler", "prompt", "shard", "stats"]))
+    note(f"bad value in {field}")
+    m = case.m
+    if field in ("sigmas", "sampler", "scheduler"):
+        s = m["settings"]
+        if field == "sigmas":
+            i = draw(st.integers(0, len(s["sigmas"]) - 2))
+            s["sigmas"][i + 1] = s["sigmas"][i] + draw(st.sampled_from([1e-3, 1.0, 1e6]))
+        else:
+            s[field] = draw(st.sampled_from(["x" * 10_000, "Euler", "euler a", "", "\u00e9"]))
+        write_manifest(case.root, m)
+        return "manifest.json"
+    if field == "prompt":
+        rel = draw(st.sampled_from(case.files("entries")))
+        entries = json.loads(case.path(rel).read_text())
+        entries[draw(st.integers(0, len(entries) - 1))]["prompt"] = draw(st.sampled_from(["\ud800", "a\udfff", "p" * 70_000]))
+        replace_file_signed(case.root, rel, json.dumps(entries).encode())
+        return rel
+    rel, t = case.tensors(draw, field)
+    key = draw(st.sampled_from(sorted(t)))
+    flat = t[key].reshape(-1)
+    value = draw(st.sampled_from([1e17, -1e17, np.nan, np.inf, -np.inf] if field == "shard" else [np.nan, np.inf]))
+    if t[key].dtype == np.float16 and abs(value) == 1e17:
+        value = np.inf  # float16 cannot hold 1e17: it stores inf
+    flat[draw(st.integers(0, flat.size - 1))] = value
+    replace_file_signed(case.root, rel, forge_safetensors(t))
+    return rel
+
+
+@fuzz_settings(40)
+@given(data=st.data())
+def test_values_no_kb_can_hold_are_refused_naming_the_file(pristine, data):
+    name = data.draw(st.sampled_from(["flat", "hnsw", "ivf"]))
+    with Case(pristine, name, "bad value") as case:
+        rel = _inject_bad_value(case, data.draw)
+        try:
+            kb = KnowledgeBase.open(case.root, verify="size")
+        except KBError as e:
+            assert rel in str(e), (rel, str(e))
+            case.outcome({"open": ("KBError", str(e))})
+            return
+        problems = kb.verify(full=True)
+        assert any(rel in p for p in problems), (rel, problems)
+        case.outcome({"verify": ("KBError", problems[0])})
+
+
+@fuzz_settings(30)
+@given(data=st.data())
+def test_full_verify_finds_swapped_rows_and_shuffled_index_keys(pristine, data):
+    name = data.draw(st.sampled_from(["flat", "hnsw", "ivf"]))
+    what = data.draw(st.sampled_from(["rows", "index"] if name != "ivf" else ["rows"]))
+    with Case(pristine, name, "full verify") as case:
+        if what == "rows":
+            rel, t = case.tensors(data.draw, "shard")
+            n = len(next(iter(t.values())))
+            a, b = data.draw(st.lists(st.integers(0, n - 1), min_size=2, max_size=2, unique=True))
+            for key in t:
+                t[key][[a, b]] = t[key][[b, a]]
+            replace_file_signed(case.root, rel, forge_safetensors(t))
+        else:
+            step = data.draw(st.sampled_from(STORED_STEPS))
+            kb = KnowledgeBase.open(case.root)
+            keys = ix.reduce_keys(kb.latents(step, np.arange(len(kb))), kb.reduce)
+            a, b = data.draw(st.lists(st.integers(0, len(kb) - 1), min_size=2, max_size=2, unique=True))
+            keys[[a, b]] = keys[[b, a]]
+            index = ix.empty(name, keys.shape[1])
+            index.add(keys)
+            replace_file_signed(case.root, case.m["indexes"][str(step)]["file"], ix.encode(index))
+        note(f"{name}: {what} {a} <-> {b}")
+        kb = KnowledgeBase.open(case.root, verify="full")
+        problems = kb.verify(full=True)
+        assert problems and all(isinstance(p, str) for p in problems), problems
+        case.outcome({"verify": ("KBError", problems[0])})

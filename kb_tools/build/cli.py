@@ -77,13 +77,23 @@ def _verify(args: argparse.Namespace) -> int:
     from ..store import KnowledgeBase
 
     kb = KnowledgeBase.open(args.kb, verify="size")
-    problems = kb.verify()
+    problems = kb.verify(full=not args.sample)
     if problems:
         for p in problems:
             print(f"PROBLEM: {p}")
-        print(f"{args.kb}: {len(problems)} problem(s). Rebuild the damaged shards (build re-adds missing entries) or restore them.")
+        print(f"{args.kb}: {len(problems)} problem(s). Damaged indexes or stats: python -m kb_tools repair {args.kb}; "
+              "damaged shards: restore them, or rebuild (build re-adds missing entries).")
         return 1
-    print(f"{args.kb}: OK ({len(kb)} trajectories, every checksum matches)")
+    what = "a sample of entries found by each index" if args.sample else "every entry found by each index as itself"
+    print(f"{args.kb}: OK ({len(kb)} trajectories, every checksum matches, {what})")
+    return 0
+
+
+def _repair(args: argparse.Namespace) -> int:
+    from ..store import repair
+
+    kb = repair(args.kb)
+    print(f"{args.kb}: repaired: indexes and stats rebuilt from the shards ({len(kb)} trajectories)")
     return 0
 
 
@@ -186,9 +196,17 @@ def parser() -> argparse.ArgumentParser:
     i.add_argument("kb")
     i.set_defaults(func=_info)
 
-    v = sub.add_parser("verify", help="check every file and checksum and scan latents for NaN/Inf")
+    v = sub.add_parser("verify", help="check every file and checksum, scan latents for NaN/Inf and check that each "
+                                      "index finds every entry as itself")
     v.add_argument("kb")
+    v.add_argument("--sample", action="store_true",
+                   help="fast: check the indexes on a sample of 16 entries per step (what opening a KB does)")
     v.set_defaults(func=_verify)
+
+    r = sub.add_parser("repair", help="rebuild every index and the stats file from the shards (a truncated or corrupt "
+                                      "index or stats file); refuses NaN/Inf latents, naming their entries")
+    r.add_argument("kb")
+    r.set_defaults(func=_repair)
 
     u = sub.add_parser("upgrade", help="rewrite an older knowledge base's indexes and manifest in this version's format")
     u.add_argument("kb")

@@ -36,8 +36,19 @@ def check_neighbours(kb: KnowledgeBase, neighbours: int, weight_mode: str) -> No
 
 
 
+def check_known_recipe(kb: KnowledgeBase) -> None:
+    """Refuse a KB whose sampler or scheduler the running ComfyUI does not know (the store checks only the names' shape)."""
+    for what, name, known in (("sampler", kb.settings.sampler, cs.sampler_names()),
+                              ("scheduler", kb.settings.scheduler, cs.scheduler_names())):
+        if name not in known:
+            raise KBError(f"the knowledge base at {kb.path} was built with the {what} {name!r}, which this ComfyUI does "
+                          f"not know (it knows {known[:12]}{'...' if len(known) > 12 else ''}). Install the custom nodes "
+                          f"that provide it, or use a KB built with one of ComfyUI's {what}s.")
+
+
 def check_schedule(kb: KnowledgeBase, sigmas) -> None:
-    """Refuse SIGMAS that are not the KB's schedule, naming each difference."""
+    """Refuse SIGMAS that are not the KB's schedule, naming each difference (and a KB sampler ComfyUI does not know)."""
+    check_known_recipe(kb)
     stored = {"steps": kb.settings.steps, "sigmas": kb.settings.sigmas}
     given = [float(s) for s in sigmas]
     diffs = differences(stored, {"steps": len(given) - 1, "sigmas": given}, tolerances={"sigmas": SIGMA_TOLERANCE})
@@ -139,6 +150,7 @@ def query_seeds(kb: KnowledgeBase, batch: int, seed_mode: str, seed: int) -> tup
 def check_recipe(kb: KnowledgeBase, sampler: str | None = None, scheduler: str | None = None,
                  steps: int | None = None, cfg: float | None = None) -> None:
     """A recipe override must agree with the KB, which is the single source of truth."""
+    check_known_recipe(kb)
     asked = {k: v for k, v in (("sampler", sampler), ("scheduler", scheduler), ("steps", steps), ("cfg", cfg))
              if v is not None}
     stored = {k: v for k, v in kb.settings.recipe.to_dict().items() if k in asked}

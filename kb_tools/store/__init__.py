@@ -12,7 +12,9 @@ One module per job:
     gc.py                cleanup of leftovers: own file names only, never outside the KB folder
     generation.py        one committed generation as a reader holds it (open files, maps, facts)
     index.py             FAISS indexes: key reduction, build, arrays on disk, search, re-rank
-    verify.py            KnowledgeBase.verify
+    verify.py            KnowledgeBase.verify (sampled, or full)
+    integrity.py         what a version-1 manifest must look like; stored values no KB can hold
+    repair.py            repair: rebuild indexes and stats from the shards alone
     arguments.py         checks of what callers pass in (steps, queries, ids, latents)
     knowledge_base.py    KnowledgeBase: open, read, search; open_or_create
     writes.py            KnowledgeBase's writes: create, append, rebuild_indexes, set_calibration
@@ -41,11 +43,12 @@ from .generation import AUTO_VERIFY_MAX_BYTES, VERIFY_MODES
 from .index import AUTO_FLAT_MAX_ENTRIES, MAX_AUTO_INDEX_DIM, auto_reduce, ivf_nlist, reduce_keys
 from .knowledge_base import KnowledgeBase, open_or_create
 from .merge import merge, merge_into
+from .repair import repair
 from .settings import SEED_POLICIES, SETTING_KEYS, KBSettings
 
 __all__ = [
     "AUTO_FLAT_MAX_ENTRIES", "AUTO_VERIFY_MAX_BYTES", "DTYPES", "FORMAT_VERSION", "INDEX_DIR", "INDEX_TYPES",
     "KBBudget", "KBError", "KBMismatchError", "KBSettings", "KnowledgeBase", "LOCK_FILE", "MANIFEST", "MAX_AUTO_INDEX_DIM",
     "SEED_POLICIES", "SETTING_KEYS", "SHARDS_DIR", "VERIFY_MODES", "auto_reduce", "check_kb_name", "check_kb_path", "evict_oldest",
-    "ivf_nlist", "merge", "merge_into", "open_or_create", "reduce_keys", "step_name", "sum_name",
+    "ivf_nlist", "merge", "merge_into", "open_or_create", "reduce_keys", "repair", "step_name", "sum_name",
 ]

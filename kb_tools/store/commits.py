@@ -17,6 +17,7 @@ from . import index as ix
 from .files import check_kb_path
 from .format import FORMAT_VERSION, MANIFEST, IndexRecord, Manifest, index_file_name, now, stats_file_name, sum_name
 from .generation import Generation
+from .integrity import BadValues, bad_entries, bad_rows, describe_bad_entries
 from .settings import KBSettings, freeze
 from .transaction import Transaction
 
@@ -57,6 +58,8 @@ def stage_derived(txn: Transaction, m: Manifest, indexes: dict[int, faiss.Index]
 def keys_and_sums(chunks: Iterable[np.ndarray], reduce: int, total: np.ndarray) -> Iterator[np.ndarray]:
     """Reduced keys of each chunk, adding the chunk's full keys to `total` on the way."""
     for chunk in chunks:
+        if len(bad_rows(chunk)):  # NaN/Inf keys and sums would be committed, and the KB would no longer open
+            raise BadValues()
         total += chunk.reshape(len(chunk), -1).sum(axis=0, dtype=np.float64)
         yield ix.reduce_keys(chunk, reduce)
 
@@ -69,5 +72,9 @@ def derive_from_shards(*gens: Generation) -> tuple[dict[int, faiss.Index], dict[
     for st in m.settings.stored_steps:
         sums[st] = np.zeros(gens[0].D, np.float64)
         chunks = (c for g in gens for c in g.key_chunks(st))
-        indexes[st] = ix.build(rec.type, rec.dim, keys_and_sums(chunks, rec.reduce, sums[st]))
+        try:
+            indexes[st] = ix.build(rec.type, rec.dim, keys_and_sums(chunks, rec.reduce, sums[st]))
+        except BadValues:
+            found = [e for g in gens for e in bad_entries(g)][:10]
+            raise KBError(describe_bad_entries(gens[0], found)) from None
     return indexes, sums

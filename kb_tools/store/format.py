@@ -47,6 +47,11 @@ MAX_CALIBRATION_BYTES = 64 * 2**10
 MAX_SHARDS = 10**6
 MAX_COUNT = 2**40
 MAX_FILE_BYTES = 2**62
+#: The longest prompt a KB stores, in UTF-8 bytes (ComfyUI prompts are far shorter; a longer one is damage).
+MAX_PROMPT_BYTES = 64 * 2**10
+#: The largest magnitude a stored latent value may have: far beyond any sigma schedule times noise, and small
+#: enough that squared distances over a whole latent stay finite in float32.
+MAX_ABS_LATENT = 1e6
 
 _STEM = r"\d{5,}-[0-9a-f]{8}"
 _TAG = r"\d{6,}-[0-9a-f]{8}"
@@ -248,4 +253,26 @@ def parse_entries(data: bytes, where: str, count: int, fix: str) -> list[tuple[s
         i = next(i for i, e in enumerate(items) if not valid(e))
         raise KBError(f"{where}: entry {i} is {short(items[i])}; each entry must be {{\"prompt\": <text>, \"seed\": "
                       f"<64-bit integer>}}. {fix}")
+    bad = prompt_problem(prompts)
+    if bad is not None:
+        raise KBError(f"{where}: entry {bad[0]}'s prompt {bad[1]}. {fix}")
     return list(zip(prompts, seeds))
+
+
+def prompt_problem(prompts: list[str]) -> tuple[int, str] | None:
+    """(index, problem) of the first prompt that is not valid Unicode text (a lone surrogate) or is longer than
+    MAX_PROMPT_BYTES in UTF-8; None when all are fine."""
+    try:
+        "".join(prompts).encode("utf-8")  # one pass over all of them: a lone surrogate cannot be encoded
+        if not prompts or max(map(len, prompts)) * 4 <= MAX_PROMPT_BYTES:
+            return None
+    except UnicodeEncodeError:
+        pass
+    for i, p in enumerate(prompts):
+        try:
+            size = len(p.encode("utf-8"))
+        except UnicodeEncodeError as e:
+            return i, f"is not valid Unicode text (a lone surrogate at character {e.start})"
+        if size > MAX_PROMPT_BYTES:
+            return i, f"is {size} bytes of UTF-8, more than the {MAX_PROMPT_BYTES} a KB stores per prompt"
+    return None

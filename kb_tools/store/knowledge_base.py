@@ -25,6 +25,7 @@ from . import index as ix
 from .files import check_kb_path
 from .format import FORMAT_VERSION, MANIFEST
 from .gc import linked_outside
+from .integrity import check_legacy_indexes
 from .generation import VERIFY_MODES, FileVanished, Generation
 from .manifest import read_manifest
 from .settings import KBSettings, is_int, thaw
@@ -238,9 +239,15 @@ class KnowledgeBase(KnowledgeBaseWrites):
 
     # ------------------------------------------------------------ checks
 
-    def verify(self) -> list[str]:
-        """Full check of the generation this object holds ([] if sound); see verify.py for the list."""
-        return verify_generation(self._gen, self._nprobe, self._ef_search)
+    def verify(self, full: bool = False) -> list[str]:
+        """Check the generation this object holds ([] if sound); see verify.py for the list.
+
+        full=False searches a sample of entries per step for their own key; full=True checks every entry: each
+        index holds every entry's key as stored in its shard row and finds it as itself (python -m kb_tools verify).
+        """
+        if not isinstance(full, bool):
+            raise KBError(f"full must be True or False, got {args.short(full)}.")
+        return verify_generation(self._gen, self._nprobe, self._ef_search, full=full)
 
     def info(self) -> dict:
         """A JSON-friendly summary of the KB."""
@@ -275,6 +282,8 @@ def _load(root: str, verify: str) -> Generation:
             else:
                 raise KBError(f"KB at {root} is missing {e.rel} (named in manifest.json): it was deleted or the KB "
                               "was copied incompletely. Restore the file, or rebuild the KB.") from None
+        if m.legacy:
+            check_legacy_indexes(g, verify)  # what shows that an unsigned version-1 manifest is one
         if m.legacy and root not in _WARNED_LEGACY:
             _WARNED_LEGACY.add(root)
             log.warning("ReDi KB %s has format version %d: it opens, but its FAISS index files are not read (this "

@@ -37,6 +37,7 @@ from .format import (
     canonical_bytes,
     manifest_checksum,
 )
+from .integrity import check_version_1
 from .safe_json import json_kind, load_json, short
 from .settings import KBSettings, freeze, is_int
 
@@ -118,8 +119,13 @@ def _upgrade(raw: Any, where: str, fix: str) -> tuple[int, dict]:
     if not is_int(version) or version not in READABLE_VERSIONS:
         raise KBError(f"{where} has unknown format version {short(version)} (this pack reads versions "
                       f"{list(READABLE_VERSIONS)}). Rebuild the KB with this pack.")
+    try:
+        checksum = manifest_checksum(raw)
+    except UnicodeEncodeError as e:
+        raise KBError(f"{where} holds text that is not valid Unicode (an escaped lone surrogate, {e.object[e.start:e.end]!r}): "
+                      f"no KB stores such text. {fix}") from None
     if version >= 2:
-        if raw.get("checksum") != manifest_checksum(raw):
+        if raw.get("checksum") != checksum:
             raise KBError(f"{where} fails its checksum: it was edited by hand or damaged (the settings, file list and "
                           f"sizes it records cannot be trusted). {fix}")
         raw = {k: v for k, v in raw.items() if k != "checksum"}
@@ -138,7 +144,10 @@ def parse_manifest(data: bytes, root: str) -> Manifest:
     """manifest.json's bytes -> a validated Manifest, or a KBError naming the field and the fix."""
     where = os.path.join(root, MANIFEST)
     fix = "The manifest is damaged or was edited by hand. Restore manifest.json from a backup, or rebuild the KB."
-    version, raw = _upgrade(load_json(data, name=where, fix=fix, max_bytes=MAX_MANIFEST_BYTES), where, fix)
+    raw = load_json(data, name=where, fix=fix, max_bytes=MAX_MANIFEST_BYTES)
+    if isinstance(raw, dict) and is_int(raw.get("format_version")) and raw["format_version"] == 1:
+        check_version_1(raw, data, where)
+    version, raw = _upgrade(raw, where, fix)
     f = _Fields(where, fix)
     f.obj(raw, "the manifest", _MANIFEST_KEYS)
     try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import types
 from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, field, fields
@@ -26,6 +27,9 @@ MAX_LATENT_DIM = 65536
 MAX_LATENT_VALUES = 2**28
 MAX_STEPS = 10000
 MAX_TEXT = 100_000
+#: A sampler or scheduler name as ComfyUI spells them ("euler", "dpmpp_2m_sde", "karras"); whether the running
+#: ComfyUI knows it is checked where samplers run (kb_tools/samplers/entry.py), the store never imports ComfyUI.
+NAME_RE = re.compile(r"[a-z0-9_]{1,64}")
 #: The manifest nests settings two levels down; leave room for that under the manifest's depth limit.
 MAX_SETTINGS_DEPTH = MAX_DEPTH - 4
 
@@ -94,6 +98,11 @@ class KBSettings:
             if not isinstance(value, str) or len(value) > MAX_TEXT:
                 raise bad(f"{name} must be a string of at most {MAX_TEXT} characters, got {_short(value)}",
                           f"Pass {name} as a string.")
+        for name in ("sampler", "scheduler"):
+            if not NAME_RE.fullmatch(getattr(self, name)):
+                raise bad(f"{name} {_short(getattr(self, name))} is not a ComfyUI {name} name (1 to 64 characters "
+                          "a-z, 0-9 and _)", f"Pass the {name} name ComfyUI lists, e.g. "
+                          f"{'euler' if name == 'sampler' else 'normal'}.")
         shape = list(self.latent_shape) if isinstance(self.latent_shape, (list, tuple)) else None
         if shape is None or len(shape) != 3 or not all(is_int(s) and 0 < s <= MAX_LATENT_DIM for s in shape) \
                 or math.prod(int(s) for s in shape) > MAX_LATENT_VALUES:
@@ -125,6 +134,10 @@ class KBSettings:
                       f"{'no list' if sig is None else len(sig)}", "Pass the full schedule, final 0 included.")
         if not all(is_number(s) and math.isfinite(s) and s >= 0 for s in sig):
             raise bad("sigmas must be finite non-negative numbers", "Pass the sampler's sigma schedule.")
+        rising = next((i for i in range(len(sig) - 1) if sig[i + 1] > sig[i]), None)
+        if rising is not None:
+            raise bad(f"sigmas increase from {sig[rising]!r} (step {rising}) to {sig[rising + 1]!r}: a sampling "
+                      "schedule only goes down", "Pass the sampler's sigma schedule, highest noise level first.")
         store("sigmas", tuple(float(s) for s in sig))
         if self.seed_policy not in SEED_POLICIES:
             raise bad(f"seed_policy {_short(self.seed_policy)} is unknown", f"Use one of {list(SEED_POLICIES)}.")

@@ -10,6 +10,11 @@ committing meanwhile causes no false problem:
   key per entry, and on a sample of entries per step a search for an entry's own reduced key
   finds that entry (or one with a bit-identical key). A shard list reordered after the index
   was built, or an index mapping keys to the wrong entries, shows here.
+full=True (python -m kb_tools verify) does the last check for every entry, one chunk at a time:
+each index holds every entry's key exactly as its shard row reduces to, and (IVF, HNSW) a
+search for it finds it; so index keys shuffled or shard rows swapped outside the sample show.
+Stored values beyond +-MAX_ABS_LATENT count as damage, as NaN/Inf do; a version-1 KB's FAISS
+files are hashed and their headers checked (they are what shows it is one).
 """
 
 from __future__ import annotations
@@ -23,12 +28,13 @@ from ..core.errors import KBError
 from . import index as ix
 from .files import open_regular, sha256_stream
 from .generation import CHUNK, Generation
+from .integrity import bad_rows, check_legacy_index
 
 #: Entries per stored step whose own key is searched for.
 OWN_ID_SAMPLE = 16
 
 
-def verify(g: Generation, nprobe: int | None, ef_search: int | None) -> list[str]:
+def verify(g: Generation, nprobe: int | None, ef_search: int | None, full: bool = False) -> list[str]:
     problems: list[str] = []
 
     def check(fn: Callable[[], None]) -> None:
@@ -48,6 +54,8 @@ def verify(g: Generation, nprobe: int | None, ef_search: int | None) -> list[str
         f = g.index_files.get(rec.step)
         if f is not None:
             check(lambda f=f, rec=rec: _check_open_file(g, f, rec.file, "index"))
+        if rec.legacy:
+            check(lambda rec=rec: check_legacy_index(g.root, rec, hash_it=True))
     if g.stats_file is not None:
         check(lambda: _check_open_file(g, g.stats_file, m.stats, "stats file"))
     duplicates = len(g.entries) - len(set(g.entries))
@@ -60,14 +68,17 @@ def verify(g: Generation, nprobe: int | None, ef_search: int | None) -> list[str
         for s, v, ok in zip(m.shards, g.views[st], intact):
             for lo in range(0, len(v) if ok else 0, CHUNK):
                 chunk = np.asarray(v[lo:lo + CHUNK], dtype=np.float32).reshape(-1, g.D)
-                bad = ~np.isfinite(chunk).all(axis=1)
-                if bad.any():
-                    problems.append(f"shard {s.data.file} step {st} entry {lo + int(np.argmax(bad))} holds NaN/Inf. Rebuild the KB.")
+                bad = bad_rows(chunk)
+                if len(bad):
+                    row = lo + int(bad[0])
+                    prompt, seed = g.entries[int(g.starts[m.shards.index(s)]) + row]
+                    problems.append(f"shard {s.data.file} step {st} entry {row} (prompt {prompt[:60]!r}, seed {seed}) "
+                                    "holds NaN/Inf or a value beyond +-1e6. Remove it: rebuild the KB without it.")
                 total += chunk.sum(axis=0, dtype=np.float64)
         if g.sums is not None and all(intact) and not np.allclose(total, g.sums[st], rtol=1e-6, atol=1e-6 * max(1.0, len(g.entries))):
             problems.append(f"stats for step {st} do not match the stored keys. Repair with rebuild_indexes().")
         if all(intact):
-            check(lambda st=st: _check_index(g, st, nprobe, ef_search))
+            check(lambda st=st: (_check_index_full if full else _check_index)(g, st, nprobe, ef_search))
     return problems
 
 
@@ -103,7 +114,35 @@ def _check_index(g: Generation, step: int, nprobe: int | None, ef_search: int | 
     if n == 0:
         return
     ids = np.unique(np.linspace(0, n - 1, num=min(OWN_ID_SAMPLE, n)).astype(np.int64))
-    rq = ix.reduce_keys(g.gather(step, ids), g.manifest.reduce)
+    _check_own_ids(g, index, step, ids, ix.reduce_keys(g.gather(step, ids), g.manifest.reduce), nprobe, ef_search)
+
+
+def _check_index_full(g: Generation, step: int, nprobe: int | None, ef_search: int | None) -> None:
+    """Every entry: the index holds its key as its shard row reduces to, and (IVF, HNSW) finds it as itself."""
+    index = g.index(step, nprobe, ef_search)
+    n, fix = len(g.entries), "Repair it with rebuild_indexes()."
+    if index.ntotal != n:
+        raise KBError(f"index of step {step} holds {index.ntotal} keys, the KB has {n} entries. {fix}")
+    lo = 0
+    for chunk in g.key_chunks(step):
+        rq = ix.reduce_keys(chunk, g.manifest.reduce)
+        try:
+            with g.lock:
+                held = index.reconstruct_n(lo, len(rq))
+        except RuntimeError:  # an IVF index keeps no id -> key map: the search below checks it
+            held = None
+        if held is not None and (differ := np.flatnonzero((held != rq).any(axis=1))).size:
+            raise KBError(f"index of step {step} holds for entry {lo + int(differ[0])} a key other than the one its shard "
+                          f"row gives ({differ.size} such entries among ids {lo}..{lo + len(rq) - 1}): the index's keys "
+                          f"were reordered, or shard rows were swapped or edited after indexing. {fix}")
+        if ix.structure_of(index)[0] != "flat":  # a flat index searches exactly the keys just compared
+            _check_own_ids(g, index, step, np.arange(lo, lo + len(rq)), rq, nprobe, ef_search)
+        lo += len(rq)
+
+
+def _check_own_ids(g: Generation, index, step: int, ids: np.ndarray, rq: np.ndarray, nprobe: int | None,
+                   ef_search: int | None) -> None:
+    n, fix = len(g.entries), "Repair it with rebuild_indexes()."
     k = min(n, OWN_ID_SAMPLE)
     with g.lock:
         ix.widen(index, k)

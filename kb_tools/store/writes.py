@@ -17,8 +17,11 @@ from ..core.errors import KBError
 from . import arguments as args
 from . import index as ix
 from .commits import derive_from_shards, empty_manifest, new_kb_folder, stage_derived
-from .format import DTYPES, INDEX_TYPES, MAX_CALIBRATION_BYTES, ShardRecord, entries_bytes, shard_stem, step_name
+from .format import (
+    DTYPES, INDEX_TYPES, MAX_ABS_LATENT, MAX_CALIBRATION_BYTES, ShardRecord, entries_bytes, prompt_problem, shard_stem, step_name,
+)
 from .generation import Generation
+from .integrity import bad_rows, check_legacy_indexes
 from .safe_json import load_json
 from .safetensors_file import MappedFile
 from .settings import KBSettings, freeze, is_int
@@ -83,6 +86,9 @@ class KnowledgeBaseWrites:
         seeds = [int(s) for s in seeds]
         if not prompts:
             return
+        bad = prompt_problem(prompts)
+        if bad is not None:
+            raise KBError(f"prompt {bad[0]} of this append {bad[1]}. Pass prompts as plain text (ComfyUI prompts).")
         pairs = list(zip(prompts, seeds))
         with self._lock:
             g = self._gen
@@ -94,7 +100,13 @@ class KnowledgeBaseWrites:
                                   "pairs: filter them with kb.missing(pairs) first.")
                 seen.add(p)
             arrays = args.check_latents(latents, prompts, seeds, self.settings.stored_steps, self.latent_shape, self.dtype)
+            huge = next(((st, int(r[0])) for st, a in arrays.items() if len(r := bad_rows(a))), None)
+            if huge is not None:
+                raise KBError(f"latents of step {huge[0]} of entry {huge[1]} hold values beyond +-{MAX_ABS_LATENT:g}, which "
+                              "no diffusion latent reaches: drop or regenerate that entry, then append again.")
             m = g.manifest
+            if m.legacy:
+                check_legacy_indexes(g, "full")  # this commit signs the manifest: it must be a genuine version-1 KB
             with transaction(self._path, m) as txn:
                 stem = shard_stem(len(m.shards))
                 shard = ShardRecord(txn.write(stem + ".safetensors", safetensors.numpy.save({step_name(st): a for st, a in arrays.items()})),
@@ -115,6 +127,8 @@ class KnowledgeBaseWrites:
         upgrades a version-1 KB)."""
         with self._lock:
             g = self._gen
+            if g.manifest.legacy:
+                check_legacy_indexes(g, "full")  # this commit signs the manifest: it must be a genuine version-1 KB
             with transaction(self._path, g.manifest) as txn:
                 indexes, sums = derive_from_shards(g)
                 committed = txn.commit(stage_derived(txn, g.manifest, indexes, sums))
@@ -140,6 +154,7 @@ class KnowledgeBaseWrites:
                 m = g.manifest.evolve(calibration=freeze({**g.manifest.calibration, step: cal}))
                 indexes, sums = dict(g.indexes), g.sums
                 if m.legacy:  # the first commit of a version-1 KB rewrites its indexes in this version's format
+                    check_legacy_indexes(g, "full")
                     indexes = {st: g.index(st, self._nprobe, self._ef_search) for st in m.settings.stored_steps}
                     m = stage_derived(txn, m, indexes, g.require_sums())
                 committed = txn.commit(m)
