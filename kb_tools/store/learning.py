@@ -70,7 +70,9 @@ def learn(path: str, settings: KBSettings, states: dict[int, Any], prompts: Sequ
                           [seeds[i] for i in rows])
             evicted = evict_oldest(kb, budget)
         except KBChangedError:
-            kb = KnowledgeBase.open(kb.path)  # another writer committed: start over from what it committed
+            # Another writer committed: start over from what it committed. Sizes only: the generation we held was
+            # verified, and hashing every file again would widen the window in which a busy writer wins again.
+            kb = KnowledgeBase.open(kb.path, verify="size")
             continue
         return LearnReport(kb.path, len(rows), len(prompts) - len(rows), evicted, len(kb), budget)
     raise KBError(f"the KB at {kb.path} changed {ATTEMPTS} times while this generation was being added: another process "
