@@ -110,13 +110,23 @@ def test_fit_weights_refuses_non_finite_latents(where, bad):
         fit_weights(q, k, 1.0)
 
 
-@pytest.mark.parametrize("spread", [0.0, -1.0, np.nan, np.inf, "1", None, True])
+@pytest.mark.parametrize("spread", [-1.0, np.nan, np.inf, "1", None, True])
 def test_fit_weights_refuses_a_bad_spread(spread):
     q, k = _problem()
-    with pytest.raises(KBError, match=r"spread must be a finite number > 0.*kb.key_spread"):
+    with pytest.raises(KBError, match=r"spread must be a finite number >= 0.*kb.key_spread"):
         fit_weights(q, k, spread)
-    with pytest.raises(KBError, match=r"spread must be a finite number > 0"):
+    with pytest.raises(KBError, match=r"spread must be a finite number >= 0"):
         centered_residual(q[0], k[0], np.ones(3), spread)
+
+
+def test_a_zero_spread_accepts_exact_matches_only():
+    """A KB whose keys do not vary (one entry) has spread 0: an exact match has centered residual 0, any other +inf,
+    so every guard sends inexact items back to plain sampling (a learning KB's second generation)."""
+    q, k = _problem()
+    fit = fit_weights(q, k, 0.0)
+    assert np.isfinite(fit.weights).all() and np.isfinite(fit.residual).all() and (fit.centered_residual == np.inf).all()
+    exact = fit_weights(k[:, :1, :].reshape(len(k), -1), k[:, :1, :], 0.0)
+    assert (exact.centered_residual == 0).all()
 
 
 @pytest.mark.parametrize("x", [np.array([["a"] * 4] * 2), np.ones((2, 4), complex), np.ones((2, 4), bool),
@@ -274,7 +284,8 @@ def test_only_kb_errors_escape_and_results_are_finite(kb, hnsw_kb, tmp_path_fact
             fit = fit_weights(*a)
             b, h = np.shape(a[1])[:2]
             assert fit.weights.shape == (b, h) and fit.residual.shape == fit.centered_residual.shape == (b,)
-            assert all(np.isfinite(x).all() for x in (fit.weights, fit.residual, fit.centered_residual))
+            assert np.isfinite(fit.weights).all() and np.isfinite(fit.residual).all()
+            assert not np.isnan(fit.centered_residual).any() and (a[2] == 0 or np.isfinite(fit.centered_residual).all())
         elif what == "blend":
             out = blend_entries(kb, *a)
             assert out.dtype == np.float32 and out.shape == (len(a[0]), *LATENT_SHAPE) and np.isfinite(out).all()

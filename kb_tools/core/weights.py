@@ -155,10 +155,12 @@ def _real_array(x, name: str) -> np.ndarray:
 
 
 def _check_spread(spread: object) -> float:
+    """A finite spread >= 0. Zero is a real state (a KB of one entry, or of identical keys), not an error: the
+    centered residual is then 0 for an exact match and +inf otherwise, so a guard accepts exact matches only."""
     if isinstance(spread, (bool, np.bool_)) or not isinstance(spread, (int, float, np.integer, np.floating)) \
-            or not math.isfinite(spread) or spread <= 0:
-        raise KBError(f"spread must be a finite number > 0, got {spread!r}. Pass kb.key_spread(key_step), the RMS "
-                      "distance of the KB's keys from their mean (0 means the KB's keys do not vary: add entries).")
+            or not math.isfinite(spread) or spread < 0:
+        raise KBError(f"spread must be a finite number >= 0, got {spread!r}. Pass kb.key_spread(key_step), the RMS "
+                      "distance of the KB's keys from their mean.")
     return float(spread)
 
 
@@ -181,7 +183,8 @@ def fit_weights(query: np.ndarray, keys: np.ndarray, spread: float, mode: str = 
                 ridge: float = 1e-2) -> WeightFit:
     """w* = argmin_w d(q, sum_i w_i key_i) per query [B, D] and its keys [B, H, D] (line 7), in float64.
 
-    spread: the KB's key spread (finite, > 0). Returns weights [B, H] and residuals [B], all finite:
+    spread: the KB's key spread (finite, >= 0; at 0 the centered residual is 0 or +inf, see _check_spread).
+    Returns weights [B, H] and residuals [B], finite otherwise:
     a fit that overflows float64 (values far beyond a latent's range) is refused with a KBError.
     """
     q_all, k_all = _check_batch(query, keys)
@@ -195,7 +198,8 @@ def fit_weights(query: np.ndarray, keys: np.ndarray, spread: float, mode: str = 
                 w[b] = _solve(q, k, mode, ridge)
                 r = _residual_norm(q, k, w[b])
                 rel[b], cen[b] = _ratio(r, _norm(q)), _ratio(r, spread)
-        ok = np.isfinite(w).all() and np.isfinite(rel).all() and np.isfinite(cen).all()
+        # cen is +inf by design where the spread is 0 and the match inexact (see _check_spread); never NaN.
+        ok = np.isfinite(w).all() and np.isfinite(rel).all() and not np.isnan(cen).any() and (spread == 0 or np.isfinite(cen).all())
     except np.linalg.LinAlgError:
         ok = False
     if not ok:

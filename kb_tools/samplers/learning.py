@@ -42,7 +42,7 @@ from ..comfy import model_facts as cs
 from ..comfy.counted import CountedDenoiser, run_sampler, sample_counted
 from ..comfy.guiders import batch_view
 from ..comfy.plain import cfg_guider
-from ..core.coarse_grid import learning_grid, skipping_segments
+from ..core.coarse_grid import learning_grid
 from ..core.errors import KBError
 from ..core.evaluations import Evaluations
 from ..core.schedule import plan_redi
@@ -258,8 +258,7 @@ def generate_and_learn(path: str, settings: KBSettings, model, positive, negativ
 
 @dataclass(frozen=True)
 class ReDiLearningSolver:
-    """ReDi's blend (`redi.generate`, H = min(neighbours, entries)); its record is the ReDiResult. Serves a non-empty KB whose keys vary
-    (a single entry has zero key spread: the guard has no scale, so every item is sampled in full)."""
+    """ReDi's blend (`redi.generate`, H = min(neighbours, entries)); its record is the ReDiResult. Serves a non-empty KB."""
 
     key_step: int
     value_step: int
@@ -273,7 +272,7 @@ class ReDiLearningSolver:
         plan_redi(settings.steps, self.key_step, self.value_step, settings.stored_steps)
 
     def serves(self, kb: KnowledgeBase) -> bool:
-        return len(kb) > 0 and kb.key_spread(self.key_step) > 0
+        return len(kb) > 0
 
     def solve(self, kb, settings, model, positive, negative, latent, seeds, callback) -> Sampled:
         run = make_run(kb, self.key_step, self.value_step, min(int(self.neighbours), len(kb)), self.weight_mode,
@@ -286,7 +285,7 @@ class ReDiLearningSolver:
 @dataclass
 class CorrectedLearningSolver:
     """The corrected solver with its guard (`sample_learning_corrected`); its record is the LearningCorrectedRun.
-    Serves a KB of at least H entries whose keys vary (a zero key spread leaves the guard no scale: sample in full)."""
+    Serves a KB of at least H entries."""
 
     nfe: int
     neighbours: int
@@ -298,9 +297,7 @@ class CorrectedLearningSolver:
         self.grid = learning_grid(settings.sampler, settings.steps, settings.stored_steps, self.nfe)
 
     def serves(self, kb: KnowledgeBase) -> bool:
-        if len(kb) < max(1, int(self.neighbours)):
-            return False
-        return all(kb.key_spread(a) > 0 for a, _ in skipping_segments(self.grid, kb.settings.steps))
+        return len(kb) >= max(1, int(self.neighbours))
 
     def solve(self, kb, settings, model, positive, negative, latent, seeds, callback) -> Sampled:
         cr = make_corrected_run(kb, self.grid, self.neighbours, self.weight_mode)
