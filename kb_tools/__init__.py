@@ -27,6 +27,7 @@ _PUBLIC = {
     **dict.fromkeys(("coarse_grid", "parse_grid"), "core.coarse_grid"),
     **dict.fromkeys(("SWITCH_MODES", "node_switch", "check_stitch_compatible"), "core.stitch"),
     "Evaluations": "core.evaluations",
+    **dict.fromkeys(("calibrated_step", "dpmpp_2m_coefficients"), "core.multistep"),
     # store
     **dict.fromkeys(("KnowledgeBase", "KBBudget", "KBSettings", "check_kb_name", "open_or_create", "evict_oldest", "merge",
                      "AUTO_FLAT_MAX_ENTRIES", "FORMAT_VERSION"), "store"),
@@ -39,6 +40,7 @@ _PUBLIC = {
     # calibration
     **dict.fromkeys(("GUARD_AUTO", "FALLBACK_GUARD", "default_tolerance"), "calibration.guard"),
     "calibrate": "calibration.residuals",
+    **dict.fromkeys(("fit_coefficients", "SamplerFit"), "calibration.sampler_fit"),
     # samplers
     **dict.fromkeys(("generate", "make_run", "redi_ksampler", "sample_redi", "ReDiRun"), "samplers.redi"),
     "ReDiResult": "samplers.result",
@@ -46,6 +48,7 @@ _PUBLIC = {
     **dict.fromkeys(("sample_to_key", "find_neighbours", "blend_at", "resume", "KeyQuery", "QueryNeighbours",
                      "BlendedValue"), "samplers.redi_chain"),
     **dict.fromkeys(("make_corrected_run", "corrected_ksampler", "sample_kb_corrected_euler"), "samplers.corrected"),
+    **dict.fromkeys(("calibrated_ksampler", "sample_calibrated"), "samplers.calibrated"),
     **dict.fromkeys(("generate_learning", "generate_learning_corrected", "LearningResult", "LearningCorrectedResult"),
                     "samplers.learning"),
     **dict.fromkeys(("tstitch_guider", "tstitch_sample", "TStitchResult"), "samplers.tstitch"),
@@ -62,16 +65,19 @@ if TYPE_CHECKING:  # the same names for type checkers and readers of the import 
     from .build.prompts import input_file, read_prompts
     from .calibration.guard import default_tolerance, FALLBACK_GUARD, GUARD_AUTO
     from .calibration.residuals import calibrate
+    from .calibration.sampler_fit import fit_coefficients, SamplerFit
     from .comfy.counted import sample_counted
     from .comfy.model_facts import sampler_names, schedule_sigmas, scheduler_names, seeded_noise
     from .comfy.plain import batch_conditioning, cfg_guider, sample_prompts
     from .core.coarse_grid import coarse_grid, parse_grid
     from .core.errors import KBChangedError, KBError, KBMismatchError
     from .core.evaluations import Evaluations
+    from .core.multistep import calibrated_step, dpmpp_2m_coefficients
     from .core.records import Recipe
     from .core.schedule import default_store_steps, parse_steps, plan_redi, ReDiPlan, Switch
     from .core.stitch import check_stitch_compatible, node_switch, SWITCH_MODES
     from .core.weights import fit_weights, WEIGHT_MODES, WeightFit
+    from .samplers.calibrated import calibrated_ksampler, sample_calibrated
     from .samplers.corrected import corrected_ksampler, make_corrected_run, sample_kb_corrected_euler
     from .samplers.entry import check_recipe, KBNoise, query_seeds
     from .samplers.learning import (

@@ -1,0 +1,116 @@
+"""Fitting the calibrated sampler's coefficient table on converged trajectories: rollout least squares.
+
+Given teacher trajectories (the states of a fine, converged run at each sigma of the N-step
+schedule), step i's (c1, c2, c3) are fitted by least squares on the states the calibrated sampler
+itself reaches (its own x_i, D_i and history, the earlier steps already calibrated), targeting the
+teacher's x_{i+1}; so the N-step sampler lands on the teacher (cf. the rollout fits of learned
+solvers: Zhou et al. 2024, AMED; Watson et al. 2021, learning fast samplers). Step i's residual is
+linear in its coefficients:
+
+    teacher_{i+1} - (r x_i + (1 - r) D_i) = (1 - r) [D_i - D_{i-1}, D_i - x_i, D_{i-1} - D_{i-2}] . (c1, c2, c3)
+
+solved in float64 over every item's flattened values, lightly ridge-regularised (ridge times the
+mean diagonal of the normal matrix). Terms without history (steps 0 and 1) keep coefficient 0.
+
+The model is a callable denoise_fn(x [B, C, H, W], sigma: float) -> D [B, C, H, W], so this
+module needs no ComfyUI. Shapes: teacher_states [M + 1, B, C, H, W] at teacher_sigmas [M + 1];
+sigmas [N + 1], each one of teacher_sigmas; the table float64 [N, 3].
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from ..core.errors import KBError
+from ..core.multistep import calibrated_step, check_sigmas, correction_terms, step_ratio, zero_coefficients
+
+Denoise = Callable[[torch.Tensor, float], torch.Tensor]
+
+
+@dataclass
+class SamplerFit:
+    """A fitted table and how close each step's rollout came to the teacher (mean squared error per value)."""
+
+    coeffs: torch.Tensor          # float64 [N, 3]
+    euler_step_mse: list[float]   # step i's plain Euler step from the sampler's own x_i vs teacher x_{i+1}
+    fitted_step_mse: list[float]  # the calibrated step from the same x_i vs teacher x_{i+1}
+
+    @property
+    def final_mse(self) -> float:
+        """The calibrated rollout's final state vs the teacher's."""
+        return self.fitted_step_mse[-1]
+
+
+def teacher_points(teacher_states, teacher_sigmas, sigmas) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The teacher's state at each of `sigmas` ([B, C, H, W] each) and the schedule float64 [N + 1]; KBError if not there."""
+    sig = check_sigmas(sigmas)
+    t_sig = torch.as_tensor(teacher_sigmas, dtype=torch.float64).detach().cpu().reshape(-1)
+    if isinstance(teacher_states, torch.Tensor):
+        states = list(teacher_states.unbind(0)) if teacher_states.ndim == 5 else None
+    else:
+        states = list(teacher_states)
+    if states is None or not states or any(not isinstance(s, torch.Tensor) or s.ndim != 4 for s in states):
+        raise KBError("teacher_states must be one [B, C, H, W] state per teacher sigma (a [M + 1, B, C, H, W] tensor or a "
+                      "list of [B, C, H, W] tensors).")
+    if len(states) != len(t_sig):
+        raise KBError(f"got {len(states)} teacher states for {len(t_sig)} teacher sigmas; pass one state per sigma.")
+    if any(s.shape != states[0].shape for s in states):
+        raise KBError("the teacher states differ in shape; every state must be [B, C, H, W] for the same items.")
+    picked = []
+    for s in sig.tolist():
+        close = torch.nonzero((t_sig - s).abs() <= 1e-5 * max(s, 1e-12)).flatten()
+        if len(close) == 0:
+            raise KBError(f"sigma {s:.6g} of the N-step schedule is not on the teacher's schedule; run the teacher on a "
+                          "schedule that contains every sigma of the N-step one (e.g. karras with (steps - 1) a multiple "
+                          "of N - 1).")
+        picked.append(states[int(close[0])])
+    if not all(torch.isfinite(p).all() for p in picked):
+        raise KBError("the teacher states hold NaN or infinite values; rerun the teacher.")
+    return picked, sig
+
+
+def solve_step(columns: list[torch.Tensor], target: torch.Tensor, ridge: float) -> torch.Tensor:
+    """Ridge least squares in float64: columns k x [P] values, target [P] -> k coefficients."""
+    a = torch.stack([c.reshape(-1).double() for c in columns], dim=1)
+    y = target.reshape(-1).double()
+    gram = a.T @ a
+    scale = torch.diagonal(gram)
+    if not torch.isfinite(gram).all() or (scale <= 0).any():
+        raise KBError("a correction term is zero or non-finite on every item (the predictions did not change between steps, "
+                      "or the model returned NaN); fit on items whose trajectories move, with a working model.")
+    lam = ridge * float(scale.mean())
+    return torch.linalg.solve(gram + lam * torch.eye(len(columns), dtype=torch.float64), a.T @ y)
+
+
+def fit_coefficients(teacher_states, teacher_sigmas, denoise_fn: Denoise, sigmas: Sequence[float] | torch.Tensor,
+                     ridge: float = 1e-6) -> SamplerFit:
+    """Fit the N-step table step by step on the sampler's own rollout from the teacher's x_0 (see the module doc)."""
+    targets, sig = teacher_points(teacher_states, teacher_sigmas, sigmas)
+    if not ridge >= 0 or ridge != ridge or ridge == float("inf"):
+        raise KBError(f"ridge must be a finite number >= 0, got {ridge!r}.")
+    table = zero_coefficients(len(sig) - 1)
+    x = targets[0].clone()
+    history: list[torch.Tensor] = []
+    euler_mse, fitted_mse = [], []
+    for i in range(len(sig) - 1):
+        s, s_next = float(sig[i]), float(sig[i + 1])
+        denoised = denoise_fn(x, s)
+        if not isinstance(denoised, torch.Tensor) or denoised.shape != x.shape:
+            raise KBError(f"denoise_fn returned {getattr(denoised, 'shape', type(denoised).__name__)} for a state of shape "
+                          f"{tuple(x.shape)}; it must return the denoised prediction of the same shape.")
+        if not torch.isfinite(denoised).all():
+            raise KBError(f"the model's prediction at sigma {s:.6g} holds NaN or infinite values; check the model.")
+        r = step_ratio(s, s_next)
+        euler = calibrated_step(x, denoised, (), s, s_next, (0.0, 0.0, 0.0))
+        target = targets[i + 1].to(x)
+        terms = correction_terms(x, denoised, history)
+        used = [k for k, t in enumerate(terms) if t is not None]
+        solved = solve_step([(1.0 - r) * terms[k].double() for k in used], target.double() - euler.double(), ridge)
+        table[i, used] = solved
+        x_next = calibrated_step(x, denoised, history, s, s_next, table[i])
+        euler_mse.append(float(((euler.double() - target.double()) ** 2).mean()))
+        fitted_mse.append(float(((x_next.double() - target.double()) ** 2).mean()))
+        x, history = x_next, [denoised, *history[:1]]
+    return SamplerFit(table, euler_mse, fitted_mse)
