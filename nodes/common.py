@@ -78,6 +78,16 @@ if KB_FOLDER not in folder_paths.folder_names_and_paths:
     folder_paths.add_model_folder_path(KB_FOLDER, os.path.join(folder_paths.models_dir, KB_FOLDER))
 
 
+def refusal(*checks) -> str | bool:
+    """validate_inputs' answer: the first check's KBError message, or True when every check passes."""
+    try:
+        for check in checks:
+            check()
+    except KBError as e:
+        return str(e)
+    return True
+
+
 def kb_roots() -> list[Path]:
     return [Path(p) for p in folder_paths.get_folder_paths(KB_FOLDER)]
 

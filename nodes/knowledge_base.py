@@ -22,7 +22,7 @@ from ..kb_tools import (
     scheduler_names,
 )
 from . import feedback
-from .common import CATEGORY, KnowledgeBaseType, clip_encoder, kb_path, list_kbs, log, open_kb
+from .common import CATEGORY, KnowledgeBaseType, clip_encoder, kb_path, list_kbs, log, open_kb, refusal
 
 
 class ReDiLoadKnowledgeBase(io.ComfyNode):
@@ -49,11 +49,7 @@ class ReDiLoadKnowledgeBase(io.ComfyNode):
     @classmethod
     def validate_inputs(cls, kb_name: str):
         # The combo is filled at start-up; a KB built later is still valid by name.
-        try:
-            kb_path(kb_name)
-        except KBError as e:
-            return str(e)
-        return True
+        return refusal(lambda: kb_path(kb_name))
 
     @classmethod
     def execute(cls, kb_name: str) -> io.NodeOutput:
@@ -104,14 +100,9 @@ class BuildKnowledgeBase(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, prompts_file: str = "", kb_name: str | None = None):
-        try:
-            if isinstance(prompts_file, str) and prompts_file.strip():
-                input_file(prompts_file, folder_paths.get_input_directory())
-            if kb_name is not None:
-                check_kb_name(kb_name)
-        except KBError as e:
-            return str(e)
-        return True
+        return refusal(lambda: isinstance(prompts_file, str) and prompts_file.strip()
+                       and input_file(prompts_file, folder_paths.get_input_directory()),
+                       lambda: kb_name is None or check_kb_name(kb_name))
 
     @classmethod
     def execute(cls, model, clip, prompts: str, prompts_file: str, negative_prompt: str, seed: int, seeds_per_prompt: int,

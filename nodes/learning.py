@@ -24,7 +24,7 @@ from ..kb_tools import (
     scheduler_names,
 )
 from . import feedback
-from .common import CATEGORY, WEIGHT_MODES, clip_encoder, kb_path, log, preview_callback, with_samples
+from .common import CATEGORY, WEIGHT_MODES, clip_encoder, kb_path, log, preview_callback, refusal, with_samples
 
 # A learning KB stores no calibration, so -1 would mean the generic fallback 0.5, which accepts blends far worse
 # than plain sampling at the same NFE (benchmarks/results/learning_kb*.md); hence the default 0.1.
@@ -100,12 +100,7 @@ class ReDiLearningSampler(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, kb_name: str | None = None):
-        try:
-            if kb_name is not None:
-                check_kb_name(kb_name)
-        except KBError as e:
-            return str(e)
-        return True
+        return refusal(lambda: kb_name is None or check_kb_name(kb_name))
 
     @classmethod
     def execute(cls, model, clip, prompt: str, negative_prompt: str, latent_image, seed: int, kb_name: str, sampler_name: str,
