@@ -181,12 +181,12 @@ def test_a_killed_run_keeps_its_committed_batches_and_the_next_run_continues_exa
         assert reader.journal_mode == "wal"
         assert [r.item for r in reader.rows()] == list(range(10))
     first.send_signal(signal.SIGKILL)
-    assert first.wait(timeout=60) == -signal.SIGKILL
+    assert first.wait(timeout=1800) == -signal.SIGKILL
     for stream in (first.stdout, first.stderr, first.stdin):
         stream.close()
 
     second = child(db, 23, 5, -1)
-    out, err = second.communicate(timeout=60)
+    out, err = second.communicate(timeout=1800)
     assert second.returncode == 0, err
     lines = out.split("\n")
     assert lines[0] == "todo " + " ".join(map(str, range(10, 23))) and lines[1:5] == ["committed 5", "committed 5", "committed 3", "finished"]

@@ -133,7 +133,7 @@ def test_real_version_1_kbs_still_open_verify_and_upgrade(tmp_path):
             kb.rebuild_indexes()
         else:
             out = subprocess.run([sys.executable, "-m", "kb_tools", "upgrade", str(root)], cwd=PACK, capture_output=True,
-                                 text=True, timeout=600)
+                                 text=True, timeout=1800)
             assert out.returncode == 0, out.stderr
         kb = KnowledgeBase.open(root, verify="full")
         assert kb.info()["format_version"] == 2 and kb.verify(full=True) == [] and len(kb) == 10
@@ -311,7 +311,7 @@ def test_cli_verify_is_full_by_default_and_repair_repairs(tmp_path):
 
     def run(*argv):
         return subprocess.run([sys.executable, "-m", "kb_tools", *argv], cwd=PACK, capture_output=True, text=True,
-                              timeout=600)
+                              timeout=1800)
 
     out = run("verify", str(root))
     assert out.returncode == 1 and "PROBLEM: index of step 2" in out.stdout and "kb_tools repair" in out.stdout

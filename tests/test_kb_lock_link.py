@@ -200,7 +200,7 @@ def test_the_oldest_allowed_filelock_never_truncates_through_a_lock_link(tmp_pat
     user_copy.write_bytes(USER_DATA)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([oldest, str(PACK), str(TESTS)])}
     proc = subprocess.run([sys.executable, "-c", _OLDEST_SCRIPT, floor, str(root), str(user), str(user_copy)],
-                          capture_output=True, text=True, timeout=300, env=env, cwd=str(tmp_path))
+                          capture_output=True, text=True, timeout=1800, env=env, cwd=str(tmp_path))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
     out = json.loads(line[len("RESULT "):])
