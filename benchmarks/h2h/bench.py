@@ -1,30 +1,36 @@
-"""The shared state of a head-to-head run: models counted at the forward pass, judge, KBs, query sets, references.
+"""The shared state of a head-to-head run: models counted at the forward pass, the judge, KBs, converged references.
 
-Every sample goes through `embedded.sampling` (the pack's kb_tools code paths: plain
-`sample_prompts`, ReDi `generate`, `tstitch_sample`, `build_knowledge_base`) on the embedded
+Every sample goes through `embedded.sampling` / kb_tools (the pack's code paths) on the embedded
 crops UNets. Both models are clones whose diffusion model counts its forward rows per item
-(benchmarks/forward_counter.py); `measure` opens a counting session on both and times the block (wall and
-CPU seconds). Caches (EasyCache, LazyCache) are applied to the uncounted model first and
-counted after (methods/caches.py), so the calls they answer from the cache cost nothing.
+(benchmarks/forward_counter.py); `measure` opens a counting session on both and times the block
+(wall and CPU seconds). Caches (EasyCache, LazyCache) are applied to the uncounted model first and
+counted after (methods/caches.py), so the calls they answer from the cache cost nothing. Plain runs
+sample on explicit noise levels (`kb_tools.comfy.schedules.plain_sigmas`), so a KSampler scheduler
+and a preset node's schedule (AYS, GITS) run the same way, as a SamplerCustom graph runs them.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
+import re
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 
-from benchmarks import metrics as M
+from benchmarks.forward_counter import ForwardCounter, counted
 from embedded import sampling as S
 from embedded.judge import Judge
-from embedded.models import bf16_autocast, load_models
+from embedded.models import load_models
 from embedded.rendering import LATENT_SHAPE
-from benchmarks.forward_counter import ForwardCounter, counted
-from kb_tools.core.records import Recipe
+from embedded.text_encoder import encode
+from kb_tools.comfy.counted import sample_counted
+from kb_tools.comfy.plain import cfg_guider
+from kb_tools.comfy.schedules import plain_sigmas
 
+from . import converged as C
 from . import kbs
 from .config import Config, Regime
 from .timing import Timer
@@ -44,14 +50,6 @@ class Measured:
     cpu: float
 
 
-@dataclasses.dataclass
-class Reference:
-    """The plain reference run of a query set (the regime's sampler at T) and what it cost."""
-
-    latents: torch.Tensor
-    measured: Measured
-
-
 def forward_flops(model, batch: int = 4) -> float:
     """FLOPs of one forward row of the model's diffusion network (torch's FLOP counter, the embedded latent size)."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -63,15 +61,18 @@ def forward_flops(model, batch: int = 4) -> float:
     return fc.get_total_flops() / batch
 
 
-class Bench:
-    """Models, judge, knowledge bases and reference runs shared by every method of one run."""
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9.]+", "-", text.lower()).strip("-")[:80]
 
-    def __init__(self, cfg: Config, scratch: Path, precision: str = "fp32", log: Callable[..., None] = print):
+
+class Bench:
+    """Models, judge, knowledge bases and converged references shared by every method of one run."""
+
+    def __init__(self, cfg: Config, scratch: Path, converged_cache: Path | None = None, log: Callable[..., None] = print):
         self.cfg, self.scratch, self.log = cfg, scratch, log
+        self.converged_cache = converged_cache
         scratch.mkdir(parents=True, exist_ok=True)
         large, small, _ = load_models()
-        if precision == "bf16":  # as paper_claims: autocast through ComfyUI's unet wrapper, under the counter
-            large, small = bf16_autocast(large), bf16_autocast(small)
         self.plain_models = {"large": large, "small": small}
         self.counters = {role: ForwardCounter() for role in ROLES}
         self.models = {role: counted(m, self.counters[role])[0] for role, m in self.plain_models.items()}
@@ -79,15 +80,7 @@ class Bench:
         # One small-model row costs this many large-model rows (FLOPs): T-Stitch's NFE in large-model units.
         self.small_cost = forward_flops(small) / forward_flops(large)
         self.kbs: dict[str, kbs.KBInfo] = {}
-        self._refs: dict[tuple, Reference] = {}
-        self._real: dict[tuple, np.ndarray] = {}
-        self._floors: dict[tuple, dict] = {}
-        self._warm()
-
-    def _warm(self) -> None:
-        """One tiny run per model, so the first measured run does not pay for loading."""
-        for role in ROLES:
-            self.plain_run(self.models[role], ["digit 0"], [0], "euler", "normal", 2, 3.0)
+        self._full: dict[tuple, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ counting and timing
     @contextlib.contextmanager
@@ -115,20 +108,29 @@ class Bench:
         return m.nfe["large"] + self.small_cost * m.nfe["small"]
 
     # ------------------------------------------------------------------ sampling
-    def plain_run(self, model, prompts: Sequence[str], seeds: Sequence[int], sampler: str, scheduler: str, steps: int,
+    def plain_run(self, model, prompts: Sequence[str], seeds: Sequence[int], sampler: str, schedule: str, steps: int,
                   cfg: float) -> torch.Tensor:
-        """The plain sampler over its own schedule from each item's seed, one batch: latents [N, C, H, W]."""
-        return S.plain(model, list(prompts), list(seeds), Recipe(sampler, scheduler, steps, cfg)).latents
+        """The plain sampler over the schedule's noise levels (a KSampler scheduler or a preset node's) from each item's
+        seed, one batch: latents [N, C, H, W]."""
+        sigmas = plain_sigmas(model, sampler, schedule, steps)
+        positive, negative = S.conditioning(list(prompts))
+        out, _, _ = sample_counted(cfg_guider(model, positive, negative, cfg), S.empty_latents(len(prompts)),
+                                   list(seeds), sigmas, sampler)
+        return out
 
-    def reference(self, regime: Regime, queries: Queries) -> Reference:
-        """The regime's plain sampler at T on the queries, from the same seeds (cached per query set)."""
+    def full_step(self, regime: Regime, queries: Queries) -> torch.Tensor:
+        """The user's own full-step run (the regime's plain sampler at T, uncounted) of the queries: [N, C, H, W]."""
         key = (regime.name, queries.prompts, queries.seeds)
-        if key not in self._refs:
-            with self.measure(len(queries)) as m:
-                lat = self.plain_run(self.models["large"], queries.prompts, queries.seeds, regime.sampler,
-                                     regime.scheduler, regime.steps, regime.cfg)
-            self._refs[key] = Reference(lat, m)
-        return self._refs[key]
+        if key not in self._full:
+            self._full = {key: self.plain_run(self.plain_models["large"], queries.prompts, queries.seeds, regime.sampler,
+                                              regime.scheduler, regime.steps, regime.cfg)}  # one chunk kept at a time
+        return self._full[key]
+
+    def converged(self, regime: Regime, queries: Queries) -> C.Converged:
+        """The converged references of the queries (cached on disk by converged.py; sampled only where missing)."""
+        return C.converged(self.plain_models["large"], encode, list(queries.prompts), list(queries.seeds), cfg=regime.cfg,
+                           latent_shape=LATENT_SHAPE, solver=self.cfg.converged or C.DEFAULT_SOLVER,
+                           cache_dir=self.converged_cache, batch_size=16)
 
     # ------------------------------------------------------------------ knowledge bases
     def kb_path(self, regime: Regime, tag: str = "") -> Path:
@@ -137,36 +139,19 @@ class Bench:
         return self.scratch / (name + (f"_{tag}" if tag else ""))
 
     def kb(self, regime: Regime) -> kbs.KBInfo:
-        """The regime's KB (every step 1..T-1 stored), with a guard calibration for its main key step and H."""
+        """The regime's KB (every step 1..T-1 stored), with guard calibrations for the wider grids' key step and the
+        node's default key step (H 3)."""
         if regime.name not in self.kbs:
-            info = kbs.build(self.kb_path(regime), self.models["large"], regime)
-            self.kbs[regime.name] = kbs.calibrated(info, regime.key_step, self.cfg.redi_h_main, self.plain_models["large"])
+            info = kbs.build(self.kb_path(regime), self.plain_models["large"], regime)  # uncounted: no item pays for it
+            for k in sorted({regime.default_key_step, regime.key_step}, reverse=True):  # the last one is reported
+                info = kbs.calibrated(info, k, self.cfg.redi_h_main, self.plain_models["large"])
+            self.kbs[regime.name] = info
             self.log(f"  KB {info.name}: {info.entries} entries, built in {info.build_wall_seconds:.0f} s wall / "
                      f"{info.build_cpu_seconds:.0f} s CPU ({info.added_this_run} added this run)", flush=True)
         return self.kbs[regime.name]
 
-    def style_free_kb(self, regime: Regime) -> kbs.KBInfo:
-        """The regime KB's sepia-0 entries (stylization's KB, the paper's setting), calibrated as the main KB."""
-        name = regime.name + ":stylefree"
-        if name not in self.kbs:
-            info = kbs.style_free(self.kb(regime), self.kb_path(regime, "stylefree"))
-            self.kbs[name] = kbs.calibrated(info, regime.key_step, self.cfg.redi_h_main, self.plain_models["large"])
-        return self.kbs[name]
-
-    # ------------------------------------------------------------------ the judge's references
-    def real_features(self, queries: Queries) -> np.ndarray:
-        """Judge features of `reference_renders` real renderings of each query caption (the FD reference)."""
-        key = queries.captions
-        if key not in self._real:
-            self._real[key] = self.judge.real_features(list(queries.captions), self.cfg.reference_renders)
-        return self._real[key]
-
-    def noise_floor(self, queries: Queries) -> dict:
-        """FD of fresh real renderings of the query captions against the reference: what a perfect generator gets."""
-        key = queries.captions
-        if key not in self._floors:
-            ref = self.real_features(queries)
-            floor = M.fd_noise_floor(lambda: self.judge.features(self.judge.real(list(queries.captions))), ref,
-                                     self.cfg.floor_draws)
-            self._floors[key] = {"n": len(queries), **floor}
-        return self._floors[key]
+    def learning_folder(self, regime: Regime, workload: str, method: str, setting: str) -> Path:
+        """Where a learning KB of one (regime, workload, method, setting) lives across runs (its state goes with the
+        items stored: run.py keeps the two consistent)."""
+        tag = hashlib.sha256(setting.encode()).hexdigest()[:10]
+        return self.scratch / "learning" / _slug(f"{regime.name}-{workload}-{method}") / f"{_slug(setting)[:60]}-{tag}"

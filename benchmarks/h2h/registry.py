@@ -4,8 +4,10 @@ A method is one `Method` entry: a name, a family, the workloads it applies to, a
 function that lists its configurations for a regime and workload (fixed before anything runs,
 never tuned on results), and a `run` function that samples one configuration on a query set.
 The runner measures every run the same way (NFE per item counted at the forward pass of each
-model, wall and CPU seconds) and scores it the same way (FD, faithfulness, per-sample MSE to
-the plain full-step output), so a method only samples.
+model) and scores it the same way (scoring.py: MSE to the converged reference, MSE to the user's own
+full-step run, the judge's feature distance), so a method only samples. A setting marked `default`
+is the method at its documented default (the headline table, filled first); the others are the
+wider settings.
 
 Adding a method: put a module in `benchmarks/h2h/methods/` that calls `register(Method(...))`;
 every module there is loaded by `all_methods()`, the built-in ones first (BUILTIN order).
@@ -23,7 +25,7 @@ import torch
 from .config import WORKLOADS
 
 #: Built-in method modules in report order; other modules in methods/ follow alphabetically.
-BUILTIN = ("plain", "caches", "redi", "tstitch", "stacks", "style")
+BUILTIN = ("plain", "caches", "redi", "learning", "corrected", "learning_corrected", "tstitch", "calibrated", "stacks")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +38,7 @@ class Setting:
     params: dict                   # JSON-able knobs, read by the method's run function
     target_nfe: float | None       # the budget it is meant for; None when the method decides (caches)
     run_key: tuple | None = None   # settings with one key compute the same samples: run once, reported under each
+    default: bool = False          # the method at its documented default: a headline cell
 
 
 @dataclasses.dataclass
@@ -79,6 +82,7 @@ class Method:
     run: Callable[..., Output]     # run(bench, regime, queries, setting) -> Output
     workloads: tuple[str, ...] = WORKLOADS  # default: every workload (config.WORKLOADS)
     description: str = ""
+    sequential: bool = False       # items run in generation order against state kept across chunks (a learning KB)
 
 
 REGISTRY: dict[str, Method] = {}
@@ -97,6 +101,6 @@ def all_methods() -> list[Method]:
     from . import methods
 
     names = [m.name for m in pkgutil.iter_modules(methods.__path__)]
-    for name in list(BUILTIN) + sorted(set(names) - set(BUILTIN)):
+    for name in [n for n in BUILTIN if n in names] + sorted(set(names) - set(BUILTIN)):
         importlib.import_module(f"{methods.__name__}.{name}")
     return list(REGISTRY.values())

@@ -1,18 +1,43 @@
-"""One workload of a head-to-head run: every method's settings run once, measured and scored the same way.
+"""The resumable run: for each (regime, workload, method, setting), the items the results store does not have, in chunks.
 
-For each setting: sample (the method's run function) inside `Bench.measure` (NFE per item and
-model counted at the forward pass, wall and CPU seconds), check the counted NFE against what
-the method claims, score the output (scoring.score), and compare it with plain euler and the
-oracle at the largest budget that spends no more NFE (scoring.verdicts); a learning KB's items
-that jumped also by themselves, against plain euler at no more NFE than their jump.
+Order: the headline cells first (plain euler, the oracle, EasyCache and each pack method at its
+default: `Setting.default`), up to `Config.queries` items; the wider settings after, up to
+`Config.wider_items`. Within a phase the items grow in rounds of one chunk for every regime,
+workload and cell, so every cell fills at the same pace and a run stopped at any time leaves a
+balanced table. Each chunk is sampled, scored (scoring.py against converged.py's references) and
+committed in one transaction (store.py): a stopped or killed run loses at most the chunk in flight,
+and nothing stored is recomputed.
+
+A method whose items depend on the earlier ones (a learning KB: `Method.sequential`) runs its
+items in generation order against state on disk (Bench.learning_folder). Its progress file says
+how many items that state has seen and whether a chunk was in flight; where it disagrees with the
+store (a run stopped between the KB's update and the commit), the state is rebuilt
+deterministically by replaying the stored items, whose results are discarded.
+
+Every method's counted NFE is checked against what it claims; a method that miscounts or fails is
+reported (the `failures` table) and skipped for the rest of the run, never stored.
 """
 from __future__ import annotations
 
+import datetime as _dt
+import json
+import shutil
+import time
+import traceback
+
 import numpy as np
 
-from . import scoring
+from . import oracle, scoring, workloads
 from .registry import Plan, all_methods
-from .workloads import Queries
+from .store import Row
+
+_FAILURES = """CREATE TABLE IF NOT EXISTS failures (run_id INTEGER, regime TEXT, workload TEXT, method TEXT, setting TEXT,
+first_item INTEGER, error TEXT, date TEXT)"""
+#: Families that sample without the regime's prebuilt KB.
+NO_KB_FAMILIES = ("plain", "oracle", "cache", "tstitch", "learning")
+#: What the report needs to know of a cell beyond its rows (written when the cell is first run).
+_SETTINGS = """CREATE TABLE IF NOT EXISTS settings (regime TEXT, workload TEXT, method TEXT, setting TEXT, family TEXT,
+line TEXT, is_default INTEGER, params TEXT, PRIMARY KEY (regime, workload, method, setting))"""
 
 
 def claim_check(out, counted: dict[str, np.ndarray]) -> tuple[bool, str]:
@@ -30,90 +55,154 @@ def claim_check(out, counted: dict[str, np.ndarray]) -> tuple[bool, str]:
     return not problems, "; ".join(problems) or "ok"
 
 
-def run_workload(bench, regime, queries: Queries, plan: Plan, log=print) -> dict:
-    """{"rows": [...], "noise_floor", "reference", ...}: every applicable method's settings on one query set."""
-    ref = bench.reference(regime, queries)
-    real = bench.real_features(queries)
-    floor = bench.noise_floor(queries)
-    n = len(queries)
-    rows, qualities, done, errors = [], [], {}, []
-    for method in all_methods():
-        if plan.workload not in method.workloads or (plan.cfg.methods is not None and method.name not in plan.cfg.methods):
-            continue
-        for setting in method.settings(plan):
-            key = setting.run_key
-            reused = key is not None and key in done  # the same samples as an earlier setting: reported under both
-            if reused:
-                out, m = done[key]
-            else:
-                try:
-                    with bench.measure(n) as m:
-                        out = method.run(bench, regime, queries, setting)
-                except Exception as e:  # a method that cannot run here is a result: say exactly why
-                    errors.append({"workload": plan.workload, "method": method.name, "label": setting.label,
-                                   "error": f"{type(e).__name__}: {e}"})
-                    log(f"    {setting.label}: FAILED {type(e).__name__}: {e}", flush=True)
-                    continue
-                if key is not None:
-                    done[key] = (out, m)
-            ok, why = claim_check(out, m.nfe)
-            cost = bench.cost_nfe(m)
-            q = scoring.score(bench.judge, out.latents, queries.captions, real, ref.latents)
-            row = {"workload": plan.workload, "method": method.name, "family": method.family, "line": setting.line,
-                   "label": setting.label, "params": setting.params, "target_nfe": setting.target_nfe,
-                   "nfe": float(cost.mean()), "nfe_large": float(m.nfe["large"].mean()),
-                   "nfe_small": float(m.nfe["small"].mean()), "nfe_min": float(cost.min()),
-                   "nfe_median": float(np.median(cost)), "nfe_max": float(cost.max()),
-                   "unconditional_rows": float(m.unconditional["large"].mean()),
-                   "claim_kind": out.claim_kind, "claim_ok": ok, "claim_check": why,
-                   "wall_s_per_image": m.wall / n, "cpu_s_per_image": m.cpu / n, "reused_run": reused, **scoring.record_quality(q), **out.extras}
-            if out.items:  # with each item's measured error, for the report's per-item statistics
-                row["per_item"] = {**out.items, "mse": [float(x) for x in q.mse]}
-            rows.append(row)
-            qualities.append(q)
-            log(f"    {setting.label}: NFE {row['nfe']:.2f} (claim {why}), FD {q.fd:.2f} +- {q.fd_sd:.2f}, acc "
-                f"{q.acc:.3f}, MSE {q.mse_mean:.2e}, {m.wall / n * 1000:.0f} ms/image", flush=True)
-    compare(rows, qualities)
-    return {"queries": queries.description, "n": n, "noise_floor": floor,
-            "reference": {"sampler": regime.sampler, "scheduler": regime.scheduler, "steps": regime.steps,
-                          "wall_s_per_image": ref.measured.wall / n, "cpu_s_per_image": ref.measured.cpu / n},
-            "rows": rows, "errors": errors}
+class Runner:
+    """One run over a store: call `run(regimes, workloads)`; `computed` items were sampled by it, `stopped` says whether
+    the deadline ended it before everything asked for was stored."""
 
+    def __init__(self, bench, store, run_id: int, cfg, deadline: float | None = None, log=print):
+        self.bench, self.store, self.run_id, self.cfg, self.deadline, self.log = bench, store, run_id, cfg, deadline, log
+        self.computed = 0
+        self.chunks = 0
+        self.stopped = False
+        self.failed: set[tuple] = set()
+        self._oracles: dict[str, dict] = {}
+        self._queries: dict[tuple, workloads.Queries] = {}
+        self._memo: dict[tuple, tuple] = {}
+        store.db.execute(_FAILURES)
+        store.db.execute(_SETTINGS)
 
-def baseline_at(rows: list[dict], family: str, nfe: float) -> int | None:
-    """Index of the `family` row with the largest NFE not above `nfe` (+0.01): a baseline that spends no more."""
-    cands = [i for i, r in enumerate(rows) if r["family"] == family and r["nfe"] <= nfe + 0.01]
-    return max(cands, key=lambda i: rows[i]["nfe"]) if cands else None
+    # ------------------------------------------------------------------ what to run
+    def oracle(self, regime) -> dict:
+        if regime.name not in self._oracles:
+            self._oracles[regime.name] = oracle.select(self.bench, self.cfg, regime, self.bench.scratch, self.log)
+        return self._oracles[regime.name]
 
+    def queries(self, regime, workload: str) -> workloads.Queries:
+        key = (regime.name, workload)
+        if key not in self._queries:
+            self._queries[key] = workloads.make(self.cfg, regime, workload)
+        return self._queries[key]
 
-def compare(rows: list[dict], qualities: list) -> None:
-    """Add to every non-plain row its verdicts against plain euler and the oracle at no more NFE (in place)."""
-    for i, r in enumerate(rows):
-        if r["family"] == "plain":
-            continue
-        # The corrected solver also against its own grid uncorrected: the correction's gain on its own.
-        for family in ("plain", "oracle", *(("coarse",) if r["family"] == "corrected" else ())):
-            j = baseline_at(rows, family, r["nfe"])
-            if j is None or j == i:
+    def cells(self, regime, workload: str, phase: str) -> list[tuple]:
+        """(method, setting) of one phase ("headline": the defaults; "wider": the others) on one workload."""
+        plan = Plan(self.cfg, regime, workload, tuple(regime.budgets), "smoke" if self.cfg.smoke else "full",
+                    self.oracle(regime)["winners"])
+        out = []
+        for method in all_methods():
+            if workload not in method.workloads or (self.cfg.methods is not None and method.name not in self.cfg.methods):
                 continue
-            r[f"vs_{family}"] = {"baseline": rows[j]["label"], "baseline_nfe": rows[j]["nfe"],
-                                 **scoring.verdicts(r, qualities[i], rows[j], qualities[j])}
-        if r["family"] == "learning":  # most items run in full: judge the blends by themselves too
-            r["blended_vs_plain"] = blended_verdict(r, qualities[i], rows, qualities)
+            for setting in method.settings(plan):
+                if setting.default == (phase == "headline"):
+                    out.append((method, setting))
+        return out
 
+    # ------------------------------------------------------------------ running
+    def run(self, regimes, workload_names) -> None:
+        phases = (("headline", self.cfg.queries), ("wider", min(self.cfg.wider_items, self.cfg.queries)))
+        for phase, target in phases:
+            for start in range(0, target, self.cfg.chunk):
+                items = list(range(start, min(start + self.cfg.chunk, target)))
+                for regime in regimes:
+                    for workload in workload_names:
+                        self._memo.clear()
+                        for method, setting in self.cells(regime, workload, phase):
+                            if not self.chunk(regime, workload, method, setting, items):
+                                return
 
-def blended_verdict(row: dict, q, rows: list[dict], qualities: list) -> dict | None:
-    """The items of a run that jumped (the others ran in full) against plain euler at no more NFE than their jump, on
-    the same items (paired per-sample MSE); None when no item jumped or no plain run spends that little."""
-    items = row.get("per_item") or {}
-    jumped = np.asarray(items.get("accepted", []), bool)
-    if not jumped.any():
-        return None
-    nfe = float(np.max(np.asarray(items["nfe"])[jumped]))
-    j = baseline_at(rows, "plain", nfe)
-    if j is None:
-        return None
-    mine, base = q.mse[jumped], qualities[j].mse[jumped]
-    return {"baseline": rows[j]["label"], "baseline_nfe": rows[j]["nfe"], "jump_nfe": nfe, "items": int(jumped.sum()),
-            "mse_mean": float(mine.mean()), "baseline_mse_mean": float(base.mean()), "worse": int((mine > base).sum()),
-            "verdict": scoring.mse_verdict(mine, base)}
+    def _time_left(self) -> bool:
+        return self.deadline is None or time.monotonic() < self.deadline
+
+    def chunk(self, regime, workload: str, method, setting, items: list[int]) -> bool:
+        """Sample, score and commit the missing items of one cell's chunk. False: the run must stop (deadline)."""
+        cell = (regime.name, workload, method.name, setting.label)
+        if cell in self.failed:
+            return True
+        done = self.store.done([(*cell, i) for i in items])
+        missing = [i for i in items if (*cell, i) not in done]
+        if not missing:
+            return True
+        if not self._time_left():
+            self.stopped = True
+            return False
+        with self.store.db:
+            self.store.db.execute("INSERT OR IGNORE INTO settings VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                                  (*cell, method.family, setting.line, int(setting.default),
+                                   json.dumps(setting.params, sort_keys=True, default=str)))
+        queries = self.queries(regime, workload)
+        if method.sequential:
+            missing = list(range(missing[0], items[-1] + 1))
+            self._prepare_state(regime, workload, method, setting, missing[0], queries)
+        sub = queries.subset(missing)
+        if method.family not in NO_KB_FAMILIES:
+            self.bench.kb(regime)  # built (or loaded) outside the counting session: no item pays for it
+        t0 = time.perf_counter()
+        try:
+            out, m = self._sample(regime, workload, method, setting, sub, tuple(missing))
+            ok, why = claim_check(out, m.nfe)
+            if not ok:
+                raise RuntimeError(f"counted NFE differs from the method's claim: {why}")
+        except Exception as e:  # a method that cannot run here is a result: say exactly why, store nothing
+            self._fail(cell, missing[0], e)
+            return True
+        conv = self.bench.converged(regime, sub).latents
+        full = self.bench.full_step(regime, sub)
+        sc = scoring.score(self.bench.judge, out.latents, conv, full)
+        nfe = self.bench.cost_nfe(m)
+        rows = [Row(*cell, item=i, nfe=float(nfe[j]), mse_converged=float(sc.mse_converged[j]),
+                    mse_full_step=float(sc.mse_full_step[j]), feature_distance=float(sc.feature_distance[j]))
+                for j, i in enumerate(missing)]
+        added = self.store.add(rows, self.run_id)
+        if method.sequential:
+            self._write_state(regime, workload, method, setting, missing[-1] + 1, clean=True)
+        self.computed += len(missing)
+        self.chunks += 1
+        self.log(f"  {regime.name} {workload} {method.name} [{setting.label}] items {missing[0]}-{missing[-1]}: "
+                 f"NFE {float(nfe.mean()):.2f}, MSE to converged {float(np.mean(sc.mse_converged)):.3g} "
+                 f"({added} stored, {time.perf_counter() - t0:.0f} s)", flush=True)
+        return True
+
+    def _sample(self, regime, workload, method, setting, sub, items: tuple):
+        """(Output, Measured) of one chunk; settings with one run_key sample once per chunk."""
+        key = (regime.name, workload, setting.run_key, items) if setting.run_key is not None else None
+        if key is not None and key in self._memo:
+            return self._memo[key]
+        with self.bench.measure(len(sub)) as m:
+            out = method.run(self.bench, regime, sub, setting)
+        if key is not None:
+            self._memo[key] = (out, m)
+        return out, m
+
+    def _fail(self, cell: tuple, first_item: int, e: Exception) -> None:
+        self.failed.add(cell)
+        text = f"{type(e).__name__}: {e}"
+        self.log(f"  {' '.join(cell)}: FAILED {text}\n{traceback.format_exc(limit=3)}", flush=True)
+        with self.store.db:
+            self.store.db.execute("INSERT INTO failures VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                                  (self.run_id, *cell, first_item, text,
+                                   _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")))
+
+    # ------------------------------------------------------------------ learning state
+    def _progress(self, regime, workload, method, setting):
+        return self.bench.learning_folder(regime, workload, method.name, setting.label) / "progress.json"
+
+    def _write_state(self, regime, workload, method, setting, items: int, clean: bool) -> None:
+        path = self._progress(regime, workload, method, setting)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"items": items, "clean": clean}))
+        tmp.replace(path)
+
+    def _prepare_state(self, regime, workload, method, setting, first: int, queries) -> None:
+        """Make the method's on-disk state the one after items 0..first-1 (as stored), then mark a chunk in flight."""
+        folder = self.bench.learning_folder(regime, workload, method.name, setting.label)
+        path = self._progress(regime, workload, method, setting)
+        state = json.loads(path.read_text()) if path.is_file() else None
+        if state != {"items": first, "clean": True}:
+            shutil.rmtree(folder, ignore_errors=True)
+            if first:
+                self.log(f"  {regime.name} {workload} {method.name}: rebuilding its state from the {first} stored items "
+                         f"(found {state})", flush=True)
+                for s in range(0, first, self.cfg.chunk):
+                    with self.bench.measure(min(self.cfg.chunk, first - s)):
+                        method.run(self.bench, regime, queries.subset(range(s, min(s + self.cfg.chunk, first))), setting)
+        self._write_state(regime, workload, method, setting, first, clean=False)

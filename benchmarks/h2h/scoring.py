@@ -1,54 +1,48 @@
-"""How every head-to-head run is scored, the same way for every method: plain numpy over the judge's readings.
+"""How every head-to-head item is scored, the same way for every method: plain numpy over latents and judge features.
 
-- FD in the judge's 128-d features against real renderings of the query captions, with its
-  bootstrap sd (the workload's real-vs-real noise floor is measured once per query set);
-- faithfulness: source accuracy (binomial se), crop-geometry and sepia errors;
-- per-sample MSE to the plain full-step output from the same noise and prompt (0 for that run).
-Shapes: latents [N, 3, 16, 16]; per-sample arrays [N].
+Per item (shapes: latents [N, C, H, W], results [N] float64):
+- MSE to the converged reference of the same prompt and noise (converged.py): every verdict rests on it;
+- MSE to the user's own full-step run (euler/normal at T from the same noise): a secondary column;
+- the judge's feature distance to the converged sample (L2 between their 128-d judge features): perceptual.
+A non-finite output scores +inf on all three (the store keeps it as NULL and counts the item).
+Verdicts: paired per-item differences beyond 2 paired standard errors (win / tie / loss).
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 
 from benchmarks import metrics as M
-from benchmarks.report import private
-from embedded.judge import faithfulness
 
 
 @dataclasses.dataclass
-class Quality:
-    """What one output set looks like to the judge and how far it is from the full-step plain output."""
+class ItemScores:
+    """Per-item scores of one output set, in item order."""
 
-    fd: float
-    fd_sd: float
-    acc: float
-    acc_se: float
-    geo_err: float
-    sepia_err: float
-    mse_mean: float
-    mse_se: float
-    mse_p95: float
-    finite: bool
-    mse: np.ndarray = private()  # [N] per-sample MSE, for paired verdicts
+    mse_converged: np.ndarray    # [N]
+    mse_full_step: np.ndarray    # [N]
+    feature_distance: np.ndarray  # [N]
 
 
-def score(judge, latents, captions, real_features: np.ndarray, reference) -> Quality:
-    """Quality of latents [N, ...] made for `captions`, against real features and the full-step reference."""
-    x = np.asarray(latents, np.float32)
-    finite = bool(np.isfinite(x).all())
-    reading = judge.read(np.nan_to_num(x))
-    faith = faithfulness(reading, list(captions))
-    mse = M.per_sample_mse(x, np.asarray(reference, np.float32))
-    mse_mean, mse_se = M.mean_se(mse) if len(mse) > 1 else (float(mse.mean()), 0.0)
-    return Quality(M.frechet_distance(reading.features, real_features),
-                   M.fd_bootstrap_sd(reading.features, real_features), faith.acc, faith.acc_se, faith.geo_err,
-                   faith.sepia_err, mse_mean, mse_se, float(np.percentile(mse, 95)), finite, mse)
+def score(judge, latents, converged, full_step) -> ItemScores:
+    """Scores of latents [N, ...] against the converged references and the full-step runs of the same items."""
+    x = np.asarray(latents, np.float64)
+    finite = np.isfinite(x.reshape(len(x), -1)).all(axis=1)
+    safe = np.where(finite[:, None, None, None], x, 0.0).astype(np.float32)
+    conv = np.asarray(converged, np.float32)
+    mse_c = M.per_sample_mse(safe, conv).astype(np.float64)
+    mse_f = M.per_sample_mse(safe, np.asarray(full_step, np.float32)).astype(np.float64)
+    dist = np.linalg.norm(judge.features(safe).astype(np.float64) - judge.features(conv).astype(np.float64), axis=1)
+    bad = ~finite
+    for a in (mse_c, mse_f, dist):
+        a[bad] = np.inf
+    return ItemScores(mse_c, mse_f, dist)
 
 
 #: Per-sample MSE differences this small are float rounding, not a verdict: the same sampler run on a batch of one
-#: (a learning KB's generations) and on the whole query set differs in the last bits (about 1e-14 here).
+#: and on a whole batch differs in the last bits (about 1e-14 here).
 MSE_ROUNDING = 1e-9
 
 
@@ -59,13 +53,10 @@ def mse_verdict(mse: np.ndarray, base: np.ndarray) -> str:
     return M.paired_verdict(mse, base)
 
 
-def verdicts(row: dict, q: Quality, base: dict, bq: Quality) -> dict:
-    """win / tie / loss of a row against a baseline row: FD and accuracy beyond 2 sd, MSE by paired se."""
-    return {"fd": M.interval_verdict(row["fd"], row["fd_sd"], base["fd"], base["fd_sd"], higher_is_better=False),
-            "acc": M.interval_verdict(row["acc"], row["acc_se"], base["acc"], base["acc_se"], higher_is_better=True),
-            "mse": mse_verdict(q.mse, bq.mse)}
-
-
-def record_quality(q: Quality) -> dict:
-    """The JSON fields of a Quality (per-sample arrays left out)."""
-    return {f.name: getattr(q, f.name) for f in dataclasses.fields(q) if not f.metadata.get("private")}
+def paired(a: np.ndarray, b: np.ndarray) -> dict:
+    """a vs b on the same items (lower is better): n, mean difference, its paired standard error and the verdict."""
+    d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
+    n = len(d)
+    se = float(d.std(ddof=1) / math.sqrt(n)) if n >= 2 else None
+    return {"n": n, "mean_diff": float(d.mean()) if n else None, "se": se,
+            "verdict": mse_verdict(np.asarray(a), np.asarray(b)) if n >= 2 else None}

@@ -1,162 +1,151 @@
-"""What a workload's rows say: the quality-versus-NFE frontier, where each line reaches full-step quality, and each
-accelerating family's verdict and losses against plain euler and the oracle at no more NFE.
+"""What the accumulated results say: per cell its n, NFE and error to converged, its verdict against the oracle at no
+more NFE (paired per item, 2 paired SE), and the oracle NFE that matches its quality.
 
-Plain functions over the JSON rows of `run.run_workload` (no models). "Within noise" is the
-benchmarks' decision rule: not worse than the plain full-step run by more than 2 combined sd
-on FD (bootstrap sd) and on source accuracy (binomial se).
+Plain functions over the results store's rows (no models). A cell is one (regime, workload, method,
+setting); its NFE is the counted mean per item. Only finite outputs are scored; a cell with a
+non-finite item loses to the oracle whatever its finite items say.
 """
 from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
 
 import numpy as np
 
 from benchmarks import metrics as M
-from kb_tools.calibration.blend_error import spearman
+
+#: Families whose cells are the pack's (they get nfe_ratio_at_equal_quality); the others are the plain alternatives.
+BASELINE_FAMILIES = ("plain", "oracle", "cache", "coarse")
+VALIDITY = Path(__file__).resolve().parents[1] / "results" / "converged_validity" / "validity.json"
 
 
-def full_step(rows: list[dict]) -> dict:
-    """The plain reference at T: the plain row with the most NFE."""
-    return max((r for r in rows if r["family"] == "plain"), key=lambda r: r["nfe"])
+def settings_meta(store) -> dict[tuple, dict]:
+    """(regime, workload, method, setting) -> family, line, default, params (the runner's `settings` table)."""
+    try:
+        rows = store.db.execute("SELECT regime, workload, method, setting, family, line, is_default, params "
+                                "FROM settings").fetchall()
+    except Exception:  # a store no run has written to yet
+        return {}
+    return {tuple(r[:4]): {"family": r[4], "line": r[5], "default": bool(r[6]), "params": json.loads(r[7])} for r in rows}
 
 
-def within_noise(row: dict, full: dict) -> bool:
-    """FD and accuracy not worse than the full-step run by more than 2 combined sd."""
-    return (M.not_worse(row["fd"], row["fd_sd"], full["fd"], full["fd_sd"], higher_is_better=False)
-            and M.not_worse(row["acc"], row["acc_se"], full["acc"], full["acc_se"], higher_is_better=True))
-
-
-def first_full_quality(rows: list[dict]) -> dict[str, float | None]:
-    """{line: the least mean NFE at which it is within noise of plain at T (None: never)}."""
-    full = full_step(rows)
-    out: dict[str, float | None] = {}
-    for r in rows:
-        best = out.get(r["line"])
-        if within_noise(r, full) and (best is None or r["nfe"] < best):
-            out[r["line"]] = r["nfe"]
-        else:
-            out.setdefault(r["line"], None)
-    return out
-
-
-def frontier(rows: list[dict], budgets) -> list[dict]:
-    """Per budget: the row with the lowest FD and the one with the lowest MSE among rows spending at most that NFE,
-    and every row whose FD is within 2 combined sd of the best (FD cannot separate those)."""
+def raw_cells(store) -> list[dict]:
+    """Per cell: items, NFE and the three metrics per item (None where the output was not finite)."""
+    meta = settings_meta(store)
+    groups: dict[tuple, list] = {}
+    for r in store.rows():
+        groups.setdefault((r.regime, r.workload, r.method, r.setting), []).append(r)
     out = []
-    for b in budgets:
-        fits = [r for r in rows if r["nfe"] <= b + 0.01]
-        if not fits:
-            continue
-        best = min(fits, key=lambda r: r["fd"])
-        tied = sorted({r["label"] for r in fits if M.not_worse(r["fd"], r["fd_sd"], best["fd"], best["fd_sd"],
-                                                                 higher_is_better=False)})
-        low = min(fits, key=lambda r: r["mse_mean"])
-        out.append({"budget": b, "best_fd": best["label"], "best_fd_value": best["fd"], "best_fd_nfe": best["nfe"],
-                    "within_noise_of_best_fd": tied, "best_mse": low["label"], "best_mse_value": low["mse_mean"],
-                    "best_mse_nfe": low["nfe"]})
+    for key, rs in sorted(groups.items()):
+        m = meta.get(key, {"family": key[2], "line": key[2], "default": False, "params": {}})
+        out.append({"key": key, **m, "items": [r.item for r in rs], "nfe": np.array([r.nfe for r in rs], np.float64),
+                    "mse": {r.item: r.mse_converged for r in rs},
+                    "full": [r.mse_full_step for r in rs if r.mse_full_step is not None],
+                    "feat": [r.feature_distance for r in rs if r.feature_distance is not None]})
     return out
 
 
-#: The families under test: each gets a loss list and a verdict against plain euler and the oracle at no more NFE.
-VERDICT_FAMILIES = ("redi", "learning", "any_seed", "corrected")
+def oracle_at(cells: list[dict], regime: str, workload: str, nfe: float) -> dict | None:
+    """The oracle cell with the most NFE not above `nfe` (+0.01): the strongest plain choice that spends no more."""
+    cands = [c for c in cells if c["key"][:2] == (regime, workload) and c["key"][2] == "oracle"
+             and c["nfe"].mean() <= nfe + 0.01]
+    return max(cands, key=lambda c: c["nfe"].mean()) if cands else None
 
 
-def family_verdict(rows: list[dict], family: str) -> dict | None:
-    """How a family's rows fared against plain euler and the oracle at no more NFE (None: no row of it here).
+def frontier(cells: list[dict], regime: str, workload: str) -> list[tuple[float, float]]:
+    """The oracle's frontier: (NFE, mean MSE to converged) per budget, lower envelope (more NFE never reads worse)."""
+    pts = []
+    for c in cells:
+        if c["key"][:2] == (regime, workload) and c["key"][2] == "oracle":
+            v = [x for x in c["mse"].values() if x is not None]
+            if len(v) >= 2:
+                pts.append((float(c["nfe"].mean()), float(np.mean(v))))
+    out, best = [], math.inf
+    for n, e in sorted(pts):
+        best = min(best, e)
+        out.append((n, best))
+    return out
 
-    Per baseline: rows compared, rows that lost on at least one metric (FD, accuracy, MSE), rows that won on at least
-    one and lost on none, and win / tie / loss counts per metric."""
-    mine = [r for r in rows if r["family"] == family]
-    if not mine:
+
+def nfe_at_quality(front: list[tuple[float, float]], mse: float) -> float | None:
+    """The least oracle NFE whose mean MSE equals `mse` (log-MSE linear between budgets); None outside the frontier:
+    better than the oracle's best, or no worse than its cheapest budget (the frontier does not go lower)."""
+    if len(front) < 2 or not math.isfinite(mse) or mse <= 0:
         return None
-    out: dict = {"rows": len(mine)}
-    for base in ("plain", "oracle"):
-        got = [r[f"vs_{base}"] for r in mine if r.get(f"vs_{base}")]
-        each = [(v["fd"], v["acc"], v["mse"]) for v in got]
-        out[base] = {"compared": len(got), "rows_lost": sum(M.LOSS in t for t in each),
-                     "rows_won": sum(M.WIN in t and M.LOSS not in t for t in each),
-                     **{m: {x: sum(v[m] == x for v in got) for x in (M.WIN, M.TIE, M.LOSS)} for m in ("fd", "acc", "mse")}}
-    return out
-
-
-def losses(rows: list[dict], family: str = "redi") -> list[dict]:
-    """Every comparison a `family` row lost against plain euler or the oracle at no more NFE (FD, accuracy or MSE)."""
-    out = []
-    for r in rows:
-        if r["family"] != family:
-            continue
-        for base in ("vs_plain", "vs_oracle", "vs_coarse"):
-            v = r.get(base)
-            if not v:
-                continue
-            lost = [m for m in ("fd", "acc", "mse") if v[m] == M.LOSS]
-            if lost:
-                out.append({"workload": r["workload"], "row": r["label"], "nfe": r["nfe"], "against": v["baseline"],
-                            "against_nfe": v["baseline_nfe"], "lost_on": lost})
-    return out
-
-
-def rank_correlation(row: dict) -> dict | None:
-    """Spearman of each item's predicted blend error against its measured per-sample MSE, over all items and over
-    the items that jumped (None where the row has no predicted errors or fewer than 3 such items)."""
-    items = row.get("per_item") or {}
-    if "predicted_error" not in items:
+    if mse >= front[0][1] or mse < front[-1][1]:
         return None
-    pred, mse, jumped = (np.asarray(items[k], np.float64) for k in ("predicted_error", "mse", "accepted"))
-    fin = np.isfinite(pred)  # inf: beyond the calibrated range
-
-    def rho(sel):
-        return spearman(pred[sel], mse[sel]) if sel.sum() >= 3 else None
-    return {"all": rho(fin), "jumped": rho(fin & (jumped > 0)), "n": int(fin.sum()), "n_jumped": int((fin & (jumped > 0)).sum())}
-
-
-def _guard_off_twin(rows: list[dict], r: dict) -> dict | None:
-    """The ReDi row with the guard off at the same key step, H, weight mode and (ceiling) value step."""
-    p = r["params"]
-    return next((o for o in rows if o["family"] == "redi" and o["params"].get("guard") == "off"
-                 and all(o["params"].get(x) == p.get(x) for x in ("k", "h", "mode", "v"))), None)
+    for (n0, e0), (n1, e1) in zip(front, front[1:]):
+        if e0 > mse >= e1:
+            t = (math.log(e0) - math.log(mse)) / (math.log(e0) - math.log(e1))
+            return n0 + t * (n1 - n0)
+    return None
 
 
-def error_guard(rows: list[dict]) -> dict:
-    """The error guard's rows against the guard off at the same nominal setting (worst 5% of samples), against plain
-    euler and the oracle at no more mean NFE (mean MSE by paired se, p95 as measured), and their rank correlations."""
-    by_label = {r["label"]: r for r in rows}
-    out, never_worse = [], {"plain": {"mean": True, "p95": True}, "oracle": {"mean": True, "p95": True}}
-    by_tolerance: dict[str, dict] = {}  # the same verdict per tolerance: "plain" is the one the default promises
-    for r in rows:
-        if r["family"] == "redi":
-            r["rank_correlation"] = rank_correlation(r)
-        if r["method"] != "redi_error_guard" or r["params"].get("tolerance") is None:
-            continue
-        off = _guard_off_twin(rows, r)
-        nfe = r.get("per_item", {}).get("nfe", [])
-        entry = {"label": r["label"], "tolerance": r["params"]["tolerance"], "skip": r["params"]["skip"], "v": r["params"]["v"],
-                 "nfe_mean": r["nfe"], "nfe_min": r["nfe_min"], "nfe_median": r.get("nfe_median"), "nfe_max": r["nfe_max"],
-                 "nfe_histogram": {str(int(v)): int(c) for v, c in zip(*np.unique(nfe, return_counts=True))},
-                 "accepted": r.get("accepted"), "mse_mean": r["mse_mean"], "mse_p95": r["mse_p95"],
-                 "rank_correlation": r["rank_correlation"],
-                 "guard_off": off and {"label": off["label"], "nfe": off["nfe"], "mse_mean": off["mse_mean"],
-                                       "mse_p95": off["mse_p95"], "rank_correlation": off.get("rank_correlation")}}
-        for fam in ("plain", "oracle"):
-            v = r.get(f"vs_{fam}")
-            if not v:
-                entry[f"vs_{fam}"] = None
-                continue
-            base = by_label[v["baseline"]]
-            p95_ok = r["mse_p95"] <= base["mse_p95"]
-            entry[f"vs_{fam}"] = {"baseline": v["baseline"], "baseline_nfe": v["baseline_nfe"], "mean_verdict": v["mse"],
-                                  "baseline_mse_mean": base["mse_mean"], "baseline_mse_p95": base["mse_p95"],
-                                  "p95_not_worse": p95_ok}
-            tol = by_tolerance.setdefault(str(entry["tolerance"]), {f: {"mean": True, "p95": True} for f in ("plain", "oracle")})
-            for verdict in (never_worse[fam], tol[fam]):
-                verdict["mean"] &= v["mse"] != M.LOSS
-                verdict["p95"] &= p95_ok
-        out.append(entry)
-    return {"rows": out, "never_worse_than": never_worse if out else None, "never_worse_by_tolerance": by_tolerance}
+def cell_summary(c: dict, cells: list[dict]) -> dict:
+    regime, workload, method, setting = c["key"]
+    scored = np.array([v for v in c["mse"].values() if v is not None], np.float64)
+    nonfinite = len(c["mse"]) - len(scored)
+    nfe = float(c["nfe"].mean())
+    out = {"regime": regime, "workload": workload, "method": method, "family": c["family"], "setting": setting,
+           "default": c["default"], "nfe": nfe, "n": len(c["items"]), "n_nonfinite": nonfinite, "reference": "converged",
+           "mse_converged_mean": float(scored.mean()) if len(scored) else None,
+           "mse_converged_se": float(scored.std(ddof=1) / math.sqrt(len(scored))) if len(scored) >= 2 else None,
+           "mse_converged_p95": float(np.percentile(scored, 95)) if len(scored) else None,
+           "mse_full_step_mean": float(np.mean(c["full"])) if c["full"] else None,
+           "feature_distance_mean": float(np.mean(c["feat"])) if c["feat"] else None,
+           "oracle_baseline": None, "paired_mean_diff_vs_oracle": None, "paired_se_vs_oracle": None,
+           "paired_n_vs_oracle": 0, "verdict_vs_oracle": None}
+    if method != "oracle":
+        base = oracle_at(cells, regime, workload, nfe)
+        if base is not None:
+            common = sorted(i for i in c["mse"] if c["mse"][i] is not None and base["mse"].get(i) is not None)
+            a = np.array([c["mse"][i] for i in common])
+            b = np.array([base["mse"][i] for i in common])
+            d = a - b
+            out["oracle_baseline"] = {"setting": base["key"][3], "nfe": float(base["nfe"].mean())}
+            out["paired_n_vs_oracle"] = len(common)
+            if len(common) >= 2:
+                out["paired_mean_diff_vs_oracle"] = float(d.mean())
+                out["paired_se_vs_oracle"] = float(d.std(ddof=1) / math.sqrt(len(d)))
+                from .scoring import mse_verdict
+
+                out["verdict_vs_oracle"] = M.LOSS if nonfinite else mse_verdict(a, b)
+    if c["family"] not in BASELINE_FAMILIES:
+        at = nfe_at_quality(frontier(cells, regime, workload), out["mse_converged_mean"] or math.nan)
+        out["nfe_ratio_at_equal_quality"] = None if at is None or nonfinite else at / nfe
+    return out
 
 
-def summarize(rows: list[dict], budgets) -> dict:
-    return {"error_guard": error_guard(rows), "first_full_quality_nfe": first_full_quality(rows), "frontier": frontier(rows, budgets),
-            **{f"{f}_losses": losses(rows, f) for f in VERDICT_FAMILIES},
-            "family_verdicts": {f: v for f in VERDICT_FAMILIES if (v := family_verdict(rows, f)) is not None},
-            "redi_wins": [{"row": r["label"], "against": r[b]["baseline"], "won_on": w}
-                          for r in rows if r["family"] == "redi" for b in ("vs_plain", "vs_oracle") if r.get(b)
-                          for w in [[m for m in ("fd", "acc", "mse") if r[b][m] == M.WIN]] if w]}
+def validity(names) -> dict:
+    """Each regime's validity figures from benchmarks/results/converged_validity/validity.json (None where absent)."""
+    try:
+        data = json.loads(VALIDITY.read_text())
+    except (OSError, ValueError):
+        return {n: None for n in names}
+    return {n: (data.get("regimes", {}).get(n) or {}).get("validity") for n in names}
+
+
+def summarize(store) -> dict:
+    """{"regimes": {name: settings + validity}, "cells": [...], "runs": [...], "failures": [...]} from the store."""
+    from .config import Config
+
+    cells = raw_cells(store)
+    names = sorted({c["key"][0] for c in cells})
+    known = {r.name: r for r in (*Config().regimes, *Config.smoke_config().regimes)}
+    valid = validity(names)
+    regimes = {n: {**(known[n].settings() if n in known else {}), "validity": valid[n]} for n in names}
+    runs = store.runs()
+    try:
+        machine = {r[0]: {"cores": r[1], "bf16": bool(r[2]), "torch_threads": r[3], "loadavg_before": json.loads(r[4])}
+                   for r in store.db.execute("SELECT * FROM run_machine").fetchall()}
+        failures = [dict(zip(("run_id", "regime", "workload", "method", "setting", "first_item", "error", "date"), r))
+                    for r in store.db.execute("SELECT * FROM failures").fetchall()]
+    except Exception:
+        machine, failures = {}, []
+    for r in runs:
+        r["machine"] = machine.get(r["run_id"])
+    return {"benchmark": "head_to_head", "reference": "converged", "regimes": regimes,
+            "cells": [cell_summary(c, cells) for c in cells], "runs": runs, "failures": failures,
+            "cpu_hours": round(sum(r["cpu_seconds"] or 0.0 for r in runs) / 3600, 3),
+            "wall_hours": round(sum(r["wall_seconds"] or 0.0 for r in runs) / 3600, 3)}

@@ -1,8 +1,9 @@
-"""The query sets users run, per regime: held-out captions (KB seed / foreign seeds), near-repeats of KB captions,
-stylization, and the artist's loop (small prompt changes from the user's own fixed seed, in generation order).
+"""The query sets users run, per regime: held-out captions (foreign seeds / the KB seed), near-repeats of KB captions,
+and the artist's loop (small prompt changes from the user's own fixed seed, in generation order).
 
-Pure captions and seeds (no models): what the model is asked for, from which noise, and what
-the output should show (the captions the judge reads it against and renders real crops of).
+Pure captions and seeds (no models): what the model is asked for and from which noise. Item i of a
+workload is the same query whatever the number of items asked for (a longer query set only appends),
+so the results store can key an item by its index and a later run continue where one stopped.
 """
 from __future__ import annotations
 
@@ -29,15 +30,22 @@ class Queries:
     prompts: tuple[str, ...]           # what the sampler is asked for (stylization: the styled caption)
     seeds: tuple[int, ...]
     captions: tuple[Caption, ...]      # what the output should show (faithfulness, FD reference renderings)
-    content_prompts: tuple[str, ...] | None = None   # stylization: the content caption (key and early steps)
+    content_prompts: tuple[str, ...] | None = None   # a content caption to key on (no workload here sets it)
     description: str = ""
 
     def __len__(self) -> int:
         return len(self.prompts)
 
+    def subset(self, items) -> Queries:
+        """The queries at these item indices, in the order given."""
+        items = [int(i) for i in items]
+        return dataclasses.replace(self, prompts=tuple(self.prompts[i] for i in items),
+                                   seeds=tuple(self.seeds[i] for i in items),
+                                   captions=tuple(self.captions[i] for i in items))
+
 
 def heldout(cfg: Config, regime: Regime, seeds: str) -> Queries:
-    """(a) The paper's protocol: held-out captions from the KB seed ("fixed") or from seeds the KB never saw."""
+    """(a) held-out captions, each from a seed the KB never saw ("foreign"), or (d) the paper's protocol: from the KB seed ("fixed")."""
     caps = sample_captions(cfg.queries, "heldout")
     if seeds == "fixed":
         s, text = [regime.kb_seed] * len(caps), f"every query from the KB seed {regime.kb_seed} (the paper's protocol)"
@@ -61,11 +69,14 @@ def nudge(caption: Caption, rng: np.random.Generator, shift: float, log_size: fl
 
 
 def reuse(cfg: Config, regime: Regime) -> Queries:
-    """(b) Prompt reuse: each query is a KB caption with small changes, from the KB seed."""
-    rng = np.random.default_rng(11)
+    """(c) Prompt reuse: each query is a KB caption with small changes, from the KB seed. Item i's pick and nudge come
+    from a generator seeded by i, so a longer query set only appends items."""
     kb_caps = sample_captions(regime.kb_entries, "train")
-    picks = rng.choice(len(kb_caps), size=min(cfg.queries, len(kb_caps)), replace=False)
-    caps = [nudge(kb_caps[int(i)], rng, cfg.reuse_shift, cfg.reuse_log_size, cfg.reuse_sepia) for i in picks]
+    caps = []
+    for i in range(cfg.queries):
+        rng = np.random.default_rng([11, i])
+        pick = kb_caps[int(rng.integers(len(kb_caps)))]
+        caps.append(nudge(pick, rng, cfg.reuse_shift, cfg.reuse_log_size, cfg.reuse_sepia))
     return Queries("reuse", tuple(c.prompt() for c in caps), tuple([regime.kb_seed] * len(caps)), tuple(caps),
                    description=(f"{len(caps)} KB captions changed a little (centre +-{cfg.reuse_shift}, size x "
                                 f"exp(+-{cfg.reuse_log_size}), sepia +-{cfg.reuse_sepia}), from the KB seed "
@@ -100,16 +111,6 @@ def iterate(cfg: Config, regime: Regime) -> Queries:
                                 f"exp(+-{cfg.reuse_log_size}), sepia +-{cfg.reuse_sepia}): an artist's loop"))
 
 
-def style(cfg: Config, regime: Regime) -> Queries:
-    """(c) Stylization: held-out content captions (sepia 0) asked for with the style appended, from the KB seed."""
-    content = [c.with_sepia(0.0) for c in sample_captions(cfg.queries, "heldout")]
-    styled = [c.with_sepia(cfg.style_sepia) for c in content]
-    return Queries("style", tuple(c.prompt() for c in styled), tuple([regime.kb_seed] * len(content)), tuple(styled),
-                   content_prompts=tuple(c.prompt() for c in content),
-                   description=(f"{len(content)} held-out captions without style (content) and with 'sepia "
-                                f"{cfg.style_sepia:.2f}' (styled), from the KB seed {regime.kb_seed}"))
-
-
 def make(cfg: Config, regime: Regime, workload: str) -> Queries:
     if workload == "heldout_fixed":
         return heldout(cfg, regime, "fixed")
@@ -117,16 +118,15 @@ def make(cfg: Config, regime: Regime, workload: str) -> Queries:
         return heldout(cfg, regime, "foreign")
     if workload == "reuse":
         return reuse(cfg, regime)
-    if workload == "style":
-        return style(cfg, regime)
     if workload == "iterate":
         return iterate(cfg, regime)
     raise ValueError(f"unknown workload {workload!r}")
 
 
-def selection(cfg: Config) -> Queries:
-    """The oracle's selection set: held-out captions that are no evaluation query, each from its own seed."""
-    caps = sample_captions(cfg.oracle_captions, "heldout", offset=SELECTION_OFFSET)
+def selection(cfg: Config, n: int | None = None) -> Queries:
+    """The oracle's selection set (its first `n`, default all): held-out captions that are no evaluation query, each
+    from its own seed."""
+    caps = sample_captions(cfg.oracle_captions if n is None else n, "heldout", offset=SELECTION_OFFSET)
     seeds = [cfg.foreign_seed_base + SELECTION_OFFSET + i for i in range(len(caps))]
     return Queries("oracle_selection", tuple(c.prompt() for c in caps), tuple(seeds), tuple(caps),
                    description=f"{len(caps)} held-out captions (indices {SELECTION_OFFSET}+, not evaluation queries), "

@@ -8,6 +8,8 @@ two at one NFE. NFE = len(grid) - 1 per item, claimed exactly (the correction ev
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from embedded import sampling as S
@@ -26,8 +28,10 @@ def grid_setting(plan: Plan, method: str, budget: int, h: int = 3, mode: str = "
 
 
 def corrected_settings(plan: Plan) -> list[Setting]:
+    """Every budget below T; the default (SamplerReDiCorrected's nfe 6 of 20) marked."""
     budgets = [b for b in plan.budgets if b < plan.regime.steps]
-    out = [grid_setting(plan, "kb_corrected", b) for b in budgets]
+    default = plan.regime.default_corrected_nfe
+    out = [dataclasses.replace(grid_setting(plan, "kb_corrected", b), default=b == default) for b in budgets]
     if plan.depth == "full" and plan.middle_budget in budgets:
         out += [grid_setting(plan, "kb_corrected", plan.middle_budget, h, mode) for h, mode in ((1, "lstsq"), (16, "affine"))]
     return out

@@ -1,9 +1,9 @@
 """ReDi (Algorithm 2 in one sampler run, `kb_tools.samplers.redi_chain.generate` through `embedded.sampling.redi_sample`) on the regime's KB: key step k, value step v, H neighbours, weight mode, guard.
 
 NFE = k + (T - v) for an item that jumps, T for one the guard sends back to its key step.
-Stylization keys with the content caption and resumes with the styled one on the KB's
-style-free entries (the paper's setting). The guard is off (the paper) or auto (the KB's stored
-leave-one-out calibration for the main key step and H, else the documented fallback).
+The default (the headline cell) is the ReDiSampler node's: key step 5, value step 10 of 20, H 3,
+lstsq, guard auto (the KB's stored leave-one-out calibration for that key step). The guard is
+otherwise off (the paper) or auto.
 
 The error guard (method "redi_error_guard"): an item jumps when its predicted blend
 error (the KB's stored leave-one-out error model, in units of the KB's spread) is within a
@@ -43,14 +43,17 @@ def budgets_for(plan: Plan, k: int) -> list[int]:
 
 
 def redi_settings(plan: Plan) -> list[Setting]:
+    """The ReDiSampler node's defaults (key step 5, value step 10 of 20, H 3, lstsq, guard auto) first; then, wider,
+    the main key step (10% of T) at every budget with the guard off (the paper) and auto, and on the paper's
+    protocol and prompt reuse H, weight modes and a later key step at the middle budget."""
     cfg, r = plan.cfg, plan.regime
     k, h = r.key_step, cfg.redi_h_main
+    kd = r.default_key_step
+    default = dataclasses.replace(redi_setting(plan, kd, kd + r.steps - r.default_value_step, h, guard="auto"),
+                                  default=True)
     budgets = budgets_for(plan, k)
     mid = plan.middle_budget
-    guards = ("off",) if plan.workload == "style" else ("off", "auto")
-    out = [redi_setting(plan, k, b, h, guard=g) for g in guards for b in budgets]
-    if plan.workload == "style" and mid in budgets:
-        out.append(redi_setting(plan, k, mid, h, guard="auto"))
+    out = [default] + [redi_setting(plan, k, b, h, guard=g) for g in ("off", "auto") for b in budgets]
     if plan.depth == "full" and mid in budgets:
         if plan.workload == "heldout_fixed":
             out += [redi_setting(plan, k, mid, hh) for hh in cfg.redi_h_extra]
@@ -112,13 +115,10 @@ def redi_output(bench, regime, queries, kb, result, k: int) -> Output:
 def run_redi(bench, regime, queries, setting: Setting, model=None) -> Output:
     """ReDi on `model` (default: the counted large model; stacks pass a cached one)."""
     p = setting.params
-    style = queries.content_prompts is not None
-    kb_info = bench.style_free_kb(regime) if style else bench.kb(regime)
-    kb = kb_info.kb
-    result = S.redi_sample(kb, bench.models["large"] if model is None else model, list(queries.content_prompts if style else queries.prompts),
+    kb = bench.kb(regime).kb
+    result = S.redi_sample(kb, bench.models["large"] if model is None else model, list(queries.prompts),
                            list(queries.seeds), key_step=p["k"], value_step=p["v"], h=p["h"], mode=p["mode"],
-                           guard=S.GUARD_OFF if p["guard"] == "off" else GUARD_AUTO,
-                           resume_prompts=list(queries.prompts) if style else None, tolerance=p.get("tolerance"),
+                           guard=S.GUARD_OFF if p["guard"] == "off" else GUARD_AUTO, tolerance=p.get("tolerance"),
                            adaptive=p.get("skip") == "adaptive")
     return redi_output(bench, regime, queries, kb, result, p["k"])
 

@@ -31,7 +31,7 @@ def redi_cache_settings(plan: Plan) -> list[Setting]:
 def tstitch_cache_settings(plan: Plan) -> list[Setting]:
     core = [s for s in tstitch_settings(plan) if s.params["small_fraction"] == plan.cfg.tstitch_core_fraction]
     return [dataclasses.replace(s, method="tstitch_easycache", line="T-Stitch + EasyCache", label=s.label + " + EasyCache",
-                                params={**s.params, **_cache_params(plan)}) for s in core]
+                                params={**s.params, **_cache_params(plan)}, default=False) for s in core]
 
 
 def run_redi_cache(bench, regime, queries, setting: Setting) -> Output:

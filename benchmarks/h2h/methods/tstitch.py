@@ -14,14 +14,16 @@ from ..registry import Method, Output, Plan, Setting, register
 
 
 def fractions(plan: Plan) -> tuple:
-    thorough = plan.depth == "full" and plan.workload in ("heldout_fixed", "heldout_foreign")
-    return plan.cfg.tstitch_fractions if thorough else (plan.cfg.tstitch_core_fraction,)
+    """The core fraction (the default: 40%, T-Stitch's DiT setting) first, the others after."""
+    core = plan.cfg.tstitch_core_fraction
+    return (core, *(f for f in plan.cfg.tstitch_fractions if f != core))
 
 
 def tstitch_settings(plan: Plan) -> list[Setting]:
     r = plan.regime
     return [Setting("tstitch", f"T-Stitch {r.sampler}/{r.scheduler}", f"T-Stitch small model on the first {f:.0%} of {r.steps} steps",
-                    {"small_fraction": f, "sampler": r.sampler, "scheduler": r.scheduler, "steps": r.steps}, None)
+                    {"small_fraction": f, "sampler": r.sampler, "scheduler": r.scheduler, "steps": r.steps}, None,
+                    default=f == plan.cfg.tstitch_core_fraction)
             for f in fractions(plan)]
 
 
