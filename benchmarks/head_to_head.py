@@ -9,7 +9,9 @@
 headline cells first (plain euler, the oracle, EasyCache, each pack method at its default), the
 wider settings after. `--minutes N` stops after the chunk in flight once N minutes have passed;
 Ctrl-C loses at most that chunk; the next run continues where it stopped. `report` renders
-head_to_head.md, the frontier plots and summary.json from whatever has accumulated.
+head_to_head.md, the frontier plots and summary.json from whatever has accumulated. `calibrate`
+computes the KB-calibrated sampler's calibration per regime (resumable; its cells are skipped until
+it is stored).
 
 Regimes (benchmarks/h2h/config.py): the shipped large model at T = 20, cfg 3 and cfg 7.5. Workloads
 (workloads.py): fresh seeds, the artist's loop, prompt reuse, the paper's protocol. Methods
@@ -51,10 +53,16 @@ def parser() -> argparse.ArgumentParser:
                      "time has passed (0: after one chunk)")
     run.add_argument("--threads", type=int, default=1, help="torch and BLAS threads (default 1: the machine is shared)")
     run.add_argument("--smoke", action="store_true", help="tiny sizes: one T = 6 regime, every method once (CI)")
-    for q in (run, sub.add_parser("report", help="render the tables, plots and summary.json from the store")):
+    cal = sub.add_parser("calibrate", help="compute the KB-calibrated sampler's calibration per regime (resumable)")
+    cal.add_argument("--regimes", default=None, help="comma-separated regime names (default: cfg3,cfg7.5)")
+    cal.add_argument("--minutes", type=float, default=None, help="stop (finished teachers kept) after this much wall time")
+    cal.add_argument("--threads", type=int, default=1)
+    cal.add_argument("--smoke", action="store_true")
+    for q in (run, cal, sub.add_parser("report", help="render the tables, plots and summary.json from the store")):
         q.add_argument("--out", type=Path, default=RESULTS, help="results folder (holds results.sqlite)")
-    run.add_argument("--scratch", type=Path, default=SCRATCH, help="KBs, oracle choices, learning KBs (gitignored)")
-    run.add_argument("--converged-cache", type=Path, default=None, help="converged references (default benchmarks/.cache)")
+    for q in (run, cal):
+        q.add_argument("--scratch", type=Path, default=SCRATCH, help="KBs, oracle choices, learning KBs (gitignored)")
+        q.add_argument("--converged-cache", type=Path, default=None, help="converged references (default benchmarks/.cache)")
     return p
 
 
@@ -71,6 +79,8 @@ def _subset(text: str | None, known, what: str) -> tuple:
 def config_from(a) -> Config:
     cfg = Config.smoke_config() if a.smoke else Config()
     cfg.regimes = tuple(r for r in cfg.regimes if r.name in _subset(a.regimes, [r.name for r in cfg.regimes], "regime(s)"))
+    if a.command == "calibrate":
+        return cfg
     cfg.workloads = _subset(a.workloads, cfg.workloads, "workload(s)")
     if a.items is not None:
         cfg.queries = a.items
@@ -127,6 +137,30 @@ def run(a, argv) -> dict:
     return done
 
 
+def calibrate(a) -> None:
+    """The calibrated sampler's calibration of each regime's KB, stored with it (`run` then samples its cells)."""
+    import time
+
+    cfg = config_from(a)
+    from embedded.models import setup_comfy
+
+    setup_comfy(a.threads)
+    from benchmarks.h2h.bench import Bench
+    from benchmarks.h2h.methods import calibrated
+
+    if not calibrated.AVAILABLE:
+        raise SystemExit("this kb_tools has no calibrate_sampler: the calibrated sampler's cells cannot run yet")
+    deadline = None if a.minutes is None else time.monotonic() + 60 * a.minutes
+    bench = Bench(cfg, a.scratch / ("smoke" if a.smoke else "run"), a.converged_cache)
+    for regime in cfg.regimes:
+        done = calibrated.calibration(bench, regime, cfg.calibrated_teachers, compute=True,
+                                      should_stop=None if deadline is None else lambda: time.monotonic() > deadline)
+        print(f"{regime.name}: " + ("stopped; run again to resume" if done is None else "\n".join(
+            done.summary().splitlines())), flush=True)
+        if done is None:
+            break
+
+
 def report(a) -> dict:
     from benchmarks.h2h.store import Store
     from benchmarks.h2h.writers import write_all
@@ -141,6 +175,8 @@ def report(a) -> dict:
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     a = parser().parse_args(argv)
+    if a.command == "calibrate":
+        return calibrate(a)
     return run(a, argv) if a.command == "run" else report(a)
 
 

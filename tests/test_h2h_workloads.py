@@ -1,6 +1,7 @@
-"""The head-to-head artist's loop ("iterate", benchmarks/h2h/workloads.py) is the artist's loop the pack is measured on: sessions of small
+"""The head-to-head workloads (benchmarks/h2h/workloads.py): the artist's loop ("iterate") is sessions of small
 prompt changes, each from one fixed seed of the user's (never the KB's, never another workload's), in generation order.
-Pure captions and seeds, no model."""
+Item i is the same query whatever the number of items (the results store keys items by index). Pure captions and
+seeds, no model."""
 from __future__ import annotations
 
 import dataclasses
@@ -37,3 +38,16 @@ def test_iterate_grows_in_order_and_the_learning_benchmark_uses_the_same_loop():
     from benchmarks.learning_kb import iterate_workload
     prompts, seeds = iterate_workload(25, 10, cfg, 7)
     assert prompts == [c.prompt() for c in workloads.artist_loop(25, 10, cfg, "train")] and seeds == [7] * 25
+
+
+def test_item_i_is_the_same_query_whatever_the_number_of_items():
+    """The results store keys an item by its index: a longer query set only appends, on every workload."""
+    regime = Regime("cfg3")
+    for name in WORKLOADS:
+        short, longer = (workloads.make(Config(queries=n), regime, name) for n in (20, 45))
+        assert longer.prompts[:20] == short.prompts and longer.seeds[:20] == short.seeds, name
+        sub = longer.subset([3, 1, 40])
+        assert sub.prompts == tuple(longer.prompts[i] for i in (3, 1, 40)) and sub.seeds[2] == longer.seeds[40]
+    selection = set(workloads.selection(Config()).prompts)
+    for name in WORKLOADS:  # the oracle's selection captions are never evaluation queries
+        assert not selection & set(workloads.make(Config(queries=60), regime, name).prompts), name

@@ -28,6 +28,8 @@ pytestmark = [pytest.mark.comfy, pytest.mark.slow]
 
 METHODS = {"plain", "oracle", "easycache", "lazycache", "redi", "redi_error_guard", "tstitch", "redi_easycache",
            "tstitch_easycache", "kb_corrected", "coarse_euler", "learning_kb", "any_seed", "learning_corrected"}
+#: The KB-calibrated sampler's cells, where this kb_tools has calibrate_sampler (its calibration runs first).
+CALIBRATED = {"calibrated", "calibrated_easycache"}
 SUBSET = ["--methods", "plain,oracle,redi,learning_kb", "--workloads", "iterate"]
 CELL_FIELDS = {"regime", "workload", "method", "setting", "nfe", "n", "reference", "mse_converged_mean",
                "mse_converged_p95", "paired_se_vs_oracle", "verdict_vs_oracle"}
@@ -54,6 +56,14 @@ def runs(tmp_path_factory, comfy_root):
     tmp = tmp_path_factory.mktemp("head_to_head")
     env = dict(os.environ, COMFYUI_PATH=str(comfy_root), OMP_NUM_THREADS="1")
     out, scratch, conv = tmp / "resumed", tmp / "scratch", tmp / "converged"
+    import kb_tools
+
+    methods = METHODS | (CALIBRATED if "calibrate_sampler" in kb_tools._PUBLIC else set())
+    if methods != METHODS:  # the calibration has its own command; until it has run, the runner skips those cells
+        proc = subprocess.run([sys.executable, str(SCRIPT), "calibrate", "--smoke", "--scratch", str(scratch),
+                               "--converged-cache", str(conv)], cwd=PACK, env=env, capture_output=True, text=True,
+                              timeout=1800)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     first, _ = run(env, out, scratch, conv, "--methods", "learning_kb", "--workloads", "iterate", "--minutes", "0")
     progress = list((scratch / "smoke" / "learning").glob("*iterate-learning_kb*/*/progress.json"))
     assert len(progress) == 1 and json.loads(progress[0].read_text()) == {"items": 2, "clean": True}
@@ -65,7 +75,7 @@ def runs(tmp_path_factory, comfy_root):
     proc = subprocess.run([sys.executable, str(SCRIPT), "report", "--out", str(out)], cwd=PACK, env=env,
                           capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return {"runs": (first, second, third), "log": log, "out": out, "whole": whole, "ref": ref,
+    return {"runs": (first, second, third), "log": log, "out": out, "whole": whole, "ref": ref, "methods": methods,
             "summary": json.loads((out / "summary.json").read_text())}
 
 
@@ -92,7 +102,7 @@ def test_every_method_ran_and_its_counted_nfe_is_what_its_plan_spends(runs):
             "SELECT regime, workload, method, setting, family, params FROM settings")}
         assert db.execute("SELECT COUNT(*) FROM failures").fetchone()[0] == 0
     got = rows(out)
-    assert {k[2] for k in got} == METHODS
+    assert {k[2] for k in got} == runs["methods"]
     T = 6
     for key, value in got.items():
         nfe = value[0]
@@ -102,7 +112,7 @@ def test_every_method_ran_and_its_counted_nfe_is_what_its_plan_spends(runs):
         elif key[2] == "oracle":
             steps = p["steps"]
             assert nfe == (2 * steps - 1 if p["sampler"] == "heun" else steps) == p["claimed_nfe"], key
-        elif family == "cache" or key[2] in ("redi_easycache", "tstitch_easycache"):
+        elif family == "cache" or key[2] in ("redi_easycache", "tstitch_easycache", "calibrated_easycache"):
             assert 1 <= nfe <= p.get("uncached_nfe", T), key
         elif key[2] in ("redi", "redi_error_guard"):
             jump = p["k"] + T - p["v"]
@@ -116,6 +126,8 @@ def test_every_method_ran_and_its_counted_nfe_is_what_its_plan_spends(runs):
             assert nfe in {p["k"] + T - p["v"], T} and (key[4] > 0 or nfe == T), key  # the first item: an empty KB
         elif key[2] == "learning_corrected":
             assert p["budget"] <= nfe <= 2 * T, key
+        elif key[2] == "calibrated":  # the calibrated table: one evaluation per step; a built-in: its own count
+            assert nfe <= p["nfe"], key
         elif key[2] == "tstitch":
             assert T - round(p["small_fraction"] * T) < nfe < T, key  # small-model rows cost less than large ones
     caches = [v[0] for k, v in got.items() if k[2] in ("easycache", "lazycache")]
@@ -127,7 +139,7 @@ def test_summary_has_the_fields_the_verdicts_need(runs):
     assert set(res["regimes"]) == {"smoke"} and "validity" in res["regimes"]["smoke"]
     assert res["regimes"]["smoke"]["steps"] == 6 and res["regimes"]["smoke"]["budgets"] == [3, 4, 6]
     cells = res["cells"]
-    assert {c["method"] for c in cells} == METHODS
+    assert {c["method"] for c in cells} == runs["methods"]
     for c in cells:
         assert CELL_FIELDS <= set(c), c
         assert c["reference"] == "converged" and c["n"] == 4, c

@@ -107,8 +107,9 @@ class Config:
     # Retrieval for any seed (an experiment in no node) at its best configuration (benchmarks/results/any_seed.md).
     any_seed_value_fractions: tuple = (0.3, 0.5, 0.7)
     any_seed_h: int = 3
-    # The KB-calibrated sampler: its NFE budgets.
+    # The KB-calibrated sampler: its NFE budgets and teachers (taken from the regime KB's entries).
     calibrated_nfe: tuple = (4, 5, 6, 8, 10)
+    calibrated_teachers: int = 128
     methods: tuple | None = None        # only these registry methods (None: all)
     smoke: bool = False
 
@@ -122,5 +123,6 @@ class Config:
                    oracle_samplers=("euler", "heun", "dpmpp_2m"), oracle_schedules=("normal", "karras", "ays_sd1"),
                    oracle_screen_captions=1, oracle_finalists=2, oracle_captions=2, converged=("dpmpp_2m", "karras", 12),
                    cache_thresholds=(1.0,), cache_core_threshold=1.0, tstitch_fractions=(0.4,), redi_h_extra=(),
-                   redi_modes_extra=(), redi_error_tolerances=("plain",), calibrated_nfe=(4,), iterate_session=3,
+                   redi_modes_extra=(), redi_error_tolerances=("plain",), calibrated_nfe=(4,), calibrated_teachers=4,
+                   iterate_session=3,
                    smoke=True)

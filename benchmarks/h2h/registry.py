@@ -85,6 +85,10 @@ class Method:
     sequential: bool = False       # items run in generation order against state kept across chunks (a learning KB)
 
 
+class Pending(Exception):
+    """A method whose preparation (computed by its own command) is not there yet: the runner skips its cells."""
+
+
 REGISTRY: dict[str, Method] = {}
 
 

@@ -28,7 +28,7 @@ import traceback
 import numpy as np
 
 from . import oracle, scoring, workloads
-from .registry import Plan, all_methods
+from .registry import Pending, Plan, all_methods
 from .store import Row
 
 _FAILURES = """CREATE TABLE IF NOT EXISTS failures (run_id INTEGER, regime TEXT, workload TEXT, method TEXT, setting TEXT,
@@ -65,6 +65,7 @@ class Runner:
         self.chunks = 0
         self.stopped = False
         self.failed: set[tuple] = set()
+        self.pending: set[tuple] = set()
         self._oracles: dict[str, dict] = {}
         self._queries: dict[tuple, workloads.Queries] = {}
         self._memo: dict[tuple, tuple] = {}
@@ -115,7 +116,7 @@ class Runner:
     def chunk(self, regime, workload: str, method, setting, items: list[int]) -> bool:
         """Sample, score and commit the missing items of one cell's chunk. False: the run must stop (deadline)."""
         cell = (regime.name, workload, method.name, setting.label)
-        if cell in self.failed:
+        if cell in self.failed or cell in self.pending:
             return True
         done = self.store.done([(*cell, i) for i in items])
         missing = [i for i in items if (*cell, i) not in done]
@@ -141,6 +142,10 @@ class Runner:
             ok, why = claim_check(out, m.nfe)
             if not ok:
                 raise RuntimeError(f"counted NFE differs from the method's claim: {why}")
+        except Pending as e:  # its preparation has its own command: skip, say so once
+            self.pending.add(cell)
+            self.log(f"  {' '.join(cell)}: skipped, {e}", flush=True)
+            return True
         except Exception as e:  # a method that cannot run here is a result: say exactly why, store nothing
             self._fail(cell, missing[0], e)
             return True
