@@ -122,7 +122,7 @@ def run(a, argv) -> dict:
         with store.db:
             store.db.execute("INSERT INTO run_machine VALUES (?, ?, ?, ?, ?)", (run_id, os.cpu_count(),
                              int(cpu_has_fast_bf16()), a.threads, json.dumps([round(x, 2) for x in os.getloadavg()])))
-        bench = Bench(cfg, a.scratch / ("smoke" if a.smoke else "run"), a.converged_cache)
+        bench = Bench(cfg, a.scratch / "smoke" if a.smoke else a.scratch, a.converged_cache)
         runner = Runner(bench, store, run_id, cfg, deadline)
         try:
             runner.run(cfg.regimes, cfg.workloads)
@@ -151,7 +151,7 @@ def calibrate(a) -> None:
     if not calibrated.AVAILABLE:
         raise SystemExit("this kb_tools has no calibrate_sampler: the calibrated sampler's cells cannot run yet")
     deadline = None if a.minutes is None else time.monotonic() + 60 * a.minutes
-    bench = Bench(cfg, a.scratch / ("smoke" if a.smoke else "run"), a.converged_cache)
+    bench = Bench(cfg, a.scratch / "smoke" if a.smoke else a.scratch, a.converged_cache)
     for regime in cfg.regimes:
         done = calibrated.calibration(bench, regime, cfg.calibrated_teachers, compute=True,
                                       should_stop=None if deadline is None else lambda: time.monotonic() > deadline)

@@ -61,6 +61,30 @@ def _table(cells: list[dict]) -> list[str]:
     return out
 
 
+def verdict_lines(cells: list[dict]) -> list[str]:
+    """Per regime and workload: whether a pack method beats the oracle at no more NFE (by how much, which one), and
+    what to use where none does (the oracle's choice per budget)."""
+    out = ["| regime | workload | does the pack beat the oracle at no more NFE? | what to use |", "|---|---|---|---|"]
+    for regime, workload in sorted({(c["regime"], c["workload"]) for c in cells}):
+        mine = [c for c in cells if (c["regime"], c["workload"]) == (regime, workload)]
+        pack = [c for c in mine if c["family"] not in BASELINE_FAMILIES and c["verdict_vs_oracle"] is not None]
+        wins = [c for c in pack if c["verdict_vs_oracle"] == "win"]
+        oracle = sorted((c for c in mine if c["method"] == "oracle"), key=lambda c: c["nfe"])
+        use = "; ".join(f"{fmt(c['nfe'])} NFE: {c['setting'].split(' (')[0]}" for c in oracle) or "-"
+        if wins:
+            best = min(wins, key=lambda c: c["paired_mean_diff_vs_oracle"] / max(c["mse_converged_mean"] or 1.0, 1e-30))
+            answer = (f"yes, {len(wins)} of {len(pack)} pack cells; e.g. {best['method']} [{best['setting']}] at "
+                      f"{fmt(best['nfe'])} NFE: {_verdict(best)}, n {best['n']}")
+            use = f"{best['method']} [{best['setting']}]; elsewhere the oracle's choice ({use})"
+        else:
+            answer = (f"no: of {len(pack)} pack cells, {sum(c['verdict_vs_oracle'] == 'loss' for c in pack)} lose and "
+                      f"{sum(c['verdict_vs_oracle'] == 'tie' for c in pack)} tie (n {min((c['n'] for c in pack), default=0)}"
+                      f"-{max((c['n'] for c in pack), default=0)})")
+            use = f"the oracle's choice: {use}"
+        out.append(f"| {regime} | {workload} | {answer} | {use} |")
+    return out
+
+
 def _runs(res: dict) -> list[str]:
     out = ["| run | command | commit | started | cores / bf16 / threads | wall s | CPU s |", "|---|---|---|---|---|---|---|"]
     for r in res["runs"]:
@@ -88,6 +112,7 @@ def write_markdown(res: dict, path: Path) -> None:
              f"{pr['headline']['cells']} at {pr['headline']['target_items']} items (least n {pr['headline']['least_n']}, "
              f"{pr['headline']['items_missing']} items missing); wider cells {pr['wider']['cells_at_target']} of "
              f"{pr['wider']['cells']} at {pr['wider']['target_items']} (least n {pr['wider']['least_n']}).", ""]
+    lines += ["## Verdict per workload", "", *verdict_lines(cells), ""]
     for name, reg in res["regimes"].items():
         v = reg.get("validity")
         lines += [f"## Regime {name}", "", "Settings: " + ", ".join(f"{k} {val}" for k, val in reg.items() if k != "validity"),
