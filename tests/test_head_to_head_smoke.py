@@ -65,7 +65,7 @@ def runs(tmp_path_factory, comfy_root):
                               timeout=1800)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     first, _ = run(env, out, scratch, conv, "--methods", "learning_kb", "--workloads", "iterate", "--minutes", "0")
-    progress = list((scratch / "smoke" / "learning").glob("*iterate-learning_kb*/*/progress.json"))
+    progress = list((scratch / "smoke" / "learning").glob("*iterate-learning-kb/*/progress.json"))
     assert len(progress) == 1 and json.loads(progress[0].read_text()) == {"items": 2, "clean": True}
     progress[0].write_text(json.dumps({"items": 2, "clean": False}))  # as if killed with a chunk in flight
     second, _ = run(env, out, scratch, conv, "--minutes", "0")

@@ -33,6 +33,9 @@ from .store import Row
 
 _FAILURES = """CREATE TABLE IF NOT EXISTS failures (run_id INTEGER, regime TEXT, workload TEXT, method TEXT, setting TEXT,
 first_item INTEGER, error TEXT, date TEXT)"""
+#: One-time costs a run found or paid (the oracle's grid, a KB's build), so the CPU hours include them.
+_PREPARATIONS = """CREATE TABLE IF NOT EXISTS preparations (regime TEXT, what TEXT, wall_seconds REAL, cpu_seconds REAL,
+PRIMARY KEY (regime, what))"""
 #: Families that sample without the regime's prebuilt KB.
 NO_KB_FAMILIES = ("plain", "oracle", "cache", "tstitch", "learning")
 #: What the report needs to know of a cell beyond its rows (written when the cell is first run).
@@ -71,12 +74,19 @@ class Runner:
         self._memo: dict[tuple, tuple] = {}
         store.db.execute(_FAILURES)
         store.db.execute(_SETTINGS)
+        store.db.execute(_PREPARATIONS)
 
     # ------------------------------------------------------------------ what to run
     def oracle(self, regime) -> dict:
         if regime.name not in self._oracles:
-            self._oracles[regime.name] = oracle.select(self.bench, self.cfg, regime, self.bench.scratch, self.log)
+            got = oracle.select(self.bench, self.cfg, regime, self.bench.scratch, self.log)
+            self._oracles[regime.name] = got
+            self._prepared(regime, "oracle grid", got["wall_seconds"], got["cpu_seconds"])
         return self._oracles[regime.name]
+
+    def _prepared(self, regime, what: str, wall: float, cpu: float) -> None:
+        with self.store.db:
+            self.store.db.execute("INSERT OR IGNORE INTO preparations VALUES (?, ?, ?, ?)", (regime.name, what, wall, cpu))
 
     def queries(self, regime, workload: str) -> workloads.Queries:
         key = (regime.name, workload)
@@ -122,7 +132,7 @@ class Runner:
         missing = [i for i in items if (*cell, i) not in done]
         if not missing:
             return True
-        if not self._time_left():
+        if self.chunks and not self._time_left():  # every run computes at least one chunk (--minutes 0: exactly one)
             self.stopped = True
             return False
         with self.store.db:
@@ -135,7 +145,8 @@ class Runner:
             self._prepare_state(regime, workload, method, setting, missing[0], queries)
         sub = queries.subset(missing)
         if method.family not in NO_KB_FAMILIES:
-            self.bench.kb(regime)  # built (or loaded) outside the counting session: no item pays for it
+            kb = self.bench.kb(regime)  # built (or loaded) outside the counting session: no item pays for it
+            self._prepared(regime, f"KB {kb.name}", kb.build_wall_seconds, kb.build_cpu_seconds)
         t0 = time.perf_counter()
         try:
             out, m = self._sample(regime, workload, method, setting, sub, tuple(missing))

@@ -127,7 +127,8 @@ def validity(names) -> dict:
 
 
 def summarize(store) -> dict:
-    """{"regimes": {name: settings + validity}, "cells": [...], "runs": [...], "failures": [...]} from the store."""
+    """{"regimes": {name: settings + validity}, "cells": [...], "runs": [...], "failures": [...], "preparations": [...]}
+    from the store; cpu_hours: every run's CPU seconds plus the one-time preparations (oracle grid, KB builds)."""
     from .config import Config
 
     cells = raw_cells(store)
@@ -141,11 +142,15 @@ def summarize(store) -> dict:
                    for r in store.db.execute("SELECT * FROM run_machine").fetchall()}
         failures = [dict(zip(("run_id", "regime", "workload", "method", "setting", "first_item", "error", "date"), r))
                     for r in store.db.execute("SELECT * FROM failures").fetchall()]
+        preparations = [dict(zip(("regime", "what", "wall_seconds", "cpu_seconds"), r))
+                        for r in store.db.execute("SELECT * FROM preparations").fetchall()]
     except Exception:
-        machine, failures = {}, []
+        machine, failures, preparations = {}, [], []
     for r in runs:
         r["machine"] = machine.get(r["run_id"])
     return {"benchmark": "head_to_head", "reference": "converged", "regimes": regimes,
             "cells": [cell_summary(c, cells) for c in cells], "runs": runs, "failures": failures,
-            "cpu_hours": round(sum(r["cpu_seconds"] or 0.0 for r in runs) / 3600, 3),
+            "preparations": preparations,
+            "cpu_hours": round((sum(r["cpu_seconds"] or 0.0 for r in runs)
+                                + sum(p["cpu_seconds"] or 0.0 for p in preparations)) / 3600, 3),
             "wall_hours": round(sum(r["wall_seconds"] or 0.0 for r in runs) / 3600, 3)}

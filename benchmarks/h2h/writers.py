@@ -107,10 +107,13 @@ def write_markdown(res: dict, path: Path) -> None:
              "over the cell's NFE; above 1 the cell saves evaluations, '-' where the oracle's frontier does not reach it. "
              "The MSE to the user's own full-step run (euler/normal at T) is a secondary column.", "",
              f"Report: `{res['report']['command']}` at {(res['report']['commit'] or '-')[:10]}, {res['report']['date']}. "
-             f"All runs together: {res['cpu_hours']} CPU hours, {res['wall_hours']} wall hours.", "",
+             f"All runs together: {res['cpu_hours']} CPU hours (the runs plus the one-time preparations: "
+             + (", ".join(f"{p['regime']} {p['what']} {fmt(p['cpu_seconds'])} s" for p in res["preparations"]) or "none")
+             + f"), {res['wall_hours']} wall hours of runs.", "",
              f"Progress: headline cells (plain, oracle, each method at its default) {pr['headline']['cells_at_target']} of "
              f"{pr['headline']['cells']} at {pr['headline']['target_items']} items (least n {pr['headline']['least_n']}, "
-             f"{pr['headline']['items_missing']} items missing); wider cells {pr['wider']['cells_at_target']} of "
+             f"{pr['headline']['items_missing']} items missing, about {pr['headline']['estimated_cpu_hours_left']} CPU hours "
+             f"at the runs' CPU seconds per item so far); wider cells {pr['wider']['cells_at_target']} of "
              f"{pr['wider']['cells']} at {pr['wider']['target_items']} (least n {pr['wider']['least_n']}).", ""]
     lines += ["## Verdict per workload", "", *verdict_lines(cells), ""]
     for name, reg in res["regimes"].items():
@@ -180,6 +183,10 @@ def write_all(store, out_dir: Path) -> dict:
     smoke = any(n == "smoke" for n in res["regimes"])
     s = Config.smoke_config() if smoke else Config()
     res["progress"] = progress(res["cells"], {"headline": s.queries, "wider": s.wider_items})
+    stored = sum(c["n"] for c in res["cells"])
+    per_item = sum(r["cpu_seconds"] or 0.0 for r in res["runs"]) / stored if stored else None
+    for p in res["progress"].values():  # the runs' CPU seconds per stored item so far, times the items missing
+        p["estimated_cpu_hours_left"] = None if per_item is None else round(p["items_missing"] * per_item / 3600, 2)
     clean = json.loads(json.dumps(to_json(res)))
     (out_dir / "summary.json").write_text(json.dumps(clean, indent=1))
     write_markdown(clean, out_dir / "head_to_head.md")
