@@ -50,7 +50,8 @@ _PUBLIC = {
     **dict.fromkeys(("sample_to_key", "find_neighbours", "blend_at", "resume", "KeyQuery", "QueryNeighbours",
                      "BlendedValue"), "samplers.redi_chain"),
     **dict.fromkeys(("make_corrected_run", "corrected_ksampler", "sample_kb_corrected_euler"), "samplers.corrected"),
-    **dict.fromkeys(("calibrated_ksampler", "sample_calibrated"), "samplers.calibrated"),
+    **dict.fromkeys(("calibrated_ksampler", "sample_calibrated", "load_sampler_calibration", "SamplerCalibration",
+                     "CalibratedChoice"), "samplers.calibrated"),
     **dict.fromkeys(("generate_learning", "generate_learning_corrected", "LearningResult", "LearningCorrectedResult"),
                     "samplers.learning"),
     **dict.fromkeys(("tstitch_guider", "tstitch_sample", "TStitchResult"), "samplers.tstitch"),
@@ -58,6 +59,7 @@ _PUBLIC = {
     **dict.fromkeys(("BuildSpec", "BuildReport", "build_knowledge_base", "kb_settings_for", "learning_settings"),
                     "build.builder"),
     **dict.fromkeys(("input_file", "read_prompts"), "build.prompts"),
+    "calibrate_sampler": "build.sampler_calibration",
 }
 
 __all__ = sorted(_PUBLIC)
@@ -65,6 +67,7 @@ __all__ = sorted(_PUBLIC)
 if TYPE_CHECKING:  # the same names for type checkers and readers of the import graph; at run time they load lazily
     from .build.builder import build_knowledge_base, BuildReport, BuildSpec, kb_settings_for, learning_settings
     from .build.prompts import input_file, read_prompts
+    from .build.sampler_calibration import calibrate_sampler
     from .calibration.guard import default_tolerance, FALLBACK_GUARD, GUARD_AUTO
     from .calibration.residuals import calibrate
     from .calibration.sampler_fit import fit_coefficients, SamplerFit
@@ -80,7 +83,9 @@ if TYPE_CHECKING:  # the same names for type checkers and readers of the import 
     from .core.schedule import default_store_steps, parse_steps, plan_redi, ReDiPlan, Switch
     from .core.stitch import check_stitch_compatible, node_switch, SWITCH_MODES
     from .core.weights import fit_weights, WEIGHT_MODES, WeightFit
-    from .samplers.calibrated import calibrated_ksampler, sample_calibrated
+    from .samplers.calibrated import (
+        calibrated_ksampler, CalibratedChoice, load_sampler_calibration, sample_calibrated, SamplerCalibration
+    )
     from .samplers.corrected import corrected_ksampler, make_corrected_run, sample_kb_corrected_euler
     from .samplers.entry import check_recipe, KBNoise, query_seeds
     from .samplers.learning import (

@@ -114,3 +114,13 @@ def fit_coefficients(teacher_states, teacher_sigmas, denoise_fn: Denoise, sigmas
         fitted_mse.append(float(((x_next.double() - target.double()) ** 2).mean()))
         x, history = x_next, [denoised, *history[:1]]
     return SamplerFit(table, euler_mse, fitted_mse)
+
+
+def rollout(denoise_fn: Denoise, x: torch.Tensor, sigmas, coeffs) -> torch.Tensor:
+    """The calibrated sampler's final state from x [B, C, H, W] at sigmas[0] (what sample_calibrated computes)."""
+    sig = check_sigmas(sigmas)
+    history: list[torch.Tensor] = []
+    for i in range(len(sig) - 1):
+        denoised = denoise_fn(x, float(sig[i]))
+        x, history = calibrated_step(x, denoised, history, float(sig[i]), float(sig[i + 1]), coeffs[i]), [denoised, *history[:1]]
+    return x

@@ -202,7 +202,8 @@ class Manifest:
             "count": self.count, "dtype": self.dtype, "shards": [s.to_json() for s in self.shards],
             "indexes": {str(i.step): i.to_json() for i in self.indexes},
             "stats": {"file": self.stats.file, "sha256": self.stats.sha256, "bytes": self.stats.bytes},
-            "calibration": {str(k): thaw(v) for k, v in sorted(self.calibration.items())},
+            # steps in order, then the sampler calibration's pointer (manifest.SAMPLER_CALIBRATION)
+            "calibration": {str(k): thaw(v) for k, v in sorted(self.calibration.items(), key=lambda kv: (isinstance(kv[0], str), str(kv[0]).zfill(24)))},
             "created": self.created, "updated": self.updated,
         }
 

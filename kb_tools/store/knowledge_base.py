@@ -259,7 +259,8 @@ class KnowledgeBase(KnowledgeBaseWrites):
             "steps": m.settings.steps, "sampler": m.settings.sampler, "scheduler": m.settings.scheduler,
             "index_type": first.type, "index_structure": first.structure, "reduce": first.reduce,
             "index_dim": first.dim, "ivf_nlist": first.nlist, "shards": len(m.shards),
-            "bytes": sum(s.data.bytes for s in m.shards), "calibrated_steps": sorted(m.calibration),
+            "bytes": sum(s.data.bytes for s in m.shards), "calibrated_steps": sorted(k for k in m.calibration if isinstance(k, int)),
+            "sampler_calibration": "sampler" in m.calibration,
             "created": m.created, "updated": m.updated,
             "folders_linked_outside": linked_outside(self._path),
         }

@@ -231,11 +231,23 @@ def _parse_indexes(f: _Fields, value: Any, settings: KBSettings, count: int, leg
     return tuple(out)
 
 
+#: The key of the sampler calibration's record in "calibration" (store/sampler_calibration.py); the other keys are steps.
+SAMPLER_CALIBRATION = "sampler"
+SAMPLER_RECORD_RE = re.compile(r"sampler_calibration/record-[0-9a-f]{16}\.json")
+MAX_SAMPLER_RECORD_BYTES = 16 * 2**20
+
+
 def _parse_calibration(f: _Fields, value: Any, settings: KBSettings) -> Mapping:
     if not isinstance(value, dict):
         raise f.error("calibration", f"must be an object, got {json_kind(value)}")
     out = {}
     for key, cal in value.items():
+        if key == SAMPLER_CALIBRATION:  # a pointer to the record file, checked like every file the manifest names
+            path = f"calibration.{key}"
+            f.obj(cal, path, {"file", "bytes", "sha256"})
+            ref, _ = f.file(cal, path, SAMPLER_RECORD_RE, min_bytes=2, max_bytes=MAX_SAMPLER_RECORD_BYTES)
+            out[key] = freeze({"file": ref.file, "bytes": ref.bytes, "sha256": ref.sha256})
+            continue
         if not (key.isdigit() and str(int(key)) == key and int(key) in settings.stored_steps):
             raise f.error("calibration", f"has a result for {short(key)}, which is not a stored step")
         if not isinstance(cal, dict) or len(canonical_bytes(cal)) > MAX_CALIBRATION_BYTES:
