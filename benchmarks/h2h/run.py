@@ -36,6 +36,9 @@ first_item INTEGER, error TEXT, date TEXT)"""
 #: One-time costs a run found or paid (the oracle's grid, a KB's build), so the CPU hours include them.
 _PREPARATIONS = """CREATE TABLE IF NOT EXISTS preparations (regime TEXT, what TEXT, wall_seconds REAL, cpu_seconds REAL,
 PRIMARY KEY (regime, what))"""
+#: Each item's converged reference's doubling gap (MSE between its N- and 2N-step outputs): the reference's own error.
+_GAPS = """CREATE TABLE IF NOT EXISTS converged_gaps (regime TEXT, workload TEXT, item INTEGER, gap REAL,
+PRIMARY KEY (regime, workload, item))"""
 #: Families that sample without the regime's prebuilt KB.
 NO_KB_FAMILIES = ("plain", "oracle", "cache", "tstitch", "learning")
 #: What the report needs to know of a cell beyond its rows (written when the cell is first run).
@@ -75,6 +78,7 @@ class Runner:
         store.db.execute(_FAILURES)
         store.db.execute(_SETTINGS)
         store.db.execute(_PREPARATIONS)
+        store.db.execute(_GAPS)
 
     # ------------------------------------------------------------------ what to run
     def oracle(self, regime) -> dict:
@@ -160,7 +164,11 @@ class Runner:
         except Exception as e:  # a method that cannot run here is a result: say exactly why, store nothing
             self._fail(cell, missing[0], e)
             return True
-        conv = self.bench.converged(regime, sub).latents
+        converged = self.bench.converged(regime, sub)
+        conv = converged.latents
+        with self.store.db:
+            self.store.db.executemany("INSERT OR IGNORE INTO converged_gaps VALUES (?, ?, ?, ?)",
+                                      [(regime.name, workload, i, float(g)) for i, g in zip(missing, converged.gaps)])
         full = self.bench.full_step(regime, sub)
         sc = scoring.score(self.bench.judge, out.latents, conv, full)
         nfe = self.bench.cost_nfe(m)

@@ -126,6 +126,24 @@ def validity(names) -> dict:
     return {n: (data.get("regimes", {}).get(n) or {}).get("validity") for n in names}
 
 
+def gap_check(store, regime: str, cells: list[dict]) -> dict | None:
+    """The regime's stored items' doubling gaps against the smallest mean error a verdict compares (converged.gap_ok:
+    below 1/20 of it)."""
+    from .converged import GAP_SHARE
+
+    try:
+        gaps = np.array([r[0] for r in store.db.execute("SELECT gap FROM converged_gaps WHERE regime = ?", (regime,))])
+    except Exception:
+        return None
+    errors = [float(np.mean(v)) for c in cells if c["key"][0] == regime
+              for v in [[x for x in c["mse"].values() if x is not None]] if v and np.mean(v) > 0]
+    if not len(gaps) or not errors:
+        return None
+    smallest = min(errors)
+    return {"items": int(len(gaps)), "mean": float(gaps.mean()), "max": float(gaps.max()), "smallest_cell_error": smallest,
+            "max_over_smallest": float(gaps.max() / smallest), "gap_ok": bool(gaps.max() < GAP_SHARE * smallest)}
+
+
 def summarize(store) -> dict:
     """{"regimes": {name: settings + validity}, "cells": [...], "runs": [...], "failures": [...], "preparations": [...]}
     from the store; cpu_hours: every run's CPU seconds plus the one-time preparations (oracle grid, KB builds)."""
@@ -135,7 +153,8 @@ def summarize(store) -> dict:
     names = sorted({c["key"][0] for c in cells})
     known = {r.name: r for r in (*Config().regimes, *Config.smoke_config().regimes)}
     valid = validity(names)
-    regimes = {n: {**(known[n].settings() if n in known else {}), "validity": valid[n]} for n in names}
+    regimes = {n: {**(known[n].settings() if n in known else {}), "validity": valid[n],
+                   "converged_gap": gap_check(store, n, cells)} for n in names}
     runs = store.runs()
     try:
         machine = {r[0]: {"cores": r[1], "bf16": bool(r[2]), "torch_threads": r[3], "loadavg_before": json.loads(r[4])}
