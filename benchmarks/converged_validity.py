@@ -137,18 +137,37 @@ def sample_choice(model, prompts, seeds, sampler: str, schedule: str, steps: int
     return torch.cat(outs), np.concatenate(nfe)
 
 
-def oracle_grid(model, prompts, seeds, cfg: float, truth, budget: int, batch: int, log=print) -> list[dict]:
-    """Every built-in sampler x schedule at `budget` NFE: one row each with its counted NFE and mean MSE to `truth`."""
+def oracle_grid(model, prompts, seeds, cfg: float, truth, budget: int, batch: int, cache: Path | None = None,
+                log=print) -> list[dict]:
+    """Every built-in sampler x schedule at `budget` NFE: one row each with its counted NFE and mean MSE to `truth`.
+
+    cache: a folder where each finished row is kept (named by the digest of the model, items, cfg and
+    choice), so a stopped run resumes without sampling a finished choice again.
+    """
+    from benchmarks.h2h.converged import digest, ignore_cache, model_id
     from kb_tools import PLAIN_SAMPLERS, PLAIN_SCHEDULES, steps_for_nfe
 
+    if cache is not None:
+        ignore_cache(cache)
+    fingerprint = model_id(model)
     rows = []
     for sampler in PLAIN_SAMPLERS:
         steps = steps_for_nfe(sampler, budget)
         for schedule in PLAIN_SCHEDULES:
+            key = {"model": fingerprint, "prompts": list(prompts), "seeds": [int(v) for v in seeds], "cfg": float(cfg),
+                   "sampler": sampler, "schedule": schedule, "steps": steps, "truth": float(truth.double().sum())}
+            path = cache / f"oracle-{digest(key)}.json" if cache is not None else None
+            if path is not None and path.is_file():
+                rows.append(json.loads(path.read_text()))
+                continue
             lat, nfe = sample_choice(model, prompts, seeds, sampler, schedule, steps, cfg, batch)
             finite = bool(np.isfinite(lat.numpy()).all())
             mse = float(M.per_sample_mse(lat.numpy(), truth.numpy()).mean()) if finite else None
             rows.append({"sampler": sampler, "schedule": schedule, "steps": steps, "nfe": int(nfe.max()), "mse": mse})
+            if path is not None:
+                tmp = path.with_suffix(".tmp")
+                tmp.write_text(json.dumps(rows[-1]))
+                os.replace(tmp, path)
         log(f"  oracle grid cfg {cfg:g}: {sampler} done", flush=True)
     return rows
 
@@ -185,6 +204,8 @@ def main(argv=None) -> dict:
     from kb_tools.core.records import Recipe
 
     t0, c0 = time.perf_counter(), time.process_time()
+    # The commit whose code runs (HEAD may move while a long run is under way).
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=PACK, capture_output=True, text=True).stdout.strip()
     large, _, _ = load_models()
     captions = sample_captions(a.fd_items, "heldout", offset=CAPTION_OFFSET)
     prompts = [c.prompt() for c in captions]
@@ -203,11 +224,14 @@ def main(argv=None) -> dict:
         best_n = steps[-1]
         full = converged(large, encode, prompts, seeds, solver=("dpmpp_2m", "karras", best_n), **ref_args)
         truth = full.latents
+        print(f"cfg {cfg:g}: converged references ready ({len(full.computed)} sampled now), {time.perf_counter() - t_regime:.0f} s",
+              flush=True)
         euler = {n: sample_prompts(large, encode, prompts if n == 6 else prompts[sel], seeds if n == 6 else seeds[sel],
                                      Recipe("euler", "normal", n, cfg), latent_shape=S.LATENT_SHAPE, batch_size=a.batch).latents
                  for n in EULER_NFE}
         mse = {n: float(M.per_sample_mse(euler[n][sel].numpy(), truth[sel].numpy()).mean()) for n in EULER_NFE}
-        grid = oracle_grid(large, prompts[sel], seeds[sel], cfg, truth[sel], ORACLE_NFE, a.batch)
+        grid = oracle_grid(large, prompts[sel], seeds[sel], cfg, truth[sel], ORACLE_NFE, a.batch,
+                           cache=PACK / "benchmarks" / ".cache" / "converged_validity")
         winner = oracle_winner(grid, ORACLE_NFE)
         e6_feat, conv_feat = judge.features(euler[6]), judge.features(truth)
         fd = {"euler6": M.frechet_distance(e6_feat, conv_feat), "euler6_sd": paired_fd_bootstrap_sd(e6_feat, conv_feat),
@@ -229,7 +253,12 @@ def main(argv=None) -> dict:
             "validity": validity, "shortfalls": shortfalls(validity),
             "wall_seconds": round(time.perf_counter() - t_regime, 1)}
         print(json.dumps(_json_safe({k: v for k, v in regimes[name].items() if k != "oracle_grid"})), flush=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=PACK, capture_output=True, text=True).stdout.strip()
+        write(a, argv, commit, regimes, t0, c0)  # each finished regime is on disk at once
+    return write(a, argv, commit, regimes, t0, c0)
+
+
+def write(a, argv, commit: str, regimes: dict, t0: float, c0: float) -> dict:
+    """The results file with the regimes finished so far."""
     res = {"benchmark": "converged_validity",
            "command": " ".join(["python", "benchmarks/converged_validity.py", *(argv if argv is not None else sys.argv[1:])]),
            "commit": commit, "date": time.strftime("%Y-%m-%d"), "machine": machine(), "threads": a.threads,
