@@ -153,6 +153,57 @@ def _plain_reference(kb, measured, args: argparse.Namespace) -> dict:
                                                  progress=logging.getLogger("kb_tools").info))
 
 
+def _calibrate_sampler(args: argparse.Namespace) -> int:
+    """Calibrate the few-step sampler on a KB's teachers (or a prompt list) with the checkpoint, as the node does."""
+    from tqdm import tqdm
+
+    from ..comfy.env import choose_device, ensure_comfyui
+
+    nfe = _numbers(args.nfe, int, "--nfe", "4,5,6,8,10")
+    cfgs = _numbers(args.cfg, float, "--cfg", "3,7.5")
+    if (args.width is None) != (args.height is None):
+        raise KBError("give both --width and --height (the image size you sample at), or neither (the KB's size).")
+    prompts = None
+    if args.prompts:
+        from .prompts import read_prompts
+
+        prompts = read_prompts(args.prompts)
+    ensure_comfyui()
+    choose_device(force_cpu=args.cpu)
+    from .job import load_checkpoint
+    from .sampler_calibration import calibrate_sampler
+
+    model, encode, channels = load_checkpoint(args.ckpt)
+    shape = None if args.width is None else (channels, args.height // 8, args.width // 8)
+    seeds = None if prompts is None else [args.seed + i for i in range(len(prompts))]
+    extra = {}
+    if args.samplers:
+        extra["samplers"] = tuple(p.strip() for p in args.samplers.split(",") if p.strip())
+    if args.schedules:
+        extra["schedules"] = tuple(p.strip() for p in args.schedules.split(",") if p.strip())
+    with tqdm(total=1, desc="calibration", unit="unit") as bar:
+        def progress(done: int, total: int) -> None:
+            bar.total, bar.n = total, done
+            bar.refresh()
+        calibration = calibrate_sampler(args.kb, model, encode, nfe=nfe, cfgs=cfgs, teachers=args.teachers,
+                                        negative_prompt=args.negative, latent_shape=shape, prompts=prompts, seeds=seeds,
+                                        progress=progress, log=logging.getLogger("kb_tools").info,
+                                        fine_steps=args.fine_steps, search_sweeps=args.search_sweeps,
+                                        chunk=args.batch_size, **extra)
+    print(calibration.summary())
+    return 0
+
+
+def _numbers(text: str, kind, flag: str, example: str) -> tuple:
+    try:
+        values = tuple(kind(p) for p in text.replace(" ", "").split(",") if p)
+    except ValueError:
+        values = ()
+    if not values:
+        raise KBError(f"{flag} {text!r} is not a comma-separated list of numbers; write e.g. {flag} {example}.")
+    return values
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m kb_tools", description="Build and manage ReDi knowledge bases.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -230,6 +281,28 @@ def parser() -> argparse.ArgumentParser:
                         "after the key step) model evaluations)")
     c.add_argument("--cpu", action="store_true", help="with --ckpt: run on the CPU even when a GPU is available")
     c.set_defaults(func=_calibrate)
+
+    s = sub.add_parser("calibrate-sampler", help="fit a few-step sampler for the checkpoint on teacher trajectories of the "
+                                                 "KB's prompts and seeds, check it on held-out teachers against every "
+                                                 "built-in sampler x scheduler, and store the winner per step count")
+    s.add_argument("kb", help="knowledge-base folder (created from --prompts when it holds no KB)")
+    s.add_argument("--ckpt", required=True, help="checkpoint file (model + CLIP) ComfyUI can load")
+    s.add_argument("--nfe", default="4,5,6,8,10", help="step counts (model evaluations) to calibrate, e.g. 4,5,6,8,10")
+    s.add_argument("--cfg", default="3", help="guidance scales to calibrate, e.g. 3,7.5")
+    s.add_argument("--teachers", type=int, default=128, help="(prompt, seed) items run as teachers; a quarter are held out")
+    s.add_argument("--prompts", default=None, help="prompt file (.txt, .jsonl, COCO .json): teachers from these prompts "
+                                                   "instead of the KB's entries; builds a KB when the folder has none")
+    s.add_argument("--seed", type=int, default=0, help="with --prompts: prompt i gets seed SEED + i")
+    s.add_argument("--negative", default="", help="negative prompt of every teacher")
+    s.add_argument("--width", type=int, default=None, help="image width to calibrate for (default: the KB's)")
+    s.add_argument("--height", type=int, default=None, help="image height to calibrate for (default: the KB's)")
+    s.add_argument("--fine-steps", type=int, default=100, help="the teachers' dpmpp_2m/karras steps")
+    s.add_argument("--samplers", default=None, help="built-in samplers to compare with (default: all of comfy's plain list)")
+    s.add_argument("--schedules", default=None, help="built-in schedules to compare with and start from (default: all)")
+    s.add_argument("--search-sweeps", type=int, default=2, help="sweeps of the schedule search (0: built-in and karras only)")
+    s.add_argument("--batch-size", type=int, default=16, help="items per model call")
+    s.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is available")
+    s.set_defaults(func=_calibrate_sampler)
     return p
 
 

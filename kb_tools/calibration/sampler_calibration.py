@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
@@ -26,6 +26,7 @@ from ..store import sampler_calibration as stored
 from .heldout import EULER_NORMAL, builtin_grid, choose_winner, heldout_mse, paired_se
 from .live_model import CalibrationStopped, conditionings_match, with_live_batch
 from .schedule_fit import calibrate_steps
+from .schedule_search import KARRAS_RHOS
 from .teacher import DEFAULT_FINE_STEPS, TEACHER_SAMPLER, TEACHER_SCHEDULE, doubling_gap, fine_sigmas, run_teacher
 
 RECORD_VERSION = 1
@@ -47,8 +48,8 @@ class CalibrationSettings:
     chunk: int = 16                 # items per model call
     doubling_items: int = 8         # held-out items the doubling check runs on
     search_sweeps: int = 2          # coordinate-descent sweeps of the schedule search (0: none)
+    rhos: tuple[float, ...] = KARRAS_RHOS  # karras rho values tried besides the built-in schedules
     split_seed: int = 0
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.nfe or any(not isinstance(n, int) or not 2 <= n <= 100 for n in self.nfe) or len(set(self.nfe)) != len(self.nfe):
@@ -148,7 +149,8 @@ def calibrate_cfg(root: str, model, conds, negative, items, cfg: float, s: Calib
         out = {}
         for n in s.nfe:
             out[n] = calibrate_steps(live, model, states[cal], denoised[cal], fine, n, fit_local, select_local,
-                                     schedules=s.schedules, search_sweeps=s.search_sweeps, should_stop=should_stop)
+                                     schedules=s.schedules, rhos=s.rhos, search_sweeps=s.search_sweeps,
+                                     should_stop=should_stop)
             log(f"cfg {cfg:g}, N={n}: schedule {out[n]['schedule']} (select MSE {out[n]['select_mse']:.3g}, "
                 f"{out[n]['trials']} candidates fitted)")
             bar.tick()
@@ -183,7 +185,8 @@ def calibrate_cfg(root: str, model, conds, negative, items, cfg: float, s: Calib
         "doubling": {"items": len(gaps), "fine_steps": s.fine_steps, "doubled_steps": 2 * s.fine_steps, "mse": gap,
                      "smallest_error": smallest, "share": gap / smallest if smallest > 0 else None,
                      "ok": bool(gap < GAP_SHARE * smallest)},
-        "cost": {"teacher_evaluations": len(items) * s.fine_steps, "evaluations_this_run": spent + fit_evals + held_evals,
+        "cost": {"teacher_evaluations": len(items) * s.fine_steps, "teacher_evaluations_this_run": spent,
+                 "evaluations_this_run": spent + fit_evals + held_evals,
                  "fit_evaluations": fit_evals, "heldout_evaluations": held_evals, "seconds": time.perf_counter() - start},
         "nfe": nfe_blocks,
     }

@@ -5,6 +5,11 @@ knowledge base's converged trajectories (calibration.sampler_fit). coeffs = 0 is
 `euler`; core.multistep.dpmpp_2m_coefficients is its `dpmpp_2m`. Evaluations are counted per
 item (comfy.counted.CountedDenoiser) into an optional Evaluations tally.
 
+What a stored sampler calibration chose (calibration/sampler_calibration.py, read by
+`load_sampler_calibration`): `SamplerCalibration.choice(model, cfg, latent_shape, nfe)` gives a
+`CalibratedChoice`, the calibrated sampler on its schedule or the built-in sampler x schedule that
+beat it on held-out teachers, with its KSAMPLER and summary line; refusals name the fix.
+
 Shapes: x [B, C, H, W] in the sampler's space; sigmas [N + 1]; coeffs float64 [N, 3].
 """
 from __future__ import annotations
@@ -17,7 +22,7 @@ import torch
 
 from ..comfy.counted import CountedDenoiser
 from ..comfy.model_facts import check_model_matches
-from ..core.errors import KBError
+from ..core.errors import KBError, KBMismatchError
 from ..core.evaluations import Evaluations
 from ..core.multistep import calibrated_step, check_coefficients, check_sigmas
 from ..store.sampler_calibration import read_record
@@ -176,8 +181,12 @@ class SamplerCalibration:
 
     def choice(self, model, cfg: float, latent_shape, nfe: int) -> CalibratedChoice:
         """What the calibration chose for this model, cfg, latent [C, H, W] and NFE; KBError naming the fix otherwise."""
-        check_model_matches(self.record["model_fingerprint"], model, what="the model")
         fix = f"calibrate it: {CALIBRATE_FIX.replace('KB', self.path or 'KB')}"
+        try:
+            check_model_matches(self.record["model_fingerprint"], model, what="the model")
+        except KBMismatchError as e:
+            raise KBMismatchError(f"the sampler calibration was made for a different model ({e}); connect that model, or "
+                                  f"{fix} with this model's checkpoint.") from None
         shape = tuple(int(v) for v in latent_shape)
         if shape != self.latent_shape:
             raise KBError(f"the sampler calibration holds latents {list(self.latent_shape)}, not {list(shape)}; sample at "
