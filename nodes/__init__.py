@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
+from .calibrated import NODES as CALIBRATED_NODES
 from .custom_sampling import NODES as CUSTOM_SAMPLING_NODES
 from .knowledge_base import NODES as KNOWLEDGE_BASE_NODES
 from .learning import NODES as LEARNING_NODES
@@ -18,4 +19,4 @@ from .tstitch import NODES as TSTITCH_NODES
 class ReDiExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         return [*KNOWLEDGE_BASE_NODES, *REDI_CHAIN_NODES, *REDI_SAMPLER_NODES, *CUSTOM_SAMPLING_NODES, *LEARNING_NODES,
-                *TSTITCH_NODES]
+                *TSTITCH_NODES, *CALIBRATED_NODES]

@@ -86,7 +86,7 @@ def check_covered(calibration, nfe: int, cfg: float) -> None:
                       f"steps to one of them, or add {nfe} to {CALIBRATE_NODE}'s nfe list and run it again.")
     cfgs = [float(c) for c in calibration.cfgs]
     if not any(same_cfg(cfg, c) for c in cfgs):
-        raise KBError(f"the knowledge base is calibrated for cfg {[f'{c:g}' for c in cfgs]}, not {cfg:g}; set cfg to one "
+        raise KBError(f"the knowledge base is calibrated for cfg {', '.join(f'{c:g}' for c in cfgs)}, not {cfg:g}; set cfg to one "
                       f"of them, or add {cfg:g} to {CALIBRATE_NODE}'s cfg list and run it again.")
 
 
@@ -117,7 +117,7 @@ def choice_text(choice, evaluations: Evaluations | None = None) -> str:
     else:
         ran = f"Ran the calibrated sampler on its {choice.schedule} schedule ({choice.steps} steps)."
     lines = [choice.summary_line(), ran]
-    if evaluations is not None:
+    if evaluations is not None and evaluations.total():  # counted at the denoiser; a run that counted none says nothing
         lines.append(f"{evaluations.total()} model evaluations in all ({evaluations.describe()}).")
     return "\n".join(lines)
 
@@ -179,7 +179,7 @@ class ReDiCalibrateSampler(io.ComfyNode):
                                         "Only these can be sampled later; each one adds calibration time."),
                 io.String.Input("cfg", default="7.0",
                                 tooltip="Guidance scales to calibrate, separated by commas (the cfg you sample with). "
-                                        "Each one adds its own teachers, so calibration time grows with the list."),
+                                        "Each one is calibrated on its own, so calibration time grows with the list."),
                 io.Int.Input("teachers", default=128, min=4, max=100000,
                              tooltip="(prompt, seed) pairs whose converged trajectories the fit and the held-out check "
                                      "use (a quarter is held out). More = a steadier fit and a check that can tell "
@@ -201,8 +201,11 @@ class ReDiCalibrateSampler(io.ComfyNode):
                                 tooltip="An empty latent of the size you will sample at (the calibration holds for that "
                                         "size only). Default: the knowledge base's size; needed without one."),
             ],
-            outputs=[KnowledgeBaseType.Output(display_name="knowledge_base"),
-                     io.String.Output(display_name="summary")],
+            outputs=[KnowledgeBaseType.Output(display_name="knowledge_base",
+                                              tooltip="The knowledge base, now holding the calibration: connect it to "
+                                                      "ReDi Calibrated Sampler or ReDi Calibrated Sigmas."),
+                     io.String.Output(display_name="summary",
+                                      tooltip="One line per step count: what the held-out check chose for this model.")],
         )
 
     @classmethod
@@ -231,6 +234,9 @@ class ReDiCalibrateSampler(io.ComfyNode):
             log=lambda message: log.info("ReDi calibrate: %s", message))
         # Stopped by the user: what is done is stored, a rerun resumes; end this run as ComfyUI's interrupt does.
         comfy.model_management.throw_exception_if_processing_interrupted()
+        if calibration is None:
+            raise KBError(f"{CALIBRATE_NODE} was stopped before it finished; what it finished is stored, run it again "
+                          "to resume.")
         kb = open_kb(Path(knowledge_base.path) if knowledge_base is not None else kb_path(kb_name))
         text = calibration_text(calibration, model, nfe_values, cfgs, latent_shape or tuple(calibration.latent_shape))
         log.info("ReDi calibrate: %s", text.replace("\n", " | "))

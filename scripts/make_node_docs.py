@@ -39,6 +39,16 @@ ON_THE_CANVAS = {
     "ReDiRetrieve": "After a run, the box lists each image's nearest stored trajectories: prompt, seed and distance (ReDi Blend solves their "
                     "weights). Connect the checkpoint's VAE to the optional `vae` input to see them as images on the node "
                     "(their latents at the knowledge base's last stored step, decoded).",
+    "ReDiCalibrateSampler": "When the calibration finishes, the box at the bottom shows one line per step count: what the "
+                            "held-out check chose for this model (the calibrated sampler, or a built-in sampler x "
+                            "scheduler) and its error against the converged image next to the best alternative. The "
+                            "`summary` output carries the same text.",
+    "ReDiCalibratedSampler": "After a run, the box at the bottom shows the calibration's line for this step count, which "
+                             "sampler ran (saying so when the held-out check chose a built-in one) and the model "
+                             "evaluations counted.",
+    "SamplerReDiCalibrated": "When SamplerCustomAdvanced has run it, the node shows the same lines as ReDi Calibrated "
+                             "Sampler (ComfyUI's progress text): the choice for this step count, which sampler ran and "
+                             "the model evaluations counted.",
 }
 README_LINK = "More: the pack's README (How it works, Knobs, Build, generate, stylize)."
 

@@ -18,7 +18,8 @@ def test_every_node_has_a_current_help_page(pack):
     want = make_node_docs.pages(pack)
     n = pack.nodes
     assert set(want) == {f"{cls.GET_SCHEMA().node_id}.md" for cls in n.knowledge_base.NODES + n.redi_chain.NODES
-                         + n.redi_sampler.NODES + n.custom_sampling.NODES + n.learning.NODES + n.tstitch.NODES}
+                         + n.redi_sampler.NODES + n.custom_sampling.NODES + n.learning.NODES + n.tstitch.NODES
+                         + n.calibrated.NODES}
     have = {p.name: p.read_text(encoding="utf-8") for p in make_node_docs.DOCS.glob("*.md")}
     stale = sorted(name for name in want if have.get(name) != want[name])
     assert not stale and set(have) == set(want), f"stale or missing help pages {stale}: run python scripts/make_node_docs.py"
