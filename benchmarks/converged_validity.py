@@ -257,19 +257,38 @@ def main(argv=None) -> dict:
     return write(a, argv, commit, regimes, t0, c0)
 
 
+def settings(a) -> dict:
+    return {"captions": a.captions, "fd_items": a.fd_items, "caption_offset": CAPTION_OFFSET, "seeds": f"{SEED_BASE} + i (fresh)",
+            "T": 20, "oracle_nfe": ORACLE_NFE, "euler_nfe": list(EULER_NFE), "thresholds": THRESHOLDS, "gap_share": GAP_SHARE,
+            "reference_steps": a.steps}
+
+
 def write(a, argv, commit: str, regimes: dict, t0: float, c0: float) -> dict:
-    """The results file with the regimes finished so far."""
+    """The results file with the regimes finished so far, keeping other regimes a run of the same settings wrote there
+    (one run per cfg may run side by side; each regime records its own command, commit and times)."""
+    command = " ".join(["python", "benchmarks/converged_validity.py", *(argv if argv is not None else sys.argv[1:])])
+    for r in regimes.values():
+        r.setdefault("command", command)
+        r.setdefault("commit", commit)
+        r.setdefault("cpu_seconds_of_run_so_far", round(time.process_time() - c0, 1))
+    kept = {}
+    if a.out.is_file():
+        try:
+            old = json.loads(a.out.read_text())
+            if old.get("settings") == _json_safe(settings(a)):
+                kept = {k: v for k, v in old.get("regimes", {}).items() if k not in regimes}
+        except (OSError, ValueError):
+            kept = {}
     res = {"benchmark": "converged_validity",
            "command": " ".join(["python", "benchmarks/converged_validity.py", *(argv if argv is not None else sys.argv[1:])]),
            "commit": commit, "date": time.strftime("%Y-%m-%d"), "machine": machine(), "threads": a.threads,
-           "settings": {"captions": a.captions, "fd_items": a.fd_items, "caption_offset": CAPTION_OFFSET,
-                        "seeds": f"{SEED_BASE} + i (fresh)", "T": 20, "oracle_nfe": ORACLE_NFE, "euler_nfe": list(EULER_NFE),
-                        "thresholds": THRESHOLDS, "gap_share": GAP_SHARE, "reference_steps": a.steps},
-           "regimes": regimes,
+           "settings": settings(a), "regimes": {**kept, **regimes},
            "wall_seconds": round(time.perf_counter() - t0, 1), "cpu_seconds": round(time.process_time() - c0, 1),
            "max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
     a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(_json_safe(res), indent=1))
+    tmp = a.out.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(_json_safe(res), indent=1))
+    os.replace(tmp, a.out)
     return res
 
 
