@@ -119,6 +119,9 @@ class Runner:
                 items = list(range(start, min(start + self.cfg.chunk, target)))
                 for regime in regimes:
                     for workload in workload_names:
+                        if self.chunks and not self._time_left():  # no new preparation (an oracle grid) past the deadline
+                            self.stopped = True
+                            return
                         self._memo.clear()
                         for method, setting in self.cells(regime, workload, phase):
                             if not self.chunk(regime, workload, method, setting, items):
