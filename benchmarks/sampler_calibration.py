@@ -68,7 +68,7 @@ def main(argv=None) -> int:
     from embedded.rendering import LATENT_SHAPE
 
     large, _, encode = load_models()
-    prompts = [c.prompt for c in sample_captions(a.teachers, "train")]
+    prompts = [c.prompt() for c in sample_captions(a.teachers, "train")]
     extra = {}
     if a.samplers:
         extra["samplers"] = tuple(a.samplers.split(","))

@@ -75,7 +75,7 @@ def calibrate_steps(live: LiveBatch, model, states: torch.Tensor, denoised: torc
     best = min(scores, key=lambda k: (scores[k], k))
     if search_sweeps > 0 and nfe >= 2:
         found, found_score, _ = search_schedule(candidates[best], lambda s: scorer(s)[0], sweeps=search_sweeps,
-                                                should_stop=should_stop)
+                                                should_stop=should_stop, start_score=scores[best])
         if should_stop is not None and should_stop():
             raise CalibrationStopped
         candidates[SEARCHED], scores[SEARCHED] = found, found_score

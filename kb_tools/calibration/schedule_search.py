@@ -67,15 +67,17 @@ def candidate_schedules(model, steps: int, sigma_min: float, sigma_max: float,
 
 
 def search_schedule(start: torch.Tensor, score: Callable[[torch.Tensor], float], *, sweeps: int = 2,
-                    step: float = 0.35, should_stop: Callable[[], bool] | None = None) -> tuple[torch.Tensor, float, int]:
+                    step: float = 0.35, should_stop: Callable[[], bool] | None = None,
+                    start_score: float | None = None) -> tuple[torch.Tensor, float, int]:
     """Coordinate descent on the interior knots' log sigma from `start` (float64 [N + 1]): (best, its score, trials).
 
     Each sweep moves every interior knot up and down by `step` of the log gap to its neighbours and
-    keeps a move that lowers `score`; the step halves after each sweep. The first sigma (sigma_max)
+    keeps a move that lowers `score`; the step halves after each sweep. start_score: `start`'s score
+    when the caller has it (saves one evaluation). The first sigma (sigma_max)
     and the last (0) stay; the order of the knots is kept.
     """
     best = check_sigmas(start).clone()
-    best_score, trials = float(score(best)), 1
+    best_score, trials = (float(score(best)), 1) if start_score is None else (float(start_score), 0)
     n = len(best) - 1
     for _ in range(int(sweeps)):
         for k in range(1, n):

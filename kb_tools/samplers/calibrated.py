@@ -157,7 +157,7 @@ class SamplerCalibration:
                 coeffs = check_coefficients(block.get("coeffs"), sigmas)
                 sampler, schedule = "calibrated", block.get("schedule")
             else:
-                sigmas, coeffs = check_sigmas(h.get("best_builtin_sigmas")), None
+                sigmas, coeffs = _builtin_sigmas(h.get("best_builtin_sigmas")), None
                 sampler, schedule = name.split("/")
         except (KBError, TypeError, ValueError, RuntimeError) as e:
             raise _bad(where, f"holds an unusable schedule or table ({e})") from None
@@ -208,6 +208,14 @@ class SamplerCalibration:
             for n in sorted(self._choices[key]):
                 lines.append(f"cfg {float(self.record['cfgs'][key]['cfg']):g}: {self._choices[key][n].summary_line()}")
         return "\n".join(lines)
+
+
+def _builtin_sigmas(values) -> torch.Tensor:
+    """A built-in choice's schedule as stored: finite, >= 0, non-increasing (some schedulers repeat a sigma)."""
+    sig = torch.as_tensor(values, dtype=torch.float64).reshape(-1)
+    if len(sig) < 2 or not torch.isfinite(sig).all() or (sig < 0).any() or (sig[1:] > sig[:-1]).any():
+        raise KBError(f"{sig.tolist()[:8]} is not a schedule a sampler can walk")
+    return sig
 
 
 def _blocks(key: str, cfg_block) -> list[tuple[str, dict]]:
