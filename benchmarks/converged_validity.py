@@ -138,11 +138,12 @@ def sample_choice(model, prompts, seeds, sampler: str, schedule: str, steps: int
 
 
 def oracle_grid(model, prompts, seeds, cfg: float, truth, budget: int, batch: int, cache: Path | None = None,
-                log=print) -> list[dict]:
+                reverse: bool = False, log=print) -> list[dict]:
     """Every built-in sampler x schedule at `budget` NFE: one row each with its counted NFE and mean MSE to `truth`.
 
     cache: a folder where each finished row is kept (named by the digest of the model, items, cfg and
-    choice), so a stopped run resumes without sampling a finished choice again.
+    choice), so a stopped run resumes without sampling a finished choice again. reverse: walk the
+    samplers from the last (a second run beside a first shares the grid through the cache).
     """
     from benchmarks.h2h.converged import digest, ignore_cache, model_id
     from kb_tools import PLAIN_SAMPLERS, PLAIN_SCHEDULES, steps_for_nfe
@@ -151,7 +152,7 @@ def oracle_grid(model, prompts, seeds, cfg: float, truth, budget: int, batch: in
         ignore_cache(cache)
     fingerprint = model_id(model)
     rows = []
-    for sampler in PLAIN_SAMPLERS:
+    for sampler in (PLAIN_SAMPLERS[::-1] if reverse else PLAIN_SAMPLERS):
         steps = steps_for_nfe(sampler, budget)
         for schedule in PLAIN_SCHEDULES:
             key = {"model": fingerprint, "prompts": list(prompts), "seeds": [int(v) for v in seeds], "cfg": float(cfg),
@@ -187,6 +188,8 @@ def main(argv=None) -> dict:
     p.add_argument("--steps", default="25,50,100", help="N of the reference solver (the reference is the 2N output)")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--reverse-grid", action="store_true", help="walk the oracle grid from its last sampler (a second run "
+                                                               "beside a first shares the grid through the row cache)")
     p.add_argument("--out", type=Path, default=PACK / "benchmarks" / "results" / "converged_validity" / "validity.json")
     a = p.parse_args(argv)
     if a.fd_items < a.captions:
@@ -231,7 +234,7 @@ def main(argv=None) -> dict:
                  for n in EULER_NFE}
         mse = {n: float(M.per_sample_mse(euler[n][sel].numpy(), truth[sel].numpy()).mean()) for n in EULER_NFE}
         grid = oracle_grid(large, prompts[sel], seeds[sel], cfg, truth[sel], ORACLE_NFE, a.batch,
-                           cache=PACK / "benchmarks" / ".cache" / "converged_validity")
+                           cache=PACK / "benchmarks" / ".cache" / "converged_validity", reverse=a.reverse_grid)
         winner = oracle_winner(grid, ORACLE_NFE)
         e6_feat, conv_feat = judge.features(euler[6]), judge.features(truth)
         fd = {"euler6": M.frechet_distance(e6_feat, conv_feat), "euler6_sd": paired_fd_bootstrap_sd(e6_feat, conv_feat),
