@@ -10,7 +10,8 @@ the lowest mean MSE wins. A choice that diverges (any non-finite output) or cann
 schedule at one step) is excluded, with the reason kept. Only the winners run on evaluation queries.
 
 Deterministic, so the result is cached in the scratch folder (keyed by everything it depends on) and
-reused by every later run; its own cost is stored with it.
+reused by every later run; its own cost is stored with it. The screening is saved after each budget,
+so a selection that was stopped resumes where it stopped.
 """
 from __future__ import annotations
 
@@ -89,10 +90,19 @@ def select(bench, cfg, regime, cache_dir: Path, log=print) -> dict:
         return {**stored, "cached": True}
     log(f"  oracle {regime.name}: {len(samplers)} samplers x {len(schedules)} schedules x {len(regime.budgets)} budgets "
         f"on {len(screen)} screening / {len(sel)} selection captions", flush=True)
+    partial = path.with_suffix(".partial.json")  # the screened points so far: a stopped selection resumes from them
+    before = json.loads(partial.read_text()) if partial.is_file() else {"screen": [], "wall_seconds": 0.0, "cpu_seconds": 0.0}
+    have = {(g["budget"], g["sampler"], g["scheduler"]): g for g in before["screen"]}
     with Timer() as total:
         truth = bench.converged(regime, sel).latents
-        screened = [_score(bench, regime, screen, truth[:len(screen)], s, sch, b)
-                    for b in sorted(regime.budgets) for s in samplers for sch in schedules]
+        screened = []
+        for b in sorted(regime.budgets):
+            screened += [have.get((b, s, sch)) or _score(bench, regime, screen, truth[:len(screen)], s, sch, b)
+                         for s in samplers for sch in schedules]
+            now = total.elapsed()
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            partial.write_text(json.dumps({"screen": screened, "wall_seconds": before["wall_seconds"] + now[0],
+                                           "cpu_seconds": before["cpu_seconds"] + now[1]}))
         final, winners = [], {}
         for b in sorted(regime.budgets):
             ok = sorted((g for g in screened if g["budget"] == b and "excluded" not in g), key=lambda g: g["mse_mean"])
@@ -111,7 +121,8 @@ def select(bench, cfg, regime, cache_dir: Path, log=print) -> dict:
               "samplers": list(samplers), "schedules": list(schedules), "selection_captions": len(sel),
               "screen_captions": len(screen), "screen": screened, "final": final,
               "winners": {b: dataclasses.asdict(c) for b, c in winners.items()},
-              "wall_seconds": round(total.wall, 1), "cpu_seconds": round(total.cpu, 1)}
+              "wall_seconds": round(total.wall + before["wall_seconds"], 1), "cpu_seconds": round(total.cpu + before["cpu_seconds"], 1)}
     cache_dir.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result))
+    partial.unlink(missing_ok=True)
     return {**result, "winners": winners, "cached": False}

@@ -15,6 +15,10 @@ class Timer:
         self._wall, self._cpu = time.perf_counter(), time.process_time()
         return self
 
+    def elapsed(self) -> tuple[float, float]:
+        """(wall, CPU) seconds so far, inside the block."""
+        return time.perf_counter() - self._wall, time.process_time() - self._cpu
+
     def __exit__(self, *exc) -> None:
         self.wall = time.perf_counter() - self._wall
         self.cpu = time.process_time() - self._cpu
