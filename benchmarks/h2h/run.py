@@ -151,11 +151,11 @@ class Runner:
             missing = list(range(missing[0], items[-1] + 1))
             self._prepare_state(regime, workload, method, setting, missing[0], queries)
         sub = queries.subset(missing)
-        if method.family not in NO_KB_FAMILIES:
-            kb = self.bench.kb(regime)  # built (or loaded) outside the counting session: no item pays for it
-            self._prepared(regime, f"KB {kb.name}", kb.build_wall_seconds, kb.build_cpu_seconds)
         t0 = time.perf_counter()
         try:
+            if method.family not in NO_KB_FAMILIES:
+                kb = self.bench.kb(regime)  # built (or loaded) outside the counting session: no item pays for it
+                self._prepared(regime, f"KB {kb.name}", kb.build_wall_seconds, kb.build_cpu_seconds)
             out, m = self._sample(regime, workload, method, setting, sub, tuple(missing))
             ok, why = claim_check(out, m.nfe)
             if not ok:
