@@ -13,6 +13,7 @@ pictures show) and kb_tools.samplers.tstitch (T-Stitch in one sampler run):
 - redi / redi_four_nodes: one ReDi query, query -> weighted neighbours -> blend -> result;
 - stylize: content key with a sepia resume, next to the plain content image;
 - tstitch: the small model's steps, then the large model's, against the large model alone;
+- calibrated: euler, the calibration's choice and the converged image at the same few evaluations on fresh seeds;
 - diagram: the template's stage groups as boxes (for a template without a recipe of its own).
 """
 from __future__ import annotations
@@ -41,6 +42,9 @@ ACCENT = (120, 190, 120)
 STEPS, CFG, SAMPLER, SCHEDULER = 10, 3.0, "euler", "normal"
 KEY, VALUE, H = 3, 6, 3
 KB_PHOTOS, KB_DIGITS = 120, 8   # the query figures use photo captions: a photo-heavy KB has nearer neighbours
+# The calibrated sampler's picture: its step count, teachers (a sample of the KB's entries), fresh seeds (not the KB's 0)
+# and the converged reference it is scored against (dpmpp_2m/karras at 100 steps, as benchmarks/h2h/converged.py).
+CALIBRATED_NFE, CALIBRATION_TEACHERS, FRESH_SEEDS, CONVERGED = 6, 32, [101, 102, 103], ("dpmpp_2m", "karras", 100)
 DOCS_IMG = PACK_DIR / "web" / "docs" / "img"
 
 
@@ -297,6 +301,45 @@ def draw_tstitch(m: Models, template: Template):
     return img
 
 
+def draw_calibrated(m: Models, template: Template):
+    """Fresh seeds and held-out captions at CALIBRATED_NFE evaluations: euler/normal, what the calibration chose for
+    this model, and the converged image they are scored against (mean squared error under each)."""
+    import torch
+    from kb_tools import calibrate_sampler, cfg_guider, plain_sigmas, sample_counted, seeded_noise
+    calibration = calibrate_sampler(m.kb, m.large, m.encode, nfe=(CALIBRATED_NFE,), cfgs=(CFG,),
+                                    teachers=CALIBRATION_TEACHERS, latent_shape=m.kb.latent_shape)
+    choice = calibration.choice(m.large, CFG, m.kb.latent_shape, CALIBRATED_NFE)
+    prompts, seeds = queries(3), FRESH_SEEDS
+    pos, neg = conditioning(m, prompts)
+    latent = torch.zeros((len(prompts), *m.kb.latent_shape))
+
+    def plain_run(sampler: str, schedule: str, steps: int):
+        guider = cfg_guider(m.large, pos, neg, CFG)
+        return sample_counted(guider, latent, seeds, plain_sigmas(m.large, sampler, schedule, steps), sampler)[0]
+
+    with torch.no_grad():
+        ran = cfg_guider(m.large, pos, neg, CFG).sample(
+            seeded_noise(latent, seeds), latent, choice.ksampler(), torch.as_tensor(choice.sigmas).float(),
+            disable_pbar=True, seed=seeds[0]).float().cpu()
+    euler = plain_run("euler", "normal", CALIBRATED_NFE)
+    converged = plain_run(*CONVERGED)
+    chosen = "calibrated" if choice.kind == "calibrated" else f"{choice.sampler_name}/{choice.schedule}"
+    img, draw = canvas("Calibrated sampler", f"{CALIBRATED_NFE} model evaluations on fresh seeds: euler, what the "
+                                             "calibration chose for this model, and the converged image")
+    px, y0 = 96, 96
+    columns = [("euler/normal", euler), (chosen, ran), ("converged", converged)]
+    for c, (name, latents) in enumerate(columns):
+        x = 24 + c * (px + 28)
+        label(draw, (x + px // 2, y0 - 6), name, size=13, anchor="md")
+        for r in range(3):
+            y = y0 + r * (px + 4)
+            mse = float(((latents[r] - converged[r]) ** 2).mean())
+            paste(img, draw, latents[r], x, y, px, outline=ACCENT if latents is ran else None)
+            if latents is not converged:
+                label(draw, (x + px + 2, y + px - 2), f"{mse:.0e}", size=11, fill=MUTED, anchor="rd")
+    return img
+
+
 def draw_diagram(m: Models | None, template: Template):
     """The template's stages (its groups, read me excepted) as boxes with arrows, band by band."""
     stages = [g for g in template.groups if g.title.lower() != "read me"]
@@ -313,7 +356,7 @@ def draw_diagram(m: Models | None, template: Template):
 
 
 RECIPES = {"build": draw_build, "redi": draw_redi, "redi_four_nodes": draw_four_nodes, "stylize": draw_stylize,
-           "tstitch": draw_tstitch, "diagram": draw_diagram}
+           "tstitch": draw_tstitch, "calibrated": draw_calibrated, "diagram": draw_diagram}
 
 
 def main(argv: list[str] | None = None) -> int:
