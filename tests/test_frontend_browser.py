@@ -41,7 +41,8 @@ RUN_TIMEOUT_S = 1800      # a queued workflow on a busy CPU
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
                   "--window-size=1600,1000", "--force-device-scale-factor=1"]
-SUMMARY_NODES = {"BuildKnowledgeBase", "ReDiRetrieve", "ReDiResumeSample", "ReDiSampler", "ReDiLearningSampler"}
+SUMMARY_NODES = {"BuildKnowledgeBase", "ReDiRetrieve", "ReDiResumeSample", "ReDiSampler", "ReDiLearningSampler",
+                 "ReDiCalibrateSampler", "ReDiCalibratedSampler"}
 # ReDiLoadKnowledgeBase's kb_name choices as the page knows them (V3 combos: ["COMBO", {options: [...]}]).
 KB_OPTIONS = """const spec = LiteGraph.registered_node_types.ReDiLoadKnowledgeBase.nodeData.input.required.kb_name;
                 const opts = Array.isArray(spec[0]) ? spec[0] : spec[1].options; return opts;"""

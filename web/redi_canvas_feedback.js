@@ -1,6 +1,7 @@
 // ReDi canvas feedback (served from /extensions/<pack folder>/ through the pack's WEB_DIRECTORY).
 //
-// 1. Nodes that report a run (BuildKnowledgeBase, ReDiRetrieve, ReDiResumeSample, ReDiSampler, ReDiLearningSampler)
+// 1. Nodes that report a run (BuildKnowledgeBase, ReDiRetrieve, ReDiResumeSample, ReDiSampler, ReDiLearningSampler,
+//    ReDiCalibrateSampler, ReDiCalibratedSampler)
 //    get a read-only "summary" box. It is there from the start (so templates lay out with it and
 //    nothing moves after a run) and shows the `text` of the node's ui output when it finishes.
 //    ComfyUI draws the `images` of a ui output (ReDiRetrieve's neighbours) by itself.
@@ -11,7 +12,8 @@ import { api } from "../../scripts/api.js";
 
 // Node types that get the summary box. A pack node not listed here that sends `text` gets the
 // box on its first run instead.
-const SUMMARY_NODES = new Set(["BuildKnowledgeBase", "ReDiRetrieve", "ReDiResumeSample", "ReDiSampler", "ReDiLearningSampler"]);
+const SUMMARY_NODES = new Set(["BuildKnowledgeBase", "ReDiRetrieve", "ReDiResumeSample", "ReDiSampler", "ReDiLearningSampler",
+                               "ReDiCalibrateSampler", "ReDiCalibratedSampler"]);
 const SUMMARY_WIDGET = "redi_summary";
 const SUMMARY_HEIGHT = 96;
 const PLACEHOLDER = "The run summary appears here when this node has run.";
