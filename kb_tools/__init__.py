@@ -37,7 +37,7 @@ _PUBLIC = {
     **dict.fromkeys(("sampler_names", "scheduler_names", "schedule_sigmas", "seeded_noise"), "comfy.model_facts"),
     **dict.fromkeys(("batch_conditioning", "cfg_guider", "sample_prompts"), "comfy.plain"),
     "sample_counted": "comfy.counted",
-    **dict.fromkeys(("PLAIN_SAMPLERS", "PLAIN_SCHEDULES", "plain_sigmas", "schedule_names", "steps_for_nfe", "nfe_for_steps"),
+    **dict.fromkeys(("PLAIN_SAMPLERS", "PLAIN_SCHEDULES", "COMMON_SAMPLERS", "COMMON_SCHEDULES", "plain_sigmas", "schedule_names", "steps_for_nfe", "nfe_for_steps"),
                     "comfy.schedules"),
     # calibration
     **dict.fromkeys(("GUARD_AUTO", "FALLBACK_GUARD", "default_tolerance"), "calibration.guard"),
@@ -73,7 +73,7 @@ if TYPE_CHECKING:  # the same names for type checkers and readers of the import 
     from .calibration.sampler_fit import fit_coefficients, SamplerFit
     from .comfy.counted import sample_counted
     from .comfy.model_facts import sampler_names, schedule_sigmas, scheduler_names, seeded_noise
-    from .comfy.schedules import nfe_for_steps, PLAIN_SAMPLERS, PLAIN_SCHEDULES, plain_sigmas, schedule_names, steps_for_nfe
+    from .comfy.schedules import COMMON_SAMPLERS, COMMON_SCHEDULES, nfe_for_steps, PLAIN_SAMPLERS, PLAIN_SCHEDULES, plain_sigmas, schedule_names, steps_for_nfe
     from .comfy.plain import batch_conditioning, cfg_guider, sample_prompts
     from .core.coarse_grid import coarse_grid, parse_grid
     from .core.errors import KBChangedError, KBError, KBMismatchError

@@ -18,7 +18,8 @@ import comfy.utils
 import torch
 from comfy_api.latest import io
 
-from ..kb_tools import Evaluations, KBError, calibrate_sampler, load_sampler_calibration
+from ..kb_tools import (COMMON_SAMPLERS, COMMON_SCHEDULES, PLAIN_SAMPLERS, PLAIN_SCHEDULES, Evaluations, KBError,
+                        calibrate_sampler, load_sampler_calibration)
 from . import feedback
 from .common import CATEGORY, KnowledgeBaseType, clip_encoder, kb_path, log, open_kb, preview_callback, refusal, with_samples
 
@@ -28,6 +29,9 @@ SIGMAS_NODE = "ReDiCalibratedSigmas"
 SIGMAS_RTOL = 1e-4
 MAX_NFE = 1000
 MAX_CFG = 100.0
+#: compare_with: the built-in sampler x schedule grid the held-out check runs (kb_tools.comfy.schedules).
+BUILTIN_GRIDS = {"every built-in choice": (PLAIN_SAMPLERS, PLAIN_SCHEDULES),
+                 "common choices": (COMMON_SAMPLERS, COMMON_SCHEDULES)}
 
 STEPS_TOOLTIP = ("Model evaluations per image (NFE): one of the step counts the knowledge base was calibrated for "
                  "(ReDiCalibrateSampler's nfe list); another value is refused with the calibrated ones named. Fewer = "
@@ -200,6 +204,14 @@ class ReDiCalibrateSampler(io.ComfyNode):
                 io.Latent.Input("latent_image", optional=True,
                                 tooltip="An empty latent of the size you will sample at (the calibration holds for that "
                                         "size only). Default: the knowledge base's size; needed without one."),
+                io.Int.Input("teacher_steps", default=100, min=8, max=4000, optional=True,
+                             tooltip="Steps of each teacher run (DPM++ 2M, Karras): the converged image the fit aims at. "
+                                     "More = closer to the true image, slower; the summary's doubling figure says "
+                                     "whether it was enough. Lower only for a quick first try."),
+                io.Combo.Input("compare_with", options=list(BUILTIN_GRIDS), default="every built-in choice", optional=True,
+                               tooltip="The built-in sampler x scheduler choices the held-out check compares with. "
+                                       "'common choices' (euler, dpmpp_2m, deis, uni_pc x normal, karras, AYS, GITS) is "
+                                       "quicker but may miss the best built-in choice for your model."),
             ],
             outputs=[KnowledgeBaseType.Output(display_name="knowledge_base",
                                               tooltip="The knowledge base, now holding the calibration: connect it to "
@@ -214,7 +226,8 @@ class ReDiCalibrateSampler(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, nfe: str, cfg: str, teachers: int, negative_prompt: str, knowledge_base=None,
-                prompts: str = "", kb_name: str = "my-calibration", latent_image=None) -> io.NodeOutput:
+                prompts: str = "", kb_name: str = "my-calibration", latent_image=None, teacher_steps: int = 100,
+                compare_with: str = "every built-in choice") -> io.NodeOutput:
         nfe_values, cfgs = parse_nfe_list(nfe), parse_cfg_list(cfg)
         lines = [p.strip() for p in (prompts or "").splitlines() if p.strip()]
         if knowledge_base is None and not lines:
@@ -226,12 +239,14 @@ class ReDiCalibrateSampler(io.ComfyNode):
         latent_shape = None if latent_image is None else tuple(int(s) for s in latent_image["samples"].shape[1:])
         target = knowledge_base if knowledge_base is not None else str(kb_path(kb_name, for_writing=True))
         pbar = comfy.utils.ProgressBar(1)
+        samplers, schedules = BUILTIN_GRIDS[compare_with]
         calibration = calibrate_sampler(
             target, model, clip_encoder(clip), nfe=nfe_values, cfgs=cfgs, teachers=teachers,
             negative_prompt=negative_prompt, latent_shape=latent_shape, prompts=lines or None,
             progress=lambda done, total: pbar.update_absolute(done, total),
             should_stop=comfy.model_management.processing_interrupted,
-            log=lambda message: log.info("ReDi calibrate: %s", message))
+            log=lambda message: log.info("ReDi calibrate: %s", message), fine_steps=int(teacher_steps),
+            samplers=samplers, schedules=schedules)
         # Stopped by the user: what is done is stored, a rerun resumes; end this run as ComfyUI's interrupt does.
         comfy.model_management.throw_exception_if_processing_interrupted()
         if calibration is None:

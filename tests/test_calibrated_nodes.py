@@ -44,10 +44,11 @@ def redi(pack):
 @pytest.fixture(scope="module")
 def nodes(pack):
     """The node module, its calibrate_sampler (kb_tools' real one) called with the SMALL sizes."""
-    import functools
     module = pack.nodes.calibrated
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(module, "calibrate_sampler", functools.partial(module.calibrate_sampler, **SMALL))
+        real = module.calibrate_sampler
+        # The SMALL sizes win over what the node passes (its teacher_steps / compare_with inputs at their defaults).
+        patch.setattr(module, "calibrate_sampler", lambda *args, **kwargs: real(*args, **{**kwargs, **SMALL}))
         yield module
 
 
@@ -285,3 +286,19 @@ def test_a_kb_without_calibration_names_the_node_to_run(redi, nodes, model, tmp_
         drop_in(nodes, model, bare)
     with pytest.raises(redi.KBError, match="ReDiCalibrateSampler"):
         nodes.SamplerReDiCalibrated.execute(knowledge_base=bare, steps=NFE[-1], cfg=CFG)
+
+
+def test_teacher_steps_and_compare_with_reach_the_calibration(pack, nodes, model, calibrated, monkeypatch):
+    """The two quick-try inputs are passed through: 'common choices' is the common grid, teacher_steps the fine grid."""
+    seen = {}
+    real = nodes.calibrate_sampler
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(nodes, "calibrate_sampler", spy)
+    calibrate(nodes, model, knowledge_base=calibrated[0], teacher_steps=12, compare_with="common choices")
+    k = pack.kb_tools
+    assert (seen["fine_steps"], seen["samplers"], seen["schedules"]) == (12, k.COMMON_SAMPLERS, k.COMMON_SCHEDULES)
+    assert set(k.COMMON_SAMPLERS) <= set(k.PLAIN_SAMPLERS) and set(k.COMMON_SCHEDULES) <= set(k.PLAIN_SCHEDULES)
