@@ -13,7 +13,7 @@ KB (euler, T = 20, stored steps 1..19), generations one at a time, each
 `kb_tools.samplers.learning.generate_learning_corrected` at each NFE budget (the coarse_grid rule):
 corrected where the KB holds >= H entries and the residual guard accepts, else sampled in full and
 learned. Quality: per-sample MSE to plain euler at T full steps, beside plain euler at the same NFE
-(the budget) and the oracle sampler of benchmarks/results/head_to_head_corrected.md at that NFE,
+(the budget) and the oracle sampler an earlier head-to-head run chose at that NFE (ORACLE below),
 paired on the corrected items.
 """
 from __future__ import annotations
@@ -42,7 +42,7 @@ from embedded.models import setup_comfy  # noqa: E402
 RESULTS = PACK / "benchmarks" / "results"
 SCRATCH = PACK / ".scratch" / "learning_corrected"
 #: The oracle (best sampler x scheduler on the selection captions) per budget at T = 20, from
-#: benchmarks/results/head_to_head_corrected.md; chosen there before this benchmark existed.
+#: an earlier head-to-head run (euler-20-referenced, since retired; benchmarks/README.md keeps its history).
 ORACLE = {5: ("res_multistep", "sgm_uniform"), 10: ("deis", "karras")}
 
 
