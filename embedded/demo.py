@@ -1,4 +1,4 @@
-"""ReDi and T-Stitch on the embedded crops models: build a knowledge base, query it, compare.
+"""ReDi, T-Stitch and the KB-calibrated sampler on the embedded crops models: build a knowledge base, query it, compare.
 
     bash scripts/demo.sh                 # full demo (a few minutes on 2 CPU cores)
     bash scripts/demo.sh --fresh         # rebuild the knowledge base from scratch
@@ -20,10 +20,20 @@
    - "foreign seed": seeds the knowledge base never saw (expected: no usable neighbour, so the
      guard should send the items back to plain sampling).
 3. Prints NFE, wall time, MSE to the full-step plain output from the same noise and the judge's
-   source accuracy per method, and ReDi's summary line; writes OUTPUT/demo_results.json.
-4. Writes OUTPUT/demo_grid.png: one row per KB-seed query, columns = plain full steps | ReDi |
+   source accuracy per method, and ReDi's summary line; writes OUTPUT/demo_results.json (with
+   step 4's figures under "calibrated_sampler").
+4. Calibrates a few-step sampler on the knowledge base (`kb_tools.calibrate_sampler`, the
+   ReDiCalibrateSampler node: --teachers of its entries, a quarter held out; stored with the KB and
+   reused by later runs), then samples the held-out captions from FRESH seeds (2000000 + i, never
+   the KB's) at --calibrated-nfe model evaluations with what ReDiCalibratedSampler runs, with the
+   calibration's held-out winner among the built-in sampler x schedule choices, and with
+   euler/normal; prints their MSE to the converged solution (dpmpp_2m/karras, 100 steps, same noise)
+   and the calibration's summary line ("best for this model at 8 steps: ...").
+5. Writes OUTPUT/demo_grid.png: one row per held-out caption, columns = plain full steps | ReDi |
    plain at ReDi's NFE | T-Stitch | the H retrieved neighbours' final images (their source and
-   blend weight in the corner). A red frame marks a ReDi item the guard sent back.
+   blend weight in the corner), all from the row's KB seed; then, from the row's fresh seed,
+   converged | calibrated | best built-in | euler at the same NFE (MSE to converged x 1e3 in the
+   corner). A red frame marks a ReDi item the guard sent back.
 """
 from __future__ import annotations
 
@@ -51,6 +61,11 @@ from .rendering import IMAGE_SIZE, to_pil
 SAMPLER = "euler"
 SCHEDULER = "normal"
 FOREIGN_SEED_BASE = 1_000_000
+#: Fresh seeds of the calibrated-sampler comparison: neither the KB's (0..S-1) nor the foreign protocol's.
+FRESH_SEED_BASE = 2_000_000
+#: The converged solution the calibrated comparison scores against: dpmpp_2m/karras at 100 steps moves by about 1e-6
+#: (MSE) when doubled on this model at cfg 3 (benchmarks/results/converged_validity/validity.json).
+CONVERGED = ("dpmpp_2m", "karras", 100)
 CELL_SCALE = 4
 
 
@@ -72,6 +87,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                    help="bf16 runs both UNets under bfloat16 autocast: about 2x faster on CPUs with AMX / AVX512-BF16, "
                         "outputs within ~1e-5 MSE of fp32. auto: bf16 on such CPUs, else fp32")
+    p.add_argument("--calibrated-nfe", type=int, default=8,
+                   help="model evaluations at which the calibrated sampler, the best built-in choice and euler are compared")
+    p.add_argument("--teachers", type=int, default=32, help="KB entries the sampler calibration learns from (a quarter held out)")
+    p.add_argument("--teacher-steps", type=int, default=100,
+                   help="fine dpmpp_2m/karras steps of each calibration teacher (its doubling check runs twice as many)")
+    p.add_argument("--search-sweeps", type=int, default=0,
+                   help="coordinate-descent sweeps of the calibration's schedule search (0: built-in and karras-rho schedules only)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     return p
 
@@ -126,6 +148,65 @@ def write_grid(path: Path, columns: list[tuple[str, list]], row_labels: list[str
                 draw.text((xs[c] + 2, y), text, fill=(255, 210, 0), font=font)
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path)
+
+
+def compare_calibrated(S, kb, model, queries, a) -> tuple[dict, list[tuple[str, torch.Tensor]]]:
+    """The KB's calibrated sampler beside the best built-in choice and euler/normal at the same NFE, on fresh seeds.
+
+    Calibrates on `a.teachers` KB entries (or reuses the calibration stored with the KB), then samples
+    the held-out captions from seeds the KB never saw with what ReDiCalibratedSampler runs, with the
+    calibration's held-out winner among the built-in sampler x schedule choices, and with euler/normal,
+    each scored as per-item MSE to the converged solution (CONVERGED) from the same noise.
+    Returns (the JSON block, [(grid column label, latents [n, 3, 16, 16])]).
+    """
+    from kb_tools import plain_sigmas, schedule_sigmas, steps_for_nfe
+
+    from .rendering import LATENT_SHAPE
+
+    n, nfe = len(queries), a.calibrated_nfe
+    prompts, seeds = [c.prompt() for c in queries], [FRESH_SEED_BASE + i for i in range(n)]
+    t = _clock()
+    with tqdm(desc="sampler calibration", unit="step") as bar:
+        def progress(done, todo):
+            bar.total = todo
+            bar.n = done
+            bar.refresh()
+
+        calibration, reused = S.calibrated_sampler(kb, model, nfe=nfe, cfg=a.cfg, teachers=a.teachers,
+                                                   fine_steps=a.teacher_steps, search_sweeps=a.search_sweeps,
+                                                   progress=progress)
+    cal_seconds = _since(t)
+    choice = calibration.choice(model, a.cfg, LATENT_SHAPE, nfe)
+    held = choice.heldout
+    best_sampler = held["best_builtin"].split("/")[0]
+    truth, _ = S.sample_on(model, prompts, seeds, schedule_sigmas(model, *CONVERGED), a.cfg, CONVERGED[0])
+    node = (f"calibrated ({choice.schedule})" if choice.kind == "calibrated"
+            else f"calibrated node -> {choice.sampler_name}/{choice.schedule}")
+    runs = [(node, "calibrated", choice.sigmas, choice),
+            (f"best built-in {held['best_builtin']}", held["best_builtin"], held["best_builtin_sigmas"], best_sampler),
+            ("euler/normal", "euler", plain_sigmas(model, "euler", "normal", steps_for_nfe("euler", nfe)), "euler")]
+    methods, columns = {}, [("converged", truth)]
+    for name, short, sigmas, sampler in runs:
+        t = _clock()
+        lat, evaluations = S.sample_on(model, prompts, seeds, sigmas, a.cfg, sampler)
+        sec, cpu = _since(t)
+        per_item = ((lat.float() - truth.float()) ** 2).flatten(1).mean(1).double().numpy()
+        methods[name] = {"nfe": float(evaluations.mean()), "seconds": round(sec, 3), "cpu_seconds": round(cpu, 3),
+                         "mse_to_converged": float(per_item.mean()),
+                         "mse_se": float(per_item.std(ddof=1) / np.sqrt(n)) if n > 1 else 0.0,
+                         "per_item": per_item.tolist(), "finite": bool(torch.isfinite(lat).all())}
+        columns.append((f"{short} {nfe}", lat))
+    info = {"nfe": nfe, "cfg": a.cfg, "seeds": seeds, "captions": "the held-out query captions",
+            "reference": f"{CONVERGED[0]}/{CONVERGED[1]} {CONVERGED[2]} steps from the same noise",
+            "choice": {"kind": choice.kind, "sampler": choice.sampler_name, "schedule": choice.schedule},
+            "summary_line": choice.summary_line(),
+            "calibration": {"reused": reused, "teachers": a.teachers, "teacher_steps": a.teacher_steps,
+                            "search_sweeps": a.search_sweeps, "wall_seconds": round(cal_seconds[0], 1),
+                            "cpu_seconds": round(cal_seconds[1], 1),
+                            "heldout": {k: held.get(k) for k in ("n", "kind", "calibrated_mse", "best_builtin", "best_builtin_mse",
+                                                                 "euler_normal_mse", "diff_se")}},
+            "methods": methods}
+    return info, columns
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -252,7 +333,21 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"[{name}] {info['redi_summary']}")
     print(f"[T-Stitch] {results['protocols']['KB seed']['tstitch_summary']}")
 
-    # ------------------------------------------------------------------ 4. grid
+    # ------------------------------------------------------------------ 4. calibrated sampler, fresh seeds
+    calibrated, calibrated_columns = compare_calibrated(S, kb, large, queries, a)
+    results["calibrated_sampler"] = calibrated
+    cal = calibrated["calibration"]
+    source = "stored with the KB, reused" if cal["reused"] else f"{cal['teachers']} teachers from the KB"
+    print(f"\nsampler calibration ({source}: {cal['wall_seconds']:.0f} s wall, {cal['cpu_seconds']:.0f} s CPU); {n} held-out captions, fresh seeds "
+          f"{FRESH_SEED_BASE}.., {calibrated['nfe']} NFE each, scored against {calibrated['reference']}:")
+    print(f"{'method':<44} {'NFE/img':>8} {'wall s':>7} {'MSE->converged':>15} {'se':>9} {'x calibrated':>12}")
+    first = next(iter(calibrated["methods"].values()))["mse_to_converged"]
+    for method, m in calibrated["methods"].items():
+        ratio = m["mse_to_converged"] / first if first > 0 else float("nan")
+        print(f"{method:<44} {m['nfe']:>8g} {m['seconds']:>7.2f} {m['mse_to_converged']:>15.2e} {m['mse_se']:>9.1e} {ratio:>12.2f}")
+    print(f"[calibrated] {calibrated['summary_line']}")
+
+    # ------------------------------------------------------------------ 5. grid
     seeds, lats, names, rep = grid
     ids = rep.neighbour_ids
     entries = kb.entries
@@ -265,6 +360,10 @@ def main(argv: list[str] | None = None) -> dict:
     columns += [(f"nb {j + 1}", [nb_final[r, j] for r in range(n)]) for j in range(a.h)]
     corner = {(r, 4 + j): f"{nb_names[r * a.h + j][:5]} {rep.weights[r, j]:+.1f}"
               for r in range(n) for j in range(a.h)}
+    base = len(columns)
+    columns += [(label, [lat[r] for r in range(n)]) for label, lat in calibrated_columns]
+    per_item = [m["per_item"] for m in calibrated["methods"].values()]
+    corner.update({(r, base + 1 + j): f"{1e3 * v[r]:.1f}" for j, v in enumerate(per_item) for r in range(n)})
     frames = {(r, 1): (220, 40, 40) for r in range(n) if not rep.accepted[r]}
     grid_path = out_dir / "demo_grid.png"
     row_labels = [f"{c.name.replace('digit ', 'digit')[:8]} s{s}" for c, s in zip(queries, seeds)]

@@ -13,7 +13,8 @@ the offline command uses, given the embedded text encoder and latent shape:
 - the KB-corrected coarse Euler solver: `kb_tools.samplers.corrected.generate` (the SamplerReDiCorrected node),
   and against a learning KB `kb_tools.samplers.learning.generate_learning_corrected`;
 - knowledge bases: `kb_tools.build.builder.build_knowledge_base` and `retrieval.calibrate` (what
-  `python -m kb_tools calibrate` stores for the auto guard).
+  `python -m kb_tools calibrate` stores for the auto guard), `kb_tools.calibrate_sampler` (the sampler calibration);
+- a run over given sigmas with a sampler name or a calibrated choice (`sample_on`, what ReDiCalibratedSampler runs).
 Every batch item has its own seed (the noise ComfyUI draws for a batch of one with that seed).
 
 Import this module after `embedded.models.setup_comfy()`: kb_tools imports ComfyUI, which reads
@@ -101,6 +102,28 @@ def tstitch(small, large, prompts: Sequence[str], seeds: Sequence[int], recipe: 
     return out["samples"].float(), result
 
 
+def sample_on(model, prompts: Sequence[str], seeds: Sequence[int], sigmas: torch.Tensor, cfg: float,
+              sampler) -> tuple[torch.Tensor, np.ndarray]:
+    """(latents [N, C, H, W], counted evaluations per item [N]) of one run over exactly `sigmas`.
+
+    sampler: a ComfyUI sampler name, or a CalibratedChoice (its KSAMPLER, what ReDiCalibratedSampler runs).
+    """
+    positive, negative = conditioning(prompts)
+    guider = cfg_guider(model, positive, negative, cfg)
+    sigmas = torch.as_tensor(sigmas).float()
+    if not isinstance(sampler, str) and sampler.kind == "builtin":
+        sampler = sampler.sampler_name  # the built-in sampler on the choice's sigmas, counted like any plain run
+    if isinstance(sampler, str):
+        out, _, tally = sample_counted(guider, empty_latents(len(prompts)), seeds, sigmas, sampler)
+        return out, tally.per_item()
+    tally = redi.Evaluations(len(prompts))
+    latent = empty_latents(len(prompts))
+    with torch.no_grad():
+        out = guider.sample(redi.seeded_noise(latent, seeds), latent, sampler.ksampler(tally), sigmas, disable_pbar=True,
+                            seed=int(seeds[0]))
+    return out.detach().float().cpu(), tally.per_item()
+
+
 # --------------------------------------------------------------------------- knowledge bases
 
 def build_kb(path: str | Path, model, prompts: Sequence[str], seeds: Sequence[int], recipe: Recipe,
@@ -132,6 +155,24 @@ def calibrate_plain_reference(kb: KnowledgeBase, model, key_step: int, h: int, *
     reference = fit_plain_reference(measure_reference(kb, model, encode, measured, items=items))
     store_plain_reference(kb, key_step, reference)
     return reference
+
+
+def calibrated_sampler(kb: KnowledgeBase, model, *, nfe: int, cfg: float, teachers: int, fine_steps: int = 100,
+                       search_sweeps: int = 2, progress: Callable[[int, int], None] | None = None):
+    """(SamplerCalibration, reused) for `nfe` at `cfg`: the one stored with the KB, else calibrated on `teachers` of its
+    entries and stored (`kb_tools.calibrate_sampler`, the ReDiCalibrateSampler node)."""
+    try:
+        calibration = redi.load_sampler_calibration(kb)
+        calibration.choice(model, cfg, LATENT_SHAPE, nfe)
+        return calibration, True
+    except redi.KBError:
+        pass
+    # The common built-in grid (ReDiCalibrateSampler's 'common choices'): the full grid's held-out check would make the
+    # demo several times longer on a CPU.
+    return redi.calibrate_sampler(kb, model, encode, nfe=(int(nfe),), cfgs=(float(cfg),), teachers=int(teachers),
+                                  fine_steps=int(fine_steps), search_sweeps=int(search_sweeps),
+                                  samplers=redi.COMMON_SAMPLERS, schedules=redi.COMMON_SCHEDULES,
+                                  progress=progress), False
 
 
 def kb_subset(kb: KnowledgeBase, path: str | Path, ids: np.ndarray) -> KnowledgeBase:

@@ -167,25 +167,35 @@ def test_demo_runs_end_to_end(comfy, tmp_path, capsys):
     from embedded import demo
 
     tiny = ["--output", str(tmp_path), "--captions", "6", "--seeds", "2", "--queries", "2",
-            "--steps", "10", "--key", "3", "--value", "5", "--store-steps", "3-6"]
+            "--steps", "10", "--key", "3", "--value", "5", "--store-steps", "3-6",
+            "--calibrated-nfe", "4", "--teachers", "8", "--teacher-steps", "20", "--search-sweeps", "0"]
     results = demo.main(tiny)
     png = tmp_path / "demo_grid.png"
     assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     from PIL import Image
 
     with Image.open(png) as img:
-        assert img.width > 7 * 64 and img.height > 2 * 64
+        assert img.width > 11 * 64 and img.height > 2 * 64  # 7 ReDi/T-Stitch columns + 4 calibrated
     assert results["kb"]["entries"] == 6 * 2
     saved = json.loads((tmp_path / "demo_results.json").read_text())
     for protocol in ("KB seed", "foreign seed"):
         methods = saved["protocols"][protocol]["methods"]
         assert len(methods) == 4 and all(m["finite"] for m in methods.values())
         assert saved["protocols"][protocol]["redi_summary"].startswith("ReDi:")
+    # the calibrated sampler beside the best built-in choice and euler at 4 counted NFE, on fresh seeds, vs converged
+    calibrated = saved["calibrated_sampler"]
+    assert calibrated["nfe"] == 4 and all(s >= demo.FRESH_SEED_BASE for s in calibrated["seeds"])
+    assert len(calibrated["methods"]) == 3
+    assert all(m["nfe"] == 4 and m["finite"] and m["mse_to_converged"] >= 0 for m in calibrated["methods"].values())
+    assert calibrated["summary_line"].startswith("best for this model at 4 steps:")
+    assert calibrated["calibration"]["reused"] is False
     out = capsys.readouterr().out
     assert "MSE->full" in out and "ReDi:" in out and "T-Stitch:" in out
+    assert "MSE->converged" in out and "[calibrated] best for this model at 4 steps:" in out
     assert results["kb"]["added"] == 12
-    # a second run resumes: nothing to add
-    assert demo.main(tiny)["kb"]["added"] == 0
+    # a second run resumes: nothing to add, the stored sampler calibration is reused
+    again = demo.main(tiny)
+    assert again["kb"]["added"] == 0 and again["calibrated_sampler"]["calibration"]["reused"] is True
 
 
 def test_shipped_files_stay_small_and_documented():
