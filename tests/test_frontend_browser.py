@@ -40,7 +40,7 @@ PAGE_TIMEOUT_S = 600      # page start, template loads (safety nets, polled)
 RUN_TIMEOUT_S = 1800      # a queued workflow on a busy CPU
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--window-size=1600,1000", "--force-device-scale-factor=1"]
+                  "--window-size=1600,1400", "--force-device-scale-factor=1"]  # 1400 px: all nine template cards on screen (the front end renders a card's image only when visible)
 SUMMARY_NODES = {"BuildKnowledgeBase", "ReDiRetrieve", "ReDiResumeSample", "ReDiSampler", "ReDiLearningSampler",
                  "ReDiCalibrateSampler", "ReDiCalibratedSampler"}
 # ReDiLoadKnowledgeBase's kb_name choices as the page knows them (V3 combos: ["COMBO", {options: [...]}]).
