@@ -116,8 +116,8 @@ def check_guider_cfg(guider, cfg: float) -> None:
 def choice_text(choice, evaluations: Evaluations | None = None) -> str:
     """What ran: the calibration's summary line, then which sampler ran (saying so when it is a built-in one)."""
     if choice.kind == "builtin":
-        ran = (f"Ran the built-in {choice.sampler_name}/{choice.schedule} ({choice.steps} steps): at {choice.nfe} steps the "
-               "held-out check found the calibrated sampler no better than it for this model.")
+        ran = (f"Ran the built-in {choice.sampler_name}/{choice.schedule} ({choice.steps} steps): the held-out check's "
+               f"choice for this model at {choice.nfe} steps.")
     else:
         ran = f"Ran the calibrated sampler on its {choice.schedule} schedule ({choice.steps} steps)."
     lines = [choice.summary_line(), ran]

@@ -3,6 +3,7 @@ recomputing stored teachers (evaluations counted), the held-out winner rule, the
 uncalibrated cfg / size / N, a damaged, hostile or linked record), and the CLI subcommand in a real subprocess."""
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -88,9 +89,13 @@ def test_the_calibration_is_stored_with_the_kb_and_reloads_bit_for_bit(k, model,
     assert set(h["grid"]) == {"euler/normal", "euler/karras", "dpmpp_2m/normal", "dpmpp_2m/karras"} and h["n"] == 2
 
 
-def test_the_choice_runs_in_comfyui_at_its_nfe(k, model, calibrated):
+@pytest.mark.parametrize("kind", ["calibrated", "builtin"])
+def test_the_choice_runs_in_comfyui_at_its_nfe(k, model, calibrated, kind):
     root, cal = calibrated
-    choice = cal.choice(model, 3.0, SHAPE, 3)
+    record = copy.deepcopy(cal.record)  # both verdicts, whichever the 2 held-out items gave (too few to prove a win)
+    record["cfgs"]["3"]["nfe"]["3"]["heldout"]["kind"] = kind
+    choice = k.SamplerCalibration(record).choice(model, 3.0, SHAPE, 3)
+    assert choice.kind == kind and cal.choice(model, 3.0, SHAPE, 3).kind == "builtin"
     pos = k.batch_conditioning([encode("a fresh prompt"), encode("another one")])
     neg = k.batch_conditioning([encode("")] * 2)
     latent = torch.zeros(2, *SHAPE)
@@ -99,8 +104,7 @@ def test_the_choice_runs_in_comfyui_at_its_nfe(k, model, calibrated):
         out = k.cfg_guider(model, pos, neg, 3.0).sample(k.seeded_noise(latent, [11, 12]), latent, choice.ksampler(tally),
                                                         choice.sigmas, disable_pbar=True, seed=11)
     assert torch.isfinite(out).all()
-    if choice.kind == "calibrated":
-        assert tally.per_item().tolist() == [3, 3]
+    assert tally.per_item().tolist() == [3, 3]  # counted for a built-in choice too
 
 
 # --------------------------------------------------------------------------- resume after a stop
@@ -133,6 +137,22 @@ def test_a_rerun_after_a_stop_resumes_without_recomputing_stored_teachers(k, mod
     assert resumed.nfe_values == [2]
 
 
+def test_a_rerun_with_more_step_counts_computes_only_the_new_ones(k, model, calibrated, tmp_path):
+    root, cal = calibrated
+    copy = tmp_path / "kb"
+    shutil.copytree(root, copy)
+    said = []
+    more = k.calibrate_sampler(str(copy), model, encode, prompts=PROMPTS, log=said.append, **{**SMALL, "nfe": (2, 3, 4)})
+    block, before = more.record["cfgs"]["3"], cal.record["cfgs"]["3"]
+    assert more.nfe_values == [2, 3, 4]
+    assert block["nfe"]["2"] == before["nfe"]["2"] and block["nfe"]["3"] == before["nfe"]["3"]
+    assert block["cost"]["teacher_evaluations_this_run"] == 0 and block["cost"]["fit_evaluations"] > 0
+    assert sum("kept" in line for line in said) == 2
+    said.clear()  # another search is another calibration: every N is computed again
+    k.calibrate_sampler(str(copy), model, encode, prompts=PROMPTS, log=said.append, **{**SMALL, "search_sweeps": 0})
+    assert not any("kept" in line for line in said)
+
+
 # --------------------------------------------------------------------------- the held-out winner rule
 
 
@@ -151,6 +171,9 @@ def test_the_calibrated_sampler_wins_only_beyond_two_paired_standard_errors(k):
     assert choose(np.full(32, np.inf), builtin)["kind"] == "builtin"
     se = k.calibration.heldout.paired_se(np.array([1.0, 2.0, 3.0]), np.array([0.5, 1.0, 2.5]))
     assert se == pytest.approx(np.std([0.5, 1.0, 0.5], ddof=1) / np.sqrt(3))
+    few = {name: v[:3] for name, v in builtin.items()}
+    assert choose(base[:3] * 0.5, few)["kind"] == "builtin"  # 3 held-out items cannot prove a win
+    assert choose(base[:4] * 0.5, {name: v[:4] for name, v in builtin.items()})["kind"] == "calibrated"
     with pytest.raises(k.KBError):
         choose(base, {})
 

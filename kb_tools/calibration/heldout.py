@@ -2,8 +2,8 @@
 
 On the held-out teacher items (never used to fit or choose), each choice's per-item MSE to the
 teacher's converged end (LATENT space) is measured; the winner at N is the calibrated sampler
-where it beats the best built-in choice by more than 2 paired standard errors, else that
-built-in choice (`choose_winner`, a pure function). Built-in samplers run ComfyUI's own sampler
+where it beats the best built-in choice by more than 2 paired standard errors on at least 4
+items, else that built-in choice (`choose_winner`, a pure function). Built-in samplers run ComfyUI's own sampler
 functions at steps_for_nfe(N) steps (Heun spends 2 per step), stochastic ones item by item
 with the item's seed.
 """
@@ -22,6 +22,8 @@ from .sampler_fit import rollout
 
 #: How many paired standard errors the calibrated sampler must win by.
 WIN_MARGIN_SE = 2.0
+#: Held-out items a win needs: with fewer, the paired SE says nothing (one item has none), so a built-in choice stays.
+MIN_ITEMS_FOR_WIN = 4
 #: The common default every summary compares with.
 EULER_NORMAL = "euler/normal"
 
@@ -36,7 +38,7 @@ def choose_winner(calibrated: np.ndarray, builtin: dict[str, np.ndarray], margin
     """The held-out verdict at one N from per-item MSEs: calibrated [n] and builtin {"sampler/schedule": [n]}.
 
     Returns {"kind": "calibrated" | "builtin", "best_builtin": name, "calibrated_mse", "best_builtin_mse",
-    "diff_se": paired SE of best_builtin - calibrated, "n"}."""
+    "diff_se": paired SE of best_builtin - calibrated, "n"}; under MIN_ITEMS_FOR_WIN items the kind is "builtin"."""
     if not builtin:
         raise KBError("the held-out check has no built-in choice to compare with; give at least one sampler and schedule.")
     cal = np.asarray(calibrated, np.float64)
@@ -48,7 +50,7 @@ def choose_winner(calibrated: np.ndarray, builtin: dict[str, np.ndarray], margin
     best = min(means, key=lambda k: (means[k], k))
     se = paired_se(builtin[best], cal)
     gain = means[best] - float(cal.mean()) if np.isfinite(cal).all() else -math.inf
-    kind = "calibrated" if gain > margin * se and gain > 0 else "builtin"
+    kind = "calibrated" if gain > margin * se and gain > 0 and cal.size >= MIN_ITEMS_FOR_WIN else "builtin"
     return {"kind": kind, "best_builtin": best, "calibrated_mse": float(cal.mean()) if np.isfinite(cal).all() else None,
             "best_builtin_mse": means[best], "diff_se": se, "n": int(cal.size)}
 

@@ -134,62 +134,88 @@ def _heldout_block(cal: np.ndarray, builtin: dict, grid: dict) -> dict:
             "grid": {k: float(np.mean(v)) if np.isfinite(v).all() else None for k, v in sorted(builtin.items())}}
 
 
+def _search_settings(s: CalibrationSettings) -> dict:
+    """What decides an N's fit and held-out check besides the teachers: a stored N is reused only when these match."""
+    return {"samplers": list(s.samplers), "schedules": list(s.schedules), "search_sweeps": s.search_sweeps,
+            "rhos": [float(r) for r in s.rhos], "split_seed": s.split_seed, "fine_steps": s.fine_steps}
+
+
 def calibrate_cfg(root: str, model, conds, negative, items, cfg: float, s: CalibrationSettings, fingerprint: dict,
-                  bar: _Progress, should_stop: Callable[[], bool], log: Callable[[str], None]) -> dict:
-    """The record's block for one cfg value (see the module doc)."""
+                  bar: _Progress, should_stop: Callable[[], bool], log: Callable[[str], None],
+                  previous: dict | None = None, commit: Callable[[dict], None] | None = None) -> dict:
+    """The record's block for one cfg value (see the module doc), passed to `commit` after each N.
+
+    previous: this cfg's stored block; its N blocks (and doubling figure) are kept when its teachers and search
+    settings are the same, so a rerun with more N, or one stopped after some N, computes only the missing ones."""
     start = time.perf_counter()
     fine = fine_sigmas(model, s.fine_steps)
     states, denoised, teachers, spent = _teachers(root, model, conds, negative, items, cfg, s, fine, fingerprint, bar,
                                                   should_stop, log)
+    settings = _search_settings(s)
+    same = previous is not None and previous.get("teachers") == teachers and previous.get("settings") == settings
+    blocks = dict(previous.get("nfe", {})) if same else {}
     split = split_items(len(items), s.split_seed)
     cal = split["fit"] + split["select"]
-    fit_local, select_local = list(range(len(split["fit"]))), list(range(len(split["fit"]), len(cal)))
-
-    def fit_all(live):
-        out = {}
-        for n in s.nfe:
-            out[n] = calibrate_steps(live, model, states[cal], denoised[cal], fine, n, fit_local, select_local,
-                                     schedules=s.schedules, rhos=s.rhos, search_sweeps=s.search_sweeps,
-                                     should_stop=should_stop)
-            log(f"cfg {cfg:g}, N={n}: schedule {out[n]['schedule']} (select MSE {out[n]['select_mse']:.3g}, "
-                f"{out[n]['trials']} candidates fitted)")
-            bar.tick()
-        return out, live.tally.total()
-
-    fitted, fit_evals = with_live_batch(model, [conds[i] for i in cal], negative, [items[i][1] for i in cal], cfg,
-                                        s.latent_shape, fine, fit_all, chunk=s.chunk)
     held = split["heldout"]
+    fit_local, select_local = list(range(len(split["fit"]))), list(range(len(split["fit"]), len(cal)))
+    cost = {"teacher_evaluations": len(items) * s.fine_steps, "teacher_evaluations_this_run": spent,
+            "fit_evaluations": 0, "heldout_evaluations": 0}
 
-    def check_all(live):
-        ends = live.to_latent(0.0, states[held, -1])
-        out = {}
-        for n in s.nfe:
-            grid = builtin_grid(model, n, s.samplers, s.schedules)
-            sig, coeffs = (torch.tensor(fitted[n][k], dtype=torch.float64) for k in ("sigmas", "coeffs"))
-            cal_mse, builtin = heldout_mse(live, ends, n, (sig, coeffs), grid, should_stop)
-            out[n] = _heldout_block(cal_mse, builtin, grid)
-            log(f"cfg {cfg:g}, N={n}: held-out MSE calibrated {out[n]['calibrated_mse']:.3g} vs "
-                f"{out[n]['best_builtin']} {out[n]['best_builtin_mse']:.3g} (n={len(held)}): {out[n]['kind']}")
-            bar.tick()
+    def live_on(part, job):
+        return with_live_batch(model, [conds[i] for i in part], negative, [items[i][1] for i in part], cfg,
+                               s.latent_shape, fine, job, chunk=s.chunk)
+
+    if same and isinstance(previous.get("doubling"), dict):
+        gap = float(previous["doubling"]["mse"])
+        doubling = {k: previous["doubling"][k] for k in ("items", "fine_steps", "doubled_steps", "mse")}
+    else:
         k = list(range(min(s.doubling_items, len(held))))
-        gaps = doubling_gap(live, fine_sigmas(model, 2 * s.fine_steps), states[held][k, -1], k)
-        return out, gaps, live.tally.total()
+        gaps, evals = live_on(held, lambda live: (doubling_gap(live, fine_sigmas(model, 2 * s.fine_steps),
+                                                               states[held][k, -1], k), live.tally.total()))
+        gap = float(gaps.mean())
+        doubling = {"items": len(gaps), "fine_steps": s.fine_steps, "doubled_steps": 2 * s.fine_steps, "mse": gap}
+        cost["heldout_evaluations"] += evals
 
-    checked, gaps, held_evals = with_live_batch(model, [conds[i] for i in held], negative, [items[i][1] for i in held],
-                                                cfg, s.latent_shape, fine, check_all, chunk=s.chunk)
-    smallest = min(min(v for v in (b["calibrated_mse"], b["best_builtin_mse"]) if v is not None) for b in checked.values())
-    gap = float(gaps.mean())
-    nfe_blocks = {str(n): {**fitted[n], "heldout": checked[n]} for n in s.nfe}
-    return {
-        "cfg": float(cfg), "teachers": teachers, "split": split,
-        "doubling": {"items": len(gaps), "fine_steps": s.fine_steps, "doubled_steps": 2 * s.fine_steps, "mse": gap,
-                     "smallest_error": smallest, "share": gap / smallest if smallest > 0 else None,
-                     "ok": bool(gap < GAP_SHARE * smallest)},
-        "cost": {"teacher_evaluations": len(items) * s.fine_steps, "teacher_evaluations_this_run": spent,
-                 "evaluations_this_run": spent + fit_evals + held_evals,
-                 "fit_evaluations": fit_evals, "heldout_evaluations": held_evals, "seconds": time.perf_counter() - start},
-        "nfe": nfe_blocks,
-    }
+    def block() -> dict:
+        smallest = min(min(v for v in (b["heldout"]["calibrated_mse"], b["heldout"]["best_builtin_mse"]) if v is not None)
+                       for b in blocks.values())
+        return {"cfg": float(cfg), "teachers": teachers, "split": split, "settings": settings,
+                "doubling": {**doubling, "smallest_error": smallest, "share": gap / smallest if smallest > 0 else None,
+                             "ok": bool(gap < GAP_SHARE * smallest)},
+                "cost": {**cost, "evaluations_this_run": spent + cost["fit_evaluations"] + cost["heldout_evaluations"],
+                         "seconds": time.perf_counter() - start},
+                "nfe": dict(sorted(blocks.items(), key=lambda kv: int(kv[0])))}
+
+    for n in s.nfe:
+        if str(n) in blocks:
+            log(f"cfg {cfg:g}, N={n}: calibrated before on the same teachers and settings; kept")
+            bar.tick(2)
+            continue
+        fitted, evals = live_on(cal, lambda live: (
+            calibrate_steps(live, model, states[cal], denoised[cal], fine, n, fit_local, select_local,
+                            schedules=s.schedules, rhos=s.rhos, search_sweeps=s.search_sweeps, should_stop=should_stop),
+            live.tally.total()))
+        cost["fit_evaluations"] += evals
+        log(f"cfg {cfg:g}, N={n}: schedule {fitted['schedule']} (select MSE {fitted['select_mse']:.3g}, "
+            f"{fitted['trials']} candidates fitted)")
+        bar.tick()
+
+        def check(live):
+            grid = builtin_grid(model, n, s.samplers, s.schedules)
+            sig, coeffs = (torch.tensor(fitted[k], dtype=torch.float64) for k in ("sigmas", "coeffs"))
+            cal_mse, builtin = heldout_mse(live, live.to_latent(0.0, states[held, -1]), n, (sig, coeffs), grid,
+                                           should_stop)
+            return _heldout_block(cal_mse, builtin, grid), live.tally.total()
+
+        checked, evals = live_on(held, check)
+        cost["heldout_evaluations"] += evals
+        log(f"cfg {cfg:g}, N={n}: held-out MSE calibrated {checked['calibrated_mse']:.3g} vs "
+            f"{checked['best_builtin']} {checked['best_builtin_mse']:.3g} (n={len(held)}): {checked['kind']}")
+        bar.tick()
+        blocks[str(n)] = {**fitted, "heldout": checked}
+        if commit is not None:
+            commit(block())  # a stop after this N keeps it
+    return block()
 
 
 def _compatible(old: dict, fresh: dict) -> bool:
@@ -228,10 +254,10 @@ def run_calibration(root: str, model, encode: Callable[[str], list], items: Sequ
         record["cfgs"] = dict(old.get("cfgs", {}))
     bar = _Progress(len(s.cfgs) * (len(items) + 2 * len(s.nfe)), progress)
     for cfg in s.cfgs:
-        block = calibrate_cfg(root, model, conds, negative, items, cfg, s, fingerprint, bar, should_stop, log)
-        previous = record["cfgs"].get(cfg_key(cfg))
-        if previous is not None and previous.get("teachers") == block["teachers"]:
-            block["nfe"] = {**previous.get("nfe", {}), **block["nfe"]}  # N calibrated before on the same teachers stay
-        record["cfgs"][cfg_key(cfg)] = block
-        stored.write_record(root, record)
+        def commit(block: dict, key: str = cfg_key(cfg)) -> None:
+            record["cfgs"][key] = block
+            stored.write_record(root, record)
+
+        commit(calibrate_cfg(root, model, conds, negative, items, cfg, s, fingerprint, bar, should_stop, log,
+                             previous=record["cfgs"].get(cfg_key(cfg)), commit=commit))
     return record

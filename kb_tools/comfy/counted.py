@@ -74,6 +74,11 @@ def _sample_counted(model, x, sigmas, extra_args=None, callback=None, disable=No
     return x
 
 
+def counted_ksampler(sampler_name: str, tally: Evaluations) -> comfy.samplers.KSAMPLER:
+    """ComfyUI's sampler `sampler_name` as a SAMPLER whose evaluations go into `tally` (one count per item per call)."""
+    return comfy.samplers.KSAMPLER(_sample_counted, extra_options={
+        "inner": comfy.samplers.sampler_object(sampler_name), "tally": tally, "keep": {}, "kept": {}})
+
 
 def sample_counted(guider, latent: torch.Tensor, seeds: Sequence[int], sigmas: torch.Tensor, sampler_name: str, *,
                    keep_steps: Sequence[int] = (), callback: Callable | None = None,

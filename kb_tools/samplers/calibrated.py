@@ -20,7 +20,8 @@ from dataclasses import dataclass
 import comfy.samplers
 import torch
 
-from ..comfy.counted import CountedDenoiser
+from ..calibration.heldout import MIN_ITEMS_FOR_WIN
+from ..comfy.counted import CountedDenoiser, counted_ksampler
 from ..comfy.model_facts import check_model_matches
 from ..core.errors import KBError, KBMismatchError
 from ..core.evaluations import Evaluations
@@ -103,9 +104,11 @@ class CalibratedChoice:
         return len(self.sigmas) - 1
 
     def ksampler(self, tally: Evaluations | None = None) -> comfy.samplers.KSAMPLER:
-        """The KSAMPLER to run on `sigmas` (evaluations counted into `tally` for the calibrated sampler)."""
+        """The KSAMPLER to run on `sigmas` (evaluations counted into `tally` when given, whichever kind won)."""
         if self.kind == "calibrated":
             return calibrated_ksampler(self.coeffs, tally)
+        if tally is not None:
+            return counted_ksampler(self.sampler_name, tally)
         return comfy.samplers.sampler_object(self.sampler_name)
 
     def summary_line(self) -> str:
@@ -117,9 +120,10 @@ class CalibratedChoice:
         if self.kind == "calibrated":
             return (f"best for this model at {self.nfe} steps: calibrated sampler ({self.schedule} schedule), held-out MSE "
                     f"to converged {cal} vs {best}{euler} (n={h['n']}, paired SE {h['diff_se']:.1g})")
-        return (f"best for this model at {self.nfe} steps: {self.sampler_name}/{self.schedule} (the calibrated sampler did "
-                f"not beat it on held-out items: MSE to converged {cal} vs {best}{euler}, n={h['n']}, paired SE "
-                f"{h['diff_se']:.1g})")
+        why = ("too few held-out items to prove the calibrated sampler better" if h["n"] < MIN_ITEMS_FOR_WIN
+               else "the calibrated sampler did not beat it on held-out items")
+        return (f"best for this model at {self.nfe} steps: {self.sampler_name}/{self.schedule} ({why}: MSE to converged "
+                f"{cal} vs {best}{euler}, n={h['n']}, paired SE {h['diff_se']:.1g})")
 
 
 class SamplerCalibration:
