@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from benchmarks import converged_validity as V
+from benchmarks import metrics as M
 
 
 def _row(sampler, schedule, nfe, mse):
@@ -30,6 +31,19 @@ def test_paired_bootstrap_sees_pairing():
     assert 0 < sd < 0.5  # FD ~ 4 * 0.25 = 1; its spread over item resamples is small at 200 items
     with pytest.raises(ValueError):
         V.paired_fd_bootstrap_sd(a, a[:10])
+
+
+def test_split_separation_is_zero_for_one_distribution_and_large_for_another():
+    rng = np.random.default_rng(1)
+    ref = rng.normal(size=(400, 4))
+    same = V.split_fd_separation(ref + rng.normal(0, 0.3, ref.shape) / 10, ref)  # per-item noise, same distribution
+    assert abs(same["diff"]) < 3 * same["sd"] and same["n_half"] == 200
+    other = V.split_fd_separation(ref * 1.5 + 0.5, ref)  # another mean and spread
+    assert other["diff"] > 3 * other["sd"] > 0
+    # FD over the same items (shared seeds) lacks the small-sample bias an independent floor holds: it falls below it
+    assert M.frechet_distance(ref + rng.normal(0, 0.03, ref.shape), ref) < same["floor"]
+    with pytest.raises(ValueError):
+        V.split_fd_separation(ref, ref[:10])
 
 
 def test_separation_is_in_combined_sd():
