@@ -114,6 +114,28 @@ def test_the_rollout_fit_recovers_a_known_table(kb):
     assert fitted.final_mse < 1e-16 < fitted.euler_step_mse[-1]
 
 
+def test_refinement_for_the_final_state_lowers_it_from_any_start(kb):
+    """Gauss-Newton on the whole table, judged only by the final state: from Euler's table (0) it nears a known table's end,
+    its history never rises, and a replay from any step equals the full rollout."""
+    g = torch.Generator().manual_seed(2)
+    offset = torch.randn(8, 2, 4, 4, generator=g, dtype=torch.float64)
+    denoise = lambda z, s: torch.tanh(z) * 0.7 + offset / (1.0 + s)  # noqa: E731
+    sigmas = torch.tensor([8.0, 3.0, 1.2, 0.5, 0.1, 0.0], dtype=torch.float64)
+    true = torch.tensor([[0.0, 0.4, 0.0], [0.5, -0.3, 0.0], [0.2, 0.1, -0.15], [0.3, 0.05, 0.1], [-0.2, 0.2, 0.3]],
+                        dtype=torch.float64)
+    x0 = torch.randn(8, 2, 4, 4, generator=g, dtype=torch.float64) * 8.0
+    target = kb.fit.rollout(denoise, x0, sigmas, true)
+    final, xs, ds = kb.fit._rollout_states(denoise, x0, sigmas, true)
+    assert torch.equal(final, target)
+    assert all(torch.allclose(kb.fit._replay_from(denoise, i, xs, ds, sigmas, true), target, atol=1e-12) for i in range(5))
+    table, history = kb.fit.refine_coefficients(denoise, x0, target, sigmas, kb.ms.zero_coefficients(5), iterations=6,
+                                                eps=1e-6)
+    assert all(b < a for a, b in zip(history, history[1:])) and len(history) >= 3
+    assert history[-1] < 1e-3 * history[0], history
+    assert table[0, 0] == 0 and table[0, 2] == 0 and table[1, 2] == 0  # terms without history stay unused
+    assert kb.fit.free_coefficients(3) == [(0, 1), (1, 0), (1, 1), (2, 0), (2, 1), (2, 2)]
+
+
 def test_dpmpp_2m_table_is_the_step_ratio_rule(kb, schedules):
     coarse, _ = schedules
     table = kb.ms.dpmpp_2m_coefficients(coarse)
