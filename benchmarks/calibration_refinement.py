@@ -1,8 +1,8 @@
-"""Does refining the calibrated sampler's table for the final state alone beat the stored rollout fit on held-out items?
+"""Does refining the calibrated sampler for the final state alone beat the stored rollout fit on held-out items?
 
-A stronger variant tried for the calibrated sampler (kb_tools.calibration.sampler_fit.refine_coefficients:
-Gauss-Newton on the whole table for the teachers' converged ends, instead of landing every step on the
-teacher). It reads a stored sampler calibration and its teachers (no teacher is rerun), refines each
+A stronger variant tried for the calibrated sampler (kb_tools.calibration.sampler_fit.refine_for_final_state:
+Levenberg-Marquardt on the whole table and the schedule's knots for the teachers' converged ends, instead of
+landing every step on the teacher). It reads a stored sampler calibration and its teachers (no teacher is rerun), refines each
 N's table on the FIT items, on the schedule the calibration chose, and measures on the held-out items
 (never fitted on) the per-item MSE to the converged end (LATENT space) of the stored table, the refined
 table and, from the record, the best built-in sampler x schedule. Results per N are written as they
@@ -42,6 +42,8 @@ def main(argv=None) -> int:
     p.add_argument("--cfg", type=float, default=3.0)
     p.add_argument("--nfe", default="", help="comma-separated N (default: every calibrated N)")
     p.add_argument("--iterations", type=int, default=3)
+    p.add_argument("--knots", action=argparse.BooleanOptionalAction, default=True,
+                   help="refine the schedule's interior knots with the table (--no-knots: the table alone)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=PACK / "benchmarks" / "results" / "sampler_calibration" / "refinement_cfg3.json")
     a = p.parse_args(argv)
@@ -55,7 +57,7 @@ def main(argv=None) -> int:
     from embedded.models import load_models
     from kb_tools.calibration.live_model import with_live_batch
     from kb_tools.calibration.sampler_calibration import cfg_key
-    from kb_tools.calibration.sampler_fit import refine_coefficients, rollout
+    from kb_tools.calibration.sampler_fit import refine_for_final_state, rollout
     from kb_tools.calibration.teacher import fine_sigmas
     from kb_tools.store import sampler_calibration as stored
 
@@ -93,25 +95,26 @@ def main(argv=None) -> int:
 
         def refine(live):
             x0, target = states[fit, 0].to(live.kmodel.noise), states[fit, -1]
-            return refine_coefficients(lambda z, s: live.denoise(z, s), x0, target, sig, stored_table,
-                                       iterations=a.iterations), live.tally.total()
+            return refine_for_final_state(lambda z, s: live.denoise(z, s), x0, target, sig, stored_table,
+                                          knots=a.knots, iterations=a.iterations), live.tally.total()
 
-        (table, history), fit_evals = live_on(fit, refine)
+        (refined_sig, table, history), fit_evals = live_on(fit, refine)
         held = split["heldout"]
 
         def check(live):
             ends = live.to_latent(0.0, states[held, -1]).double()
             x0 = states[held, 0].to(live.kmodel.noise)
 
-            def mse(coeffs):
-                x = live.to_latent(0.0, rollout(lambda z, s: live.denoise(z, s), x0, sig, coeffs)).double()
+            def mse(sigmas, coeffs):
+                x = live.to_latent(0.0, rollout(lambda z, s: live.denoise(z, s), x0, sigmas, coeffs)).double()
                 return ((x - ends) ** 2).flatten(1).mean(1).numpy()
-            return mse(stored_table), mse(table)
+            return mse(sig, stored_table), mse(refined_sig, table)
 
         before, after = live_on(held, check)
         h = res["heldout"]
         rows[str(n)] = {
-            "nfe": n, "schedule": res["schedule"], "n_heldout": len(held), "n_fit": len(fit),
+            "nfe": n, "schedule": res["schedule"], "n_heldout": len(held), "n_fit": len(fit), "knots": a.knots,
+            "sigmas_stored": res["sigmas"], "sigmas_refined": refined_sig.tolist(),
             "fit_final_mse_per_iteration": history, "heldout_stored_table": float(before.mean()),
             "heldout_refined_table": float(after.mean()), "paired_se_refined_vs_stored": paired_se(after, before),
             "record_calibrated_mse": h["calibrated_mse"], "best_builtin": h["best_builtin"],

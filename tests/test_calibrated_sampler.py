@@ -115,7 +115,7 @@ def test_the_rollout_fit_recovers_a_known_table(kb):
 
 
 def test_refinement_for_the_final_state_lowers_it_from_any_start(kb):
-    """Gauss-Newton on the whole table, judged only by the final state: from Euler's table (0) it nears a known table's end,
+    """Levenberg-Marquardt on the whole table, judged only by the final state: from Euler's table (0) it nears a known table's end,
     its history never rises, and a replay from any step equals the full rollout."""
     g = torch.Generator().manual_seed(2)
     offset = torch.randn(8, 2, 4, 4, generator=g, dtype=torch.float64)
@@ -128,12 +128,17 @@ def test_refinement_for_the_final_state_lowers_it_from_any_start(kb):
     final, xs, ds = kb.fit._rollout_states(denoise, x0, sigmas, true)
     assert torch.equal(final, target)
     assert all(torch.allclose(kb.fit._replay_from(denoise, i, xs, ds, sigmas, true), target, atol=1e-12) for i in range(5))
-    table, history = kb.fit.refine_coefficients(denoise, x0, target, sigmas, kb.ms.zero_coefficients(5), iterations=6,
-                                                eps=1e-6)
-    assert all(b < a for a, b in zip(history, history[1:])) and len(history) >= 3
+    sig, table, history = kb.fit.refine_for_final_state(denoise, x0, target, sigmas, kb.ms.zero_coefficients(5),
+                                                        knots=False, iterations=6, eps=1e-6)
+    assert torch.equal(sig, sigmas) and all(b < a for a, b in zip(history, history[1:])) and len(history) >= 3
     assert history[-1] < 1e-3 * history[0], history
     assert table[0, 0] == 0 and table[0, 2] == 0 and table[1, 2] == 0  # terms without history stay unused
     assert kb.fit.free_coefficients(3) == [(0, 1), (1, 0), (1, 1), (2, 0), (2, 1), (2, 2)]
+    # with the knots free too: the ends stay, the knots stay in order, and the final state still nears the target
+    sig2, _, history2 = kb.fit.refine_for_final_state(denoise, x0, target, sigmas, kb.ms.zero_coefficients(5),
+                                                      iterations=6, eps=1e-6)
+    assert sig2[0] == sigmas[0] and sig2[-1] == 0 and bool((sig2[:-1] > sig2[1:]).all())
+    assert all(b < a for a, b in zip(history2, history2[1:])) and history2[-1] < 1e-2 * history2[0], history2
 
 
 def test_dpmpp_2m_table_is_the_step_ratio_rule(kb, schedules):

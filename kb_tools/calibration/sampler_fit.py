@@ -154,26 +154,41 @@ def _replay_from(denoise_fn: Denoise, step: int, xs, ds, sig: torch.Tensor, tabl
     return x
 
 
-def refine_coefficients(denoise_fn: Denoise, x0: torch.Tensor, target: torch.Tensor, sigmas, coeffs, *,
-                        iterations: int = 3, eps: float = 1e-3, damping: float = 1e-4,
-                        should_stop: Callable[[], bool] | None = None) -> tuple[torch.Tensor, list[float]]:
-    """Gauss-Newton on the whole table for the final state alone: (table float64 [N, 3], final MSE per iteration).
+def refine_for_final_state(denoise_fn: Denoise, x0: torch.Tensor, target: torch.Tensor, sigmas, coeffs, *,
+                           knots: bool = True, iterations: int = 3, eps: float = 1e-3, damping: float = 1e-3,
+                           should_stop: Callable[[], bool] | None = None) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+    """Levenberg-Marquardt on the whole table (and the schedule's interior knots) for the final state alone:
+    (sigmas float64 [N + 1], table float64 [N, 3], final MSE per accepted iteration).
 
     The rollout fit lands every step on the teacher; the sampler is judged only by where it ends,
-    so the table is refined jointly for the final state (cf. LD3, Tong et al. 2025; S4S, Frankel
-    et al. 2025, which optimise the final output). x0, target [B, C, H, W]: the items' first state
-    and the teachers' converged ends (sampler space). The Jacobian is taken by forward differences
-    of `eps` (a change at step i replays only steps i + 1 on), the step is damped by `damping`
-    times the mean diagonal and halved until the MSE falls; an iteration that cannot lower it ends
-    the refinement. Costs about 1.5 N^2 evaluations of the batch per iteration.
+    so the table, and with `knots` the log sigma of every interior knot, are refined jointly for the
+    final state (cf. LD3, Tong et al. 2025; S4S-Alt, Frankel et al. 2025, which optimise the final
+    output). x0, target [B, C, H, W]: the items' first state and the teachers' converged ends
+    (sampler space); sigma_max and the final 0 stay. The Jacobian is taken by forward differences of
+    `eps` (a change at step i replays only the steps after it); the step is damped by `damping`
+    times each parameter's own curvature and halved until the MSE falls with the knots still in
+    order; an iteration that cannot lower it ends the refinement. About 2 N^2 batch evaluations an
+    iteration.
     """
-    sig = check_sigmas(sigmas)
+    sig = check_sigmas(sigmas).clone()
     table = torch.as_tensor(coeffs, dtype=torch.float64).clone()
-    free = free_coefficients(len(sig) - 1)
+    n = len(sig) - 1
+    params = [("c", i, k) for i, k in free_coefficients(n)]
+    if knots:
+        params += [("s", j, 0) for j in range(1, n)]
     goal = target.double()
 
     def mse(x: torch.Tensor) -> float:
         return float(((x.double() - goal) ** 2).mean())
+
+    def moved(p, amount: float, s_: torch.Tensor, t_: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        kind, i, k = p
+        s_, t_ = s_.clone(), t_.clone()
+        if kind == "c":
+            t_[i, k] += amount
+        else:
+            s_[i] = s_[i] * math.exp(amount)
+        return s_, t_
 
     final, xs, ds = _rollout_states(denoise_fn, x0, sig, table)
     history = [mse(final)]
@@ -182,23 +197,25 @@ def refine_coefficients(denoise_fn: Denoise, x0: torch.Tensor, target: torch.Ten
             break
         residual = (final.double() - goal).reshape(-1)
         columns = []
-        for i, k in free:
-            moved = table.clone()
-            moved[i, k] += eps
-            columns.append((_replay_from(denoise_fn, i, xs, ds, sig, moved).double() - final.double()).reshape(-1) / eps)
+        for p in params:
+            s_, t_ = moved(p, eps, sig, table)
+            first = p[1] if p[0] == "c" else p[1] - 1  # a knot moves the step that ends there
+            columns.append((_replay_from(denoise_fn, first, xs, ds, s_, t_).double() - final.double()).reshape(-1) / eps)
         jac = torch.stack(columns, dim=1)
         gram = jac.T @ jac
-        lam = damping * float(torch.diagonal(gram).mean())
-        delta = torch.linalg.solve(gram + lam * torch.eye(len(free), dtype=torch.float64), -(jac.T @ residual))
+        curvature = torch.diagonal(gram).clamp_min(1e-30)
+        delta = torch.linalg.solve(gram + damping * torch.diag(curvature), -(jac.T @ residual))
         for scale in (1.0, 0.5, 0.25, 0.125):
-            trial = table.clone()
-            for (i, k), v in zip(free, delta.tolist()):
-                trial[i, k] += scale * v
-            out, t_xs, t_ds = _rollout_states(denoise_fn, x0, sig, trial)
+            s_, t_ = sig, table
+            for p, v in zip(params, delta.tolist()):
+                s_, t_ = moved(p, scale * v, s_, t_)
+            if not bool((s_[:-1] > s_[1:]).all()):
+                continue  # knots out of order: a shorter step
+            out, t_xs, t_ds = _rollout_states(denoise_fn, x0, s_, t_)
             if math.isfinite(mse(out)) and mse(out) < history[-1]:
-                table, final, xs, ds = trial, out, t_xs, t_ds
+                sig, table, final, xs, ds = s_, t_, out, t_xs, t_ds
                 history.append(mse(out))
                 break
         else:
             break
-    return table, history
+    return sig, table, history
