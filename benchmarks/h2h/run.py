@@ -34,7 +34,7 @@ from .store import Row
 _FAILURES = """CREATE TABLE IF NOT EXISTS failures (run_id INTEGER, regime TEXT, workload TEXT, method TEXT, setting TEXT,
 first_item INTEGER, error TEXT, date TEXT)"""
 #: One-time costs a run found or paid (the oracle's grid, a KB's build), so the CPU hours include them.
-_PREPARATIONS = """CREATE TABLE IF NOT EXISTS preparations (regime TEXT, what TEXT, wall_seconds REAL, cpu_seconds REAL,
+PREPARATIONS_TABLE = """CREATE TABLE IF NOT EXISTS preparations (regime TEXT, what TEXT, wall_seconds REAL, cpu_seconds REAL,
 PRIMARY KEY (regime, what))"""
 #: Each item's converged reference's doubling gap (MSE between its N- and 2N-step outputs): the reference's own error.
 _GAPS = """CREATE TABLE IF NOT EXISTS converged_gaps (regime TEXT, workload TEXT, item INTEGER, gap REAL,
@@ -77,7 +77,7 @@ class Runner:
         self._memo: dict[tuple, tuple] = {}
         store.db.execute(_FAILURES)
         store.db.execute(_SETTINGS)
-        store.db.execute(_PREPARATIONS)
+        store.db.execute(PREPARATIONS_TABLE)
         store.db.execute(_GAPS)
 
     # ------------------------------------------------------------------ what to run

@@ -4,9 +4,8 @@ the built-in choice that beat it on held-out teachers, as the calibrated sampler
 The calibration's teachers are the regime KB's own entries (train captions from the KB seed, never
 evaluation queries); it is computed once per regime with the regime's cfg, N = 4, 5, 6, 8, 10
 (Config.calibrated_nfe), by its own resumable command (`head_to_head.py calibrate`: it takes
-far longer than a run's chunk), and stored with the KB; until it is there the runner skips these
-cells. The default (the node's
-steps 8) is the headline cell; the other N and the stack with ComfyUI's EasyCache are wider.
+far longer than a run's chunk), and stored with the KB, committed N by N; the runner skips the
+cells of an N not stored yet. The default (the node's steps 8) is the headline cell; the other N and the stack with ComfyUI's EasyCache are wider.
 NFE: N for the calibrated table (one evaluation per step), the built-in sampler's own count on its
 sigmas otherwise, claimed exactly (at most, under EasyCache).
 
@@ -58,14 +57,17 @@ def calibration(bench, regime, teachers: int, compute: bool = False, should_stop
     kb = bench.kb(regime).kb
     try:
         cal = kb_tools.load_sampler_calibration(kb.path)
-        if regime.cfg not in cal.cfgs or not set(bench.cfg.calibrated_nfe) <= set(cal.nfe_values):
+        if regime.cfg not in cal.cfgs:
             cal = None
     except kb_tools.KBError:
         cal = None
+    complete = cal is not None and set(bench.cfg.calibrated_nfe) <= set(cal.nfe_values)
     if cal is None and not compute:
         raise Pending(f"no sampler calibration stored with {regime.name}'s KB yet: run "
                       f"`benchmarks/head_to_head.py calibrate --regimes {regime.name}` first")
-    if cal is None:
+    if not compute and not complete:
+        return cal  # the N committed so far run; the others stay pending (the calibration commits N by N)
+    if not complete:
         bench.log(f"  calibrating the sampler on {regime.name}'s KB ({teachers} teachers from its entries)", flush=True)
         samplers, schedules = grid(bench.cfg)  # the oracle's grid: the built-in choices it must beat on held-out items
         cal = kb_tools.calibrate_sampler(kb.path, bench.plain_models["large"], encode, nfe=bench.cfg.calibrated_nfe,
@@ -80,8 +82,11 @@ def calibration(bench, regime, teachers: int, compute: bool = False, should_stop
 
 def run_calibrated(bench, regime, queries, setting: Setting) -> Output:
     p = setting.params
-    choice = calibration(bench, regime, p["teachers"]).choice(bench.plain_models["large"], regime.cfg, LATENT_SHAPE,
-                                                              p["nfe"])
+    cal = calibration(bench, regime, p["teachers"])
+    if p["nfe"] not in cal.nfe_values:
+        raise Pending(f"N = {p['nfe']} is not calibrated yet (stored: {cal.nfe_values}): let "
+                      f"`benchmarks/head_to_head.py calibrate --regimes {regime.name}` finish")
+    choice = cal.choice(bench.plain_models["large"], regime.cfg, LATENT_SHAPE, p["nfe"])
     stacked = "node" in p
     model = cached_model(bench, p["node"], p["reuse_threshold"]) if stacked else bench.models["large"]
     positive, negative = S.conditioning(list(queries.prompts))
