@@ -307,10 +307,12 @@ def settings(a) -> dict:
 
 
 def write(a, argv, commit: str, regimes: dict, t0: float, c0: float) -> dict:
-    """The results file with the regimes finished so far, keeping other regimes a run of the same settings wrote there
-    (one run per cfg may run side by side; each regime records its own command, commit and times)."""
+    """The results file with the regimes finished so far, keeping the other regimes earlier runs wrote there (one run
+    per cfg may run side by side, or with more FD items; each regime records its own settings, command, commit and
+    times)."""
     command = " ".join(["python", "benchmarks/converged_validity.py", *(argv if argv is not None else sys.argv[1:])])
     for r in regimes.values():
+        r.setdefault("settings", _json_safe(settings(a)))
         r.setdefault("command", command)
         r.setdefault("commit", commit)
         r.setdefault("cpu_seconds_of_run_so_far", round(time.process_time() - c0, 1))
@@ -318,8 +320,7 @@ def write(a, argv, commit: str, regimes: dict, t0: float, c0: float) -> dict:
     if a.out.is_file():
         try:
             old = json.loads(a.out.read_text())
-            if old.get("settings") == _json_safe(settings(a)):
-                kept = {k: v for k, v in old.get("regimes", {}).items() if k not in regimes}
+            kept = {k: {"settings": old.get("settings"), **v} for k, v in old.get("regimes", {}).items() if k not in regimes}
         except (OSError, ValueError):
             kept = {}
     res = {"benchmark": "converged_validity",
