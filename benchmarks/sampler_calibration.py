@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import sys
 import time
@@ -26,8 +27,26 @@ SEED_BASE = 5_000_000
 DEFAULT_OUT = PACK / "benchmarks" / "results" / "sampler_calibration" / "embedded_cfg3.json"
 
 
+def builtin_nfe_at(rows: list[dict], mse: float | None) -> float | None:
+    """The NFE at which the best built-in choice per N (on the same held-out items) reaches `mse`, log-MSE linear
+    between calibrated N; None outside the measured range (better than its best, or worse than its cheapest)."""
+    front = sorted((r["nfe"], r["best_builtin_mse"]) for r in rows)
+    best, pts = float("inf"), []
+    for n, e in front:  # lower envelope: more NFE never reads worse
+        best = min(best, e)
+        pts.append((n, best))
+    if mse is None or len(pts) < 2 or not 0 < mse < pts[0][1] or mse < pts[-1][1]:
+        return None
+    for (n0, e0), (n1, e1) in zip(pts, pts[1:]):
+        if e0 > mse >= e1:
+            return n0 + (math.log(e0) - math.log(mse)) / (math.log(e0) - math.log(e1)) * (n1 - n0)
+    return None
+
+
 def table(record: dict) -> dict:
-    """The figures per cfg and N from a calibration record (JSON-ready)."""
+    """The figures per cfg and N from a calibration record (JSON-ready), with the NFE ratio at equal quality: the NFE
+    at which the best built-in choice per N reaches the calibrated sampler's held-out MSE, over N (optimistic for the
+    built-in side: its best choice per N is picked on the held-out items themselves)."""
     out = {}
     for key, block in record["cfgs"].items():
         rows = []
@@ -38,9 +57,36 @@ def table(record: dict) -> dict:
                          "best_builtin_mse": h["best_builtin_mse"], "paired_se": h["diff_se"],
                          "euler_normal_mse": h["euler_normal_mse"], "euler_normal_paired_se": h["euler_normal_diff_se"],
                          "select_mse": res["select_mse"], "candidates_fitted": res["trials"]})
+        for r in rows:
+            at = builtin_nfe_at(rows, r["calibrated_mse"])
+            r["builtin_nfe_at_equal_mse"] = at
+            r["nfe_ratio_at_equal_quality"] = None if at is None else at / r["nfe"]
         out[key] = {"rows": rows, "doubling": block["doubling"], "cost": block["cost"], "split_sizes":
                     {k: len(v) for k, v in block["split"].items()}}
     return out
+
+
+def summarise(a, argv) -> int:
+    """The figures of a calibration already stored with a KB (the head-to-head benchmark's, say), as a results file."""
+    import subprocess
+
+    from embedded.models import setup_comfy
+
+    setup_comfy(1)  # puts ComfyUI on the path: the record is checked by kb_tools' loader
+    import kb_tools
+
+    cal = kb_tools.load_sampler_calibration(a.from_kb)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=PACK, capture_output=True, text=True).stdout.strip()
+    result = {"benchmark": "sampler calibration on the embedded large model (summary of a stored calibration)",
+              "command": " ".join(["python", "benchmarks/sampler_calibration.py", *(argv or sys.argv[1:])]),
+              "commit": commit, "date": time.strftime("%Y-%m-%d"), "kb": Path(a.from_kb).name,
+              "teacher": cal.record["teacher"], "settings": {k: b.get("settings") for k, b in cal.record["cfgs"].items()},
+              "cfgs": table(cal.record), "summary": cal.summary().splitlines()}
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(result, indent=1) + "\n")
+    print("\n".join(result["summary"]))
+    print(f"wrote {a.out}")
+    return 0
 
 
 def main(argv=None) -> int:
@@ -57,7 +103,10 @@ def main(argv=None) -> int:
     p.add_argument("--scratch", default=str(PACK / "benchmarks" / ".cache" / "sampler_calibration_kb"))
     p.add_argument("--fresh", action="store_true", help="delete the scratch KB first (else stored teachers are reused)")
     p.add_argument("--out", default=str(DEFAULT_OUT))
+    p.add_argument("--from-kb", default=None, help="summarise the calibration stored with this KB (no sampling)")
     a = p.parse_args(argv)
+    if a.from_kb:
+        return summarise(a, argv)
 
     from embedded.models import setup_comfy
 
