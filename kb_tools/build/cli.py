@@ -189,6 +189,7 @@ def _calibrate_sampler(args: argparse.Namespace) -> int:
                                         negative_prompt=args.negative, latent_shape=shape, prompts=prompts, seeds=seeds,
                                         progress=progress, log=logging.getLogger("kb_tools").info,
                                         fine_steps=args.fine_steps, search_sweeps=args.search_sweeps,
+                                        refine_iterations=args.refine_iterations,
                                         chunk=args.batch_size, **extra)
     print(calibration.summary())
     return 0
@@ -300,6 +301,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--samplers", default=None, help="built-in samplers to compare with (default: all of comfy's plain list)")
     s.add_argument("--schedules", default=None, help="built-in schedules to compare with and start from (default: all)")
     s.add_argument("--search-sweeps", type=int, default=2, help="sweeps of the schedule search (0: built-in and karras only)")
+    s.add_argument("--refine-iterations", type=int, default=2,
+                   help="refinement of each table for the final state alone (0: the stepwise rollout fit only)")
     s.add_argument("--batch-size", type=int, default=16, help="items per model call")
     s.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is available")
     s.set_defaults(func=_calibrate_sampler)

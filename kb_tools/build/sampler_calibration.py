@@ -48,14 +48,15 @@ def calibrate_sampler(kb, model, encode: Callable[[str], list], *, nfe: Sequence
                       seeds: Sequence[int] | None = None, progress: Callable[[int, int], None] | None = None,
                       should_stop: Callable[[], bool] | None = None, log: Callable[[str], None] | None = None,
                       fine_steps: int = DEFAULT_FINE_STEPS, samplers: Sequence[str] = PLAIN_SAMPLERS,
-                      schedules: Sequence[str] = PLAIN_SCHEDULES, search_sweeps: int = 2,
+                      schedules: Sequence[str] = PLAIN_SCHEDULES, search_sweeps: int = 2, refine_iterations: int = 2,
                       rhos: Sequence[float] = KARRAS_RHOS, chunk: int = 16) -> SamplerCalibration | None:
     """Calibrate the few-step sampler of `model` on a KB's teachers and store it with the KB (see the module doc).
 
     kb: a KB folder path or an open KnowledgeBase. Returns the stored calibration, or None when
     should_stop() stopped the run (the finished teachers and cfg values are stored: a rerun resumes).
     fine_steps: the teachers' karras grid; samplers x schedules: the built-in choices the held-out
-    check compares with; search_sweeps, rhos: the schedule candidates; chunk: items per model call.
+    check compares with; search_sweeps, rhos: the schedule candidates; refine_iterations: the final table's refinement
+    for the final state (0: none); chunk: items per model call.
     """
     if not isinstance(teachers, int) or isinstance(teachers, bool) or not 4 <= teachers <= 100_000:
         raise KBError(f"teachers must be a whole number from 4 to 100000, got {teachers!r}; 64 to 128 is a good size.")
@@ -84,7 +85,8 @@ def calibrate_sampler(kb, model, encode: Callable[[str], list], *, nfe: Sequence
     settings = CalibrationSettings(nfe=tuple(int(n) for n in nfe), cfgs=tuple(float(c) for c in cfgs), latent_shape=shape,
                                    negative_prompt=str(negative_prompt), fine_steps=int(fine_steps),
                                    samplers=tuple(samplers), schedules=tuple(schedules), chunk=int(chunk),
-                                   search_sweeps=int(search_sweeps), rhos=tuple(float(r) for r in rhos))
+                                   search_sweeps=int(search_sweeps), rhos=tuple(float(r) for r in rhos),
+                                   refine_iterations=int(refine_iterations))
     try:
         run_calibration(root, model, encode, items, settings, progress=progress, should_stop=should_stop, log=log)
     except CalibrationStopped:

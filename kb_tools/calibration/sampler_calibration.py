@@ -48,6 +48,7 @@ class CalibrationSettings:
     chunk: int = 16                 # items per model call
     doubling_items: int = 8         # held-out items the doubling check runs on
     search_sweeps: int = 2          # coordinate-descent sweeps of the schedule search (0: none)
+    refine_iterations: int = 2      # final-state refinement of the table (0: the stepwise rollout fit alone)
     rhos: tuple[float, ...] = KARRAS_RHOS  # karras rho values tried besides the built-in schedules
     split_seed: int = 0
 
@@ -137,7 +138,8 @@ def _heldout_block(cal: np.ndarray, builtin: dict, grid: dict) -> dict:
 def _search_settings(s: CalibrationSettings) -> dict:
     """What decides an N's fit and held-out check besides the teachers: a stored N is reused only when these match."""
     return {"samplers": list(s.samplers), "schedules": list(s.schedules), "search_sweeps": s.search_sweeps,
-            "rhos": [float(r) for r in s.rhos], "split_seed": s.split_seed, "fine_steps": s.fine_steps}
+            "rhos": [float(r) for r in s.rhos], "split_seed": s.split_seed, "fine_steps": s.fine_steps,
+            "refine_iterations": s.refine_iterations}
 
 
 def calibrate_cfg(root: str, model, conds, negative, items, cfg: float, s: CalibrationSettings, fingerprint: dict,
@@ -193,7 +195,8 @@ def calibrate_cfg(root: str, model, conds, negative, items, cfg: float, s: Calib
             continue
         fitted, evals = live_on(cal, lambda live: (
             calibrate_steps(live, model, states[cal], denoised[cal], fine, n, fit_local, select_local,
-                            schedules=s.schedules, rhos=s.rhos, search_sweeps=s.search_sweeps, should_stop=should_stop),
+                            schedules=s.schedules, rhos=s.rhos, search_sweeps=s.search_sweeps,
+                            refine_iterations=s.refine_iterations, should_stop=should_stop),
             live.tally.total()))
         cost["fit_evaluations"] += evals
         log(f"cfg {cfg:g}, N={n}: schedule {fitted['schedule']} (select MSE {fitted['select_mse']:.3g}, "

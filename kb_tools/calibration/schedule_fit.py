@@ -4,7 +4,8 @@ Every candidate schedule (schedule_search.candidate_schedules, then the coordina
 from the best of them) gets its table fitted by rollout least squares (sampler_fit.fit_coefficients)
 on the FIT items and is scored by the calibrated sampler's final-state MSE to the teachers'
 converged ends on the SELECT items, which did not fit it. The winner's table is then refitted on
-fit + select items together (the held-out items are never touched here).
+fit + select items together and refined for the final state alone (refine_iterations; the held-out
+items are never touched here).
 
 Shapes: states [T, M + 1, C, H, W], denoised [T, M, C, H, W] for the session's T items (sampler
 space); fine float64 [M + 1]; idx: indices into those T items.
@@ -17,7 +18,7 @@ import torch
 
 from ..core.errors import KBError
 from .live_model import CalibrationStopped, LiveBatch
-from .sampler_fit import fit_coefficients, rollout
+from .sampler_fit import fit_coefficients, refine_for_final_state, rollout
 from .schedule_search import KARRAS_RHOS, candidate_schedules, search_schedule
 from .teacher import states_on
 
@@ -61,9 +62,14 @@ class ScheduleScorer:
 
 def calibrate_steps(live: LiveBatch, model, states: torch.Tensor, denoised: torch.Tensor, fine: torch.Tensor, nfe: int,
                     fit: Sequence[int], select: Sequence[int], *, schedules: Sequence[str], rhos=KARRAS_RHOS,
-                    search_sweeps: int = 2, should_stop: Callable[[], bool] | None = None) -> dict:
+                    search_sweeps: int = 2, refine_iterations: int = 0,
+                    should_stop: Callable[[], bool] | None = None) -> dict:
     """The calibrated sampler at `nfe` steps: {"schedule", "sigmas", "coeffs", "candidates": {name: select MSE},
-    "select_mse", "trials"} (sampler-space MSEs; lists of floats, JSON-ready)."""
+    "select_mse", "trials", "refined"} (sampler-space MSEs; lists of floats, JSON-ready).
+
+    refine_iterations: Levenberg-Marquardt iterations on the final table for the final state alone
+    (sampler_fit.refine_for_final_state, the schedule kept), on every calibration item; "refined"
+    holds their final MSE per iteration (empty when 0)."""
     scorer = ScheduleScorer(live, states, denoised, fine, fit, select)
     sigma_max, sigma_min = float(fine[0]), float(fine[-2])
     candidates = candidate_schedules(model, nfe, sigma_min, sigma_max, schedules, rhos)
@@ -82,7 +88,14 @@ def calibrate_steps(live: LiveBatch, model, states: torch.Tensor, denoised: torc
         if found_score < scores[best]:
             best = SEARCHED
     sigmas = candidates[best]
-    coeffs = scorer.table(sigmas, [*fit, *select])  # the final table: every calibration item, none held out
+    items = [*fit, *select]
+    coeffs = scorer.table(sigmas, items)  # the final table: every calibration item, none held out
+    refined: list[float] = []
+    if refine_iterations > 0:
+        # Landing each step on the teacher is not what the sampler is judged by: refine for where it ends.
+        _, coeffs, refined = refine_for_final_state(
+            lambda z, s: live.denoise(z, s, items), states[items, 0].to(live.kmodel.noise), states[items, -1], sigmas,
+            coeffs, knots=False, iterations=refine_iterations, should_stop=should_stop)
     return {"schedule": best, "sigmas": sigmas.tolist(), "coeffs": coeffs.tolist(),
             "candidates": {k: (v if v != float("inf") else None) for k, v in sorted(scores.items())},
-            "select_mse": scores[best], "trials": scorer.trials}
+            "select_mse": scores[best], "trials": scorer.trials, "refined": refined}
