@@ -77,6 +77,9 @@ def _subset(text: str | None, known, what: str) -> tuple:
 
 
 def config_from(a) -> Config:
+    if a.smoke and a.out.resolve() == RESULTS.resolve():
+        raise SystemExit("--smoke writes tiny, meaningless results: give it --out (a scratch folder), never the "
+                         f"committed store in {RESULTS}")
     cfg = Config.smoke_config() if a.smoke else Config()
     cfg.regimes = tuple(r for r in cfg.regimes if r.name in _subset(a.regimes, [r.name for r in cfg.regimes], "regime(s)"))
     if a.command == "calibrate":

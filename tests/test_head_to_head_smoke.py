@@ -60,8 +60,8 @@ def runs(tmp_path_factory, comfy_root):
 
     methods = METHODS | (CALIBRATED if "calibrate_sampler" in kb_tools._PUBLIC else set())
     if methods != METHODS:  # the calibration has its own command; until it has run, the runner skips those cells
-        proc = subprocess.run([sys.executable, str(SCRIPT), "calibrate", "--smoke", "--scratch", str(scratch),
-                               "--converged-cache", str(conv)], cwd=PACK, env=env, capture_output=True, text=True,
+        proc = subprocess.run([sys.executable, str(SCRIPT), "calibrate", "--smoke", "--out", str(out), "--scratch",
+                               str(scratch), "--converged-cache", str(conv)], cwd=PACK, env=env, capture_output=True, text=True,
                               timeout=1800)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     first, _ = run(env, out, scratch, conv, "--methods", "learning_kb", "--workloads", "iterate", "--minutes", "0")

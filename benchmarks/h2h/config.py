@@ -110,6 +110,9 @@ class Config:
     # The KB-calibrated sampler: its NFE budgets and teachers (taken from the regime KB's entries).
     calibrated_nfe: tuple = (4, 5, 6, 8, 10)
     calibrated_teachers: int = 128
+    # 0: the tables as the calibration first fitted them (the cfg-3 calibration began before the final-state refinement
+    # existed, and its N continue so); 2 is the node's default now: set it to measure that (recalibrates every N).
+    calibrated_refine_iterations: int = 0
     methods: tuple | None = None        # only these registry methods (None: all)
     smoke: bool = False
 
@@ -123,6 +126,6 @@ class Config:
                    oracle_samplers=("euler", "heun", "dpmpp_2m"), oracle_schedules=("normal", "karras", "ays_sd1"),
                    oracle_screen_captions=1, oracle_finalists=2, oracle_captions=2, converged=("dpmpp_2m", "karras", 12),
                    cache_thresholds=(1.0,), cache_core_threshold=1.0, tstitch_fractions=(0.4,), redi_h_extra=(),
-                   redi_modes_extra=(), redi_error_tolerances=("plain",), calibrated_nfe=(4,), calibrated_teachers=4,
+                   redi_modes_extra=(), redi_error_tolerances=("plain",), calibrated_nfe=(4,), calibrated_teachers=4, calibrated_refine_iterations=1,
                    iterate_session=3,
                    smoke=True)

@@ -154,7 +154,10 @@ def calibrate_cfg(root: str, model, conds, negative, items, cfg: float, s: Calib
     states, denoised, teachers, spent = _teachers(root, model, conds, negative, items, cfg, s, fine, fingerprint, bar,
                                                   should_stop, log)
     settings = _search_settings(s)
-    same = previous is not None and previous.get("teachers") == teachers and previous.get("settings") == settings
+    stored_settings = (previous or {}).get("settings")
+    if isinstance(stored_settings, dict):
+        stored_settings = {"refine_iterations": 0, **stored_settings}  # recorded before the refinement existed: none
+    same = previous is not None and previous.get("teachers") == teachers and stored_settings == settings
     blocks = dict(previous.get("nfe", {})) if same else {}
     split = split_items(len(items), s.split_seed)
     cal = split["fit"] + split["select"]

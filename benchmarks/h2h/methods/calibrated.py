@@ -37,8 +37,9 @@ def settings(plan: Plan, stack: bool = False) -> list[Setting]:
     default = DEFAULT_NFE if DEFAULT_NFE in nfe else nfe[len(nfe) // 2]
     out = []
     for n in ([default] if stack else nfe):
-        line = "calibrated sampler" + (" + EasyCache" if stack else "")
-        params = {"nfe": n, "teachers": plan.cfg.calibrated_teachers}
+        refine = plan.cfg.calibrated_refine_iterations
+        line = "calibrated sampler" + (f" (refined x{refine})" if refine else "") + (" + EasyCache" if stack else "")
+        params = {"nfe": n, "teachers": plan.cfg.calibrated_teachers, "refine_iterations": refine}
         if stack:
             params.update(node="EasyCache", reuse_threshold=plan.cfg.cache_core_threshold, start_percent=START_PERCENT,
                           end_percent=END_PERCENT)
@@ -73,6 +74,7 @@ def calibration(bench, regime, teachers: int, compute: bool = False, should_stop
         cal = kb_tools.calibrate_sampler(kb.path, bench.plain_models["large"], encode, nfe=bench.cfg.calibrated_nfe,
                                          cfgs=(regime.cfg,), teachers=teachers, latent_shape=LATENT_SHAPE,
                                          samplers=samplers, schedules=schedules,
+                                         refine_iterations=bench.cfg.calibrated_refine_iterations,
                                          should_stop=should_stop, log=lambda m: bench.log("    " + m, flush=True))
         if cal is None:
             return None
@@ -86,6 +88,11 @@ def run_calibrated(bench, regime, queries, setting: Setting) -> Output:
     if p["nfe"] not in cal.nfe_values:
         raise Pending(f"N = {p['nfe']} is not calibrated yet (stored: {cal.nfe_values}): let "
                       f"`benchmarks/head_to_head.py calibrate --regimes {regime.name}` finish")
+    block = next(b for b in cal.record["cfgs"].values() if abs(float(b["cfg"]) - regime.cfg) <= 1e-6)
+    made_with = (block.get("settings") or {}).get("refine_iterations", 0)
+    if made_with != p.get("refine_iterations", 0):  # another version of the method: its cells must not mix
+        raise Pending(f"{regime.name}'s calibration was refined x{made_with}, this cell measures x{p['refine_iterations']}: "
+                      f"run `benchmarks/head_to_head.py calibrate --regimes {regime.name}` with this config")
     choice = cal.choice(bench.plain_models["large"], regime.cfg, LATENT_SHAPE, p["nfe"])
     stacked = "node" in p
     model = cached_model(bench, p["node"], p["reuse_threshold"]) if stacked else bench.models["large"]
