@@ -186,7 +186,8 @@ class ReDiCalibrateSampler(io.ComfyNode):
                                         "Each one is calibrated on its own, so calibration time grows with the list."),
                 io.Int.Input("teachers", default=128, min=4, max=100000,
                              tooltip="(prompt, seed) pairs whose converged trajectories the fit and the held-out check "
-                                     "use (a quarter is held out). More = a steadier fit and a check that can tell "
+                                     "use (a quarter is held out; under 16 the calibrated sampler cannot win, so a "
+                                     "built-in choice is kept). More = a steadier fit and a check that can tell "
                                      "closer samplers apart, at proportionally more time; fewer = faster, noisier."),
                 io.String.Input("negative_prompt", default="", multiline=True,
                                 tooltip="Negative prompt of the teachers; use the one you sample with."),
