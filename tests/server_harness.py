@@ -9,6 +9,7 @@ ComfyUI tree.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -265,3 +266,16 @@ class ComfyServer:
             errors = [m for m in status.get("messages", []) if m[0] == "execution_error"]
             raise ServerError(f"prompt {prompt_id} failed: {json.dumps(errors)[:4000]}\n{self.log_tail()}")
         return entry
+
+
+@contextlib.contextmanager
+def server_for_prompts(comfy_root: Path, root: Path, pack_dir: Path, prompts, checkpoint: Path):
+    """A started ComfyServer whose every checkpoint name in the API prompts links to `checkpoint`; stopped on exit."""
+    names = {node["inputs"]["ckpt_name"] for prompt in prompts for node in prompt.values()
+             if node["class_type"] == "CheckpointLoaderSimple"}
+    srv = ComfyServer(Path(comfy_root), prepare_layout(root, pack_dir, {n: checkpoint for n in names}))
+    try:
+        srv.start()
+        yield srv
+    finally:
+        srv.stop()

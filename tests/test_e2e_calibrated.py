@@ -17,7 +17,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from make_checkpoint import make_sd15_checkpoint  # noqa: E402
-from server_harness import ComfyServer, ServerError, prepare_layout  # noqa: E402
+from server_harness import ServerError, server_for_prompts  # noqa: E402
 
 pytestmark = [pytest.mark.comfy, pytest.mark.server, pytest.mark.slow]
 
@@ -41,16 +41,9 @@ def node_of(prompt: dict, class_type: str) -> str:
 
 @pytest.fixture(scope="module")
 def server(comfy_root, tmp_path_factory):
-    checkpoint = make_sd15_checkpoint()
-    names = {node["inputs"]["ckpt_name"] for n in (BUILD, TEMPLATE) for node in load_api(n).values()
-             if node["class_type"] == "CheckpointLoaderSimple"}
-    layout = prepare_layout(tmp_path_factory.mktemp("comfy-e2e-calibrated"), PACK_DIR, {n: checkpoint for n in names})
-    srv = ComfyServer(Path(comfy_root), layout)
-    try:
-        srv.start()
+    with server_for_prompts(comfy_root, tmp_path_factory.mktemp("comfy-e2e-calibrated"), PACK_DIR,
+                            [load_api(n) for n in (BUILD, TEMPLATE)], make_sd15_checkpoint()) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from make_checkpoint import check_checkpoint, make_sd15_checkpoint  # noqa: E402
-from server_harness import PACK_NAME, ComfyServer, prepare_layout  # noqa: E402
+from server_harness import PACK_NAME, server_for_prompts  # noqa: E402
 
 pytestmark = [pytest.mark.comfy, pytest.mark.server, pytest.mark.slow]
 
@@ -70,15 +70,9 @@ def checkpoint(comfy_root) -> Path:
 @pytest.fixture(scope="module")
 def server(comfy_root, checkpoint, tmp_path_factory):
     # Every checkpoint name the workflows ask for is a link to the one test checkpoint.
-    names = {node["inputs"]["ckpt_name"] for which, n in CASES for node in load_api(n, which).values()
-             if node["class_type"] == "CheckpointLoaderSimple"}
-    layout = prepare_layout(tmp_path_factory.mktemp("comfy-e2e"), PACK_DIR, {n: checkpoint for n in names})
-    srv = ComfyServer(Path(comfy_root), layout)
-    try:
-        srv.start()
+    with server_for_prompts(comfy_root, tmp_path_factory.mktemp("comfy-e2e"), PACK_DIR,
+                            [load_api(n, which) for which, n in CASES], checkpoint) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 @pytest.fixture(scope="module")
