@@ -22,7 +22,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 
 PACK = Path(__file__).resolve().parent.parent
 if str(PACK) not in sys.path:
@@ -31,19 +30,14 @@ if str(PACK) not in sys.path:
 DEFAULT_KB = PACK / ".scratch" / "head_to_head" / "kb_crops16_euler-normal_T20_cfg3_seed7_n800"
 
 
-def paired_se(a: np.ndarray, b: np.ndarray) -> float:
-    d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
-    return float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else 0.0
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--kb", type=Path, default=DEFAULT_KB)
     p.add_argument("--cfg", type=float, default=3.0)
     p.add_argument("--nfe", default="", help="comma-separated N (default: every calibrated N)")
     p.add_argument("--iterations", type=int, default=3)
-    p.add_argument("--knots", action=argparse.BooleanOptionalAction, default=True,
-                   help="refine the schedule's interior knots with the table (--no-knots: the table alone)")
+    p.add_argument("--knots", action=argparse.BooleanOptionalAction, default=False,
+                   help="refine the schedule's interior knots with the table too (did not help at N = 4)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=PACK / "benchmarks" / "results" / "sampler_calibration" / "refinement_cfg3.json")
     a = p.parse_args(argv)
@@ -55,6 +49,7 @@ def main(argv=None) -> int:
 
     import kb_tools
     from embedded.models import load_models
+    from kb_tools.calibration.heldout import paired_se
     from kb_tools.calibration.live_model import with_live_batch
     from kb_tools.calibration.sampler_calibration import cfg_key
     from kb_tools.calibration.sampler_fit import refine_for_final_state, rollout

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shutil
 import sys
 import time
@@ -30,17 +29,13 @@ DEFAULT_OUT = PACK / "benchmarks" / "results" / "sampler_calibration" / "embedde
 def builtin_nfe_at(rows: list[dict], mse: float | None) -> float | None:
     """The NFE at which the best built-in choice per N (on the same held-out items) reaches `mse`, log-MSE linear
     between calibrated N; None outside the measured range (better than its best, or worse than its cheapest)."""
-    front = sorted((r["nfe"], r["best_builtin_mse"]) for r in rows)
-    best, pts = float("inf"), []
-    for n, e in front:  # lower envelope: more NFE never reads worse
+    from benchmarks.h2h.summary import nfe_at_quality  # the head-to-head benchmark's reading of the oracle's frontier
+
+    best, front = float("inf"), []
+    for n, e in sorted((r["nfe"], r["best_builtin_mse"]) for r in rows):  # lower envelope: more NFE never reads worse
         best = min(best, e)
-        pts.append((n, best))
-    if mse is None or len(pts) < 2 or not 0 < mse < pts[0][1] or mse < pts[-1][1]:
-        return None
-    for (n0, e0), (n1, e1) in zip(pts, pts[1:]):
-        if e0 > mse >= e1:
-            return n0 + (math.log(e0) - math.log(mse)) / (math.log(e0) - math.log(e1)) * (n1 - n0)
-    return None
+        front.append((n, best))
+    return None if mse is None else nfe_at_quality(front, mse)
 
 
 def table(record: dict) -> dict:

@@ -136,7 +136,7 @@ def test_refinement_for_the_final_state_lowers_it_from_any_start(kb):
     assert kb.fit.free_coefficients(3) == [(0, 1), (1, 0), (1, 1), (2, 0), (2, 1), (2, 2)]
     # with the knots free too: the ends stay, the knots stay in order, and the final state still nears the target
     sig2, _, history2 = kb.fit.refine_for_final_state(denoise, x0, target, sigmas, kb.ms.zero_coefficients(5),
-                                                      iterations=6, eps=1e-6)
+                                                      knots=True, iterations=6, eps=1e-6)
     assert sig2[0] == sigmas[0] and sig2[-1] == 0 and bool((sig2[:-1] > sig2[1:]).all())
     assert all(b < a for a, b in zip(history2, history2[1:])) and history2[-1] < 1e-2 * history2[0], history2
 

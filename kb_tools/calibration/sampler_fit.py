@@ -155,7 +155,7 @@ def _replay_from(denoise_fn: Denoise, step: int, xs, ds, sig: torch.Tensor, tabl
 
 
 def refine_for_final_state(denoise_fn: Denoise, x0: torch.Tensor, target: torch.Tensor, sigmas, coeffs, *,
-                           knots: bool = True, iterations: int = 3, eps: float = 1e-3, damping: float = 1e-3,
+                           knots: bool = False, iterations: int = 3, eps: float = 1e-3, damping: float = 1e-3,
                            should_stop: Callable[[], bool] | None = None) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
     """Levenberg-Marquardt on the whole table (and the schedule's interior knots) for the final state alone:
     (sigmas float64 [N + 1], table float64 [N, 3], final MSE per accepted iteration).

@@ -95,7 +95,7 @@ def calibrate_steps(live: LiveBatch, model, states: torch.Tensor, denoised: torc
         # Landing each step on the teacher is not what the sampler is judged by: refine for where it ends.
         _, coeffs, refined = refine_for_final_state(
             lambda z, s: live.denoise(z, s, items), states[items, 0].to(live.kmodel.noise), states[items, -1], sigmas,
-            coeffs, knots=False, iterations=refine_iterations, should_stop=should_stop)
+            coeffs, iterations=refine_iterations, should_stop=should_stop)
     return {"schedule": best, "sigmas": sigmas.tolist(), "coeffs": coeffs.tolist(),
             "candidates": {k: (v if v != float("inf") else None) for k, v in sorted(scores.items())},
             "select_mse": scores[best], "trials": scorer.trials, "refined": refined}
