@@ -236,3 +236,16 @@ def test_done_cells_and_paired_se_equal_numpy_on_hand_made_rows(tmp_path):
         assert p["se"] == pytest.approx(d.std(ddof=1) / np.sqrt(40), rel=1e-12)
         assert p["se"] < np.sqrt(a.var(ddof=1) / 40 + b.var(ddof=1) / 40) * 2  # a sane size: the same order as unpaired
         assert st.paired_se(("redi", "k2"), ("oracle", "b10"), regime="T20", workload="other")["se"] is None
+
+
+def test_a_verdict_is_resolved_only_where_the_reference_gap_cannot_move_it():
+    from benchmarks.h2h.summary import resolves
+
+    # The rule: the gap below 1/20 of the smaller error decides any verdict, a tie included.
+    assert resolves(1e-7, 4e-6, 3e-6, "tie") and not resolves(2e-7, 4e-6, 3e-6, "tie")
+    # A wide loss stands although the oracle's error is small: the gap (1.7e-6) moves each mean by at most
+    # g + 2 sqrt(mse g), about 1e-4 together, far below the 1.1e-3 margin.
+    assert resolves(1.7e-6, 1.1e-3, 2.0e-5, "loss") and not resolves(1.7e-6, 1.1e-3, 2.0e-5, "tie")
+    # A narrow win within that reach is not decided; a non-finite gap decides nothing.
+    assert not resolves(1.7e-6, 2.0e-5, 3.0e-5, "win")
+    assert not resolves(float("nan"), 1.0, 2.0, "loss")

@@ -144,6 +144,7 @@ def test_summary_has_the_fields_the_verdicts_need(runs):
         assert CELL_FIELDS <= set(c), c
         assert c["reference"] == "converged" and c["n"] == 4, c
         assert c["verdict_vs_oracle"] in ("win", "tie", "loss", None)
+        assert c["reference_resolves"] in ((None,) if c["verdict_vs_oracle"] is None else (True, False))
         if c["method"] == "oracle":
             assert c["verdict_vs_oracle"] is None
         if c["family"] not in ("plain", "oracle", "cache", "coarse"):

@@ -3,7 +3,12 @@ more NFE (paired per item, 2 paired SE), and the oracle NFE that matches its qua
 
 Plain functions over the results store's rows (no models). A cell is one (regime, workload, method,
 setting); its NFE is the counted mean per item. Only finite outputs are scored; a cell with a
-non-finite item loses to the oracle whatever its finite items say.
+non-finite item loses to the oracle whatever its finite items say. A verdict is resolved (`reference_resolves`)
+where the converged reference's own doubling gap g (mean over the paired items) is below 1/20 of the
+smaller mean error compared (converged.GAP_SHARE, the issue's rule), or, for a win or a loss, where
+the margin is wider than the reference's error could move it: with g as the reference's squared error
+(an overestimate: a second-order solver's 2N output is about 1/9 of g from the truth), each mean MSE
+moves by at most g + 2 sqrt(mse g) (Cauchy-Schwarz). Elsewhere the report prints it as unresolved.
 """
 from __future__ import annotations
 
@@ -82,8 +87,29 @@ def nfe_at_quality(front: list[tuple[float, float]], mse: float) -> float | None
     return None
 
 
-def cell_summary(c: dict, cells: list[dict]) -> dict:
+def item_gaps(store) -> dict[tuple, float]:
+    """(regime, workload, item) -> the doubling gap of that item's converged reference ({} before any run stored one)."""
+    try:
+        return {(r[0], r[1], r[2]): r[3] for r in store.db.execute("SELECT regime, workload, item, gap FROM converged_gaps")}
+    except Exception:
+        return {}
+
+
+def resolves(gap_mean: float, a_mean: float, b_mean: float, verdict: str) -> bool:
+    """Whether a reference this far from converged (mean doubling gap) decides `verdict` between errors of these means."""
+    from .converged import GAP_SHARE
+
+    if not np.isfinite(gap_mean):
+        return False
+    if gap_mean < GAP_SHARE * min(a_mean, b_mean):
+        return True
+    reach = sum(gap_mean + 2 * math.sqrt(m * gap_mean) for m in (a_mean, b_mean))
+    return verdict in (M.WIN, M.LOSS) and abs(a_mean - b_mean) > reach
+
+
+def cell_summary(c: dict, cells: list[dict], gaps: dict | None = None) -> dict:
     regime, workload, method, setting = c["key"]
+    gaps = gaps or {}
     scored = np.array([v for v in c["mse"].values() if v is not None], np.float64)
     nonfinite = len(c["mse"]) - len(scored)
     nfe = float(c["nfe"].mean())
@@ -95,7 +121,7 @@ def cell_summary(c: dict, cells: list[dict]) -> dict:
            "mse_full_step_mean": float(np.mean(c["full"])) if c["full"] else None,
            "feature_distance_mean": float(np.mean(c["feat"])) if c["feat"] else None,
            "oracle_baseline": None, "paired_mean_diff_vs_oracle": None, "paired_se_vs_oracle": None,
-           "paired_n_vs_oracle": 0, "verdict_vs_oracle": None}
+           "paired_n_vs_oracle": 0, "verdict_vs_oracle": None, "reference_gap_mean": None, "reference_resolves": None}
     if method != "oracle":
         base = oracle_at(cells, regime, workload, nfe)
         if base is not None:
@@ -111,6 +137,11 @@ def cell_summary(c: dict, cells: list[dict]) -> dict:
                 from .scoring import mse_verdict
 
                 out["verdict_vs_oracle"] = M.LOSS if nonfinite else mse_verdict(a, b)
+                g = [gaps[(regime, workload, i)] for i in common if (regime, workload, i) in gaps]
+                if len(g) == len(common):
+                    out["reference_gap_mean"] = float(np.mean(g))
+                    out["reference_resolves"] = resolves(out["reference_gap_mean"], float(a.mean()), float(b.mean()),
+                                                     out["verdict_vs_oracle"])
     if c["family"] not in BASELINE_FAMILIES:
         at = nfe_at_quality(frontier(cells, regime, workload), out["mse_converged_mean"] or math.nan)
         out["nfe_ratio_at_equal_quality"] = None if at is None or nonfinite else at / nfe
@@ -167,8 +198,15 @@ def summarize(store) -> dict:
         machine, failures, preparations = {}, [], []
     for r in runs:
         r["machine"] = machine.get(r["run_id"])
+    gaps = item_gaps(store)
+    summaries = [cell_summary(c, cells, gaps) for c in cells]
+    for name, r in regimes.items():
+        if r["converged_gap"] is not None:
+            judged = [c for c in summaries if c["regime"] == name and c["reference_resolves"] is not None]
+            r["converged_gap"]["verdicts"] = len(judged)
+            r["converged_gap"]["verdicts_unresolved"] = sum(not c["reference_resolves"] for c in judged)
     return {"benchmark": "head_to_head", "reference": "converged", "regimes": regimes,
-            "cells": [cell_summary(c, cells) for c in cells], "runs": runs, "failures": failures,
+            "cells": summaries, "runs": runs, "failures": failures,
             "preparations": preparations,
             "cpu_hours": round((sum(r["cpu_seconds"] or 0.0 for r in runs)
                                 + sum(p["cpu_seconds"] or 0.0 for p in preparations)) / 3600, 3),

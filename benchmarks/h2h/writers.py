@@ -40,10 +40,18 @@ def progress(cells: list[dict], targets: dict = TARGETS) -> dict:
     return out
 
 
+def decided(c: dict) -> str | None:
+    """The cell's verdict where the converged reference resolves it (None: no verdict, or the reference too coarse)."""
+    return None if c.get("reference_resolves") is False else c["verdict_vs_oracle"]
+
+
 def _verdict(c: dict) -> str:
     if c["verdict_vs_oracle"] is None:
         return "-"
     b = c["oracle_baseline"]
+    if decided(c) is None:  # the reference's doubling gap is not below 1/20 of the errors compared: say what it would read
+        return (f"unresolved: reference gap {fmt(c['reference_gap_mean'])} not below 1/20 of the errors (would read "
+                f"{c['verdict_vs_oracle']}, {fmt(c['paired_mean_diff_vs_oracle'])} vs {b['setting']} at {fmt(b['nfe'])})")
     return (f"{c['verdict_vs_oracle']} ({fmt(c['paired_mean_diff_vs_oracle'])} +- {fmt(c['paired_se_vs_oracle'])} vs "
             f"{b['setting']} at {fmt(b['nfe'])})")
 
@@ -67,8 +75,8 @@ def verdict_lines(cells: list[dict]) -> list[str]:
     out = ["| regime | workload | does the pack beat the oracle at no more NFE? | what to use |", "|---|---|---|---|"]
     for regime, workload in sorted({(c["regime"], c["workload"]) for c in cells}):
         mine = [c for c in cells if (c["regime"], c["workload"]) == (regime, workload)]
-        pack = [c for c in mine if c["family"] not in BASELINE_FAMILIES and c["verdict_vs_oracle"] is not None]
-        wins = [c for c in pack if c["verdict_vs_oracle"] == "win"]
+        pack = [c for c in mine if c["family"] not in BASELINE_FAMILIES and decided(c) is not None]
+        wins = [c for c in pack if decided(c) == "win"]
         oracle = sorted((c for c in mine if c["method"] == "oracle"), key=lambda c: c["nfe"])
         use = "; ".join(f"{fmt(c['nfe'])} NFE: {c['setting'].split(' (')[0]}" for c in oracle) or "-"
         if wins:
@@ -77,8 +85,8 @@ def verdict_lines(cells: list[dict]) -> list[str]:
                       f"{fmt(best['nfe'])} NFE: {_verdict(best)}, n {best['n']}")
             use = f"{best['method']} [{best['setting']}]; elsewhere the oracle's choice ({use})"
         else:
-            answer = (f"no: of {len(pack)} pack cells, {sum(c['verdict_vs_oracle'] == 'loss' for c in pack)} lose and "
-                      f"{sum(c['verdict_vs_oracle'] == 'tie' for c in pack)} tie (n {min((c['n'] for c in pack), default=0)}"
+            answer = (f"no: of {len(pack)} pack cells, {sum(decided(c) == 'loss' for c in pack)} lose and "
+                      f"{sum(decided(c) == 'tie' for c in pack)} tie (n {min((c['n'] for c in pack), default=0)}"
                       f"-{max((c['n'] for c in pack), default=0)})")
             use = f"the oracle's choice: {use}"
         out.append(f"| {regime} | {workload} | {answer} | {use} |")
@@ -105,7 +113,9 @@ def write_markdown(res: dict, path: Path) -> None:
              "captions) at no more NFE, paired per item, win / loss only beyond 2 paired SE. \"Oracle NFE at equal "
              "quality / NFE\": the NFE the oracle needs for this cell's mean error (log-linear between its budgets) "
              "over the cell's NFE; above 1 the cell saves evaluations, '-' where the oracle's frontier does not reach it. "
-             "The MSE to the user's own full-step run (euler/normal at T) is a secondary column.", "",
+             "The MSE to the user's own full-step run (euler/normal at T) is a secondary column. A verdict the reference's "
+             "own doubling gap could move (summary.py: gap not below 1/20 of the smaller error, and for a win or loss a "
+             "margin within the gap's reach) is printed as unresolved and counts as no verdict.", "",
              f"Report: `{res['report']['command']}` at {(res['report']['commit'] or '-')[:10]}, {res['report']['date']}. "
              f"All runs together: {res['cpu_hours']} CPU hours (the runs plus the one-time preparations: "
              + (", ".join(f"{p['regime']} {p['what']} {fmt(p['cpu_seconds'])} s" for p in res["preparations"]) or "none")
@@ -128,10 +138,17 @@ def write_markdown(res: dict, path: Path) -> None:
                         and (c["default"] or c["family"] in ("plain", "oracle")) == (phase == "headline")]
                 if mine:
                     lines += [f"### {name}, {w}: {title.lower()}", "", *_table(mine), ""]
-    losses = [c for c in cells if c["family"] not in BASELINE_FAMILIES and c["verdict_vs_oracle"] == "loss"]
+    losses = [c for c in cells if c["family"] not in BASELINE_FAMILIES and decided(c) == "loss"]
+    unresolved = [c for c in cells if c["family"] not in BASELINE_FAMILIES and c["verdict_vs_oracle"] is not None
+                  and decided(c) is None]
     lines += ["## Where the pack loses to the oracle at no more NFE", ""]
     lines += [f"- {c['regime']} {c['workload']}: {c['method']} [{c['setting']}] (NFE {fmt(c['nfe'])}, n {c['n']}) "
               f"{_verdict(c)}" for c in losses] or ["- none so far"]
+    if unresolved:
+        lines += ["", "Verdicts the converged reference cannot decide (its doubling gap is not below 1/20 of the errors "
+                  "compared; a finer reference would):", ""]
+        lines += [f"- {c['regime']} {c['workload']}: {c['method']} [{c['setting']}] (NFE {fmt(c['nfe'])}, n {c['n']}) "
+                  f"{_verdict(c)}" for c in unresolved]
     if res["failures"]:
         lines += ["", "## Cells that failed (not stored)", ""]
         lines += [f"- {f['regime']} {f['workload']} {f['method']} [{f['setting']}], run {f['run_id']}: {f['error']}"
