@@ -38,6 +38,9 @@ def main(argv=None) -> int:
     p.add_argument("--iterations", type=int, default=3)
     p.add_argument("--knots", action=argparse.BooleanOptionalAction, default=False,
                    help="refine the schedule's interior knots with the table too (did not help at N = 4)")
+    p.add_argument("--eval-shifts", action=argparse.BooleanOptionalAction, default=False,
+                   help="refine each step's evaluation sigma too (LD3's decoupled timesteps; the node's format has no "
+                        "place for them yet: an experiment)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=PACK / "benchmarks" / "results" / "sampler_calibration" / "refinement_cfg3.json")
     a = p.parse_args(argv)
@@ -52,7 +55,7 @@ def main(argv=None) -> int:
     from kb_tools.calibration.heldout import paired_se
     from kb_tools.calibration.live_model import with_live_batch
     from kb_tools.calibration.sampler_calibration import cfg_key
-    from kb_tools.calibration.sampler_fit import refine_for_final_state, rollout
+    from kb_tools.calibration.sampler_fit import refine_for_final_state, rollout, shifted
     from kb_tools.calibration.teacher import fine_sigmas
     from kb_tools.store import sampler_calibration as stored
 
@@ -91,24 +94,27 @@ def main(argv=None) -> int:
         def refine(live):
             x0, target = states[fit, 0].to(live.kmodel.noise), states[fit, -1]
             return refine_for_final_state(lambda z, s: live.denoise(z, s), x0, target, sig, stored_table,
-                                          knots=a.knots, iterations=a.iterations), live.tally.total()
+                                          knots=a.knots, eval_shifts=a.eval_shifts, iterations=a.iterations), \
+                live.tally.total()
 
-        (refined_sig, table, history), fit_evals = live_on(fit, refine)
+        (refined_sig, table, history, shifts), fit_evals = live_on(fit, refine)
         held = split["heldout"]
 
         def check(live):
             ends = live.to_latent(0.0, states[held, -1]).double()
             x0 = states[held, 0].to(live.kmodel.noise)
 
-            def mse(sigmas, coeffs):
-                x = live.to_latent(0.0, rollout(lambda z, s: live.denoise(z, s), x0, sigmas, coeffs)).double()
+            def mse(sigmas, coeffs, eval_shifts=None):
+                model = shifted(lambda z, s: live.denoise(z, s), sigmas, eval_shifts)
+                x = live.to_latent(0.0, rollout(model, x0, sigmas, coeffs)).double()
                 return ((x - ends) ** 2).flatten(1).mean(1).numpy()
-            return mse(sig, stored_table), mse(refined_sig, table)
+            return mse(sig, stored_table), mse(refined_sig, table, shifts)
 
         before, after = live_on(held, check)
         h = res["heldout"]
         rows[str(n)] = {
             "nfe": n, "schedule": res["schedule"], "n_heldout": len(held), "n_fit": len(fit), "knots": a.knots,
+            "eval_shifts": None if shifts is None else shifts.tolist(),
             "sigmas_stored": res["sigmas"], "sigmas_refined": refined_sig.tolist(),
             "fit_final_mse_per_iteration": history, "heldout_stored_table": float(before.mean()),
             "heldout_refined_table": float(after.mean()), "paired_se_refined_vs_stored": paired_se(after, before),

@@ -128,17 +128,37 @@ def test_refinement_for_the_final_state_lowers_it_from_any_start(kb):
     final, xs, ds = kb.fit._rollout_states(denoise, x0, sigmas, true)
     assert torch.equal(final, target)
     assert all(torch.allclose(kb.fit._replay_from(denoise, i, xs, ds, sigmas, true), target, atol=1e-12) for i in range(5))
-    sig, table, history = kb.fit.refine_for_final_state(denoise, x0, target, sigmas, kb.ms.zero_coefficients(5),
+    sig, table, history, shifts = kb.fit.refine_for_final_state(denoise, x0, target, sigmas, kb.ms.zero_coefficients(5),
                                                         knots=False, iterations=6, eps=1e-6)
-    assert torch.equal(sig, sigmas) and all(b < a for a, b in zip(history, history[1:])) and len(history) >= 3
+    assert shifts is None and torch.equal(sig, sigmas) and all(b < a for a, b in zip(history, history[1:])) and len(history) >= 3
     assert history[-1] < 1e-3 * history[0], history
     assert table[0, 0] == 0 and table[0, 2] == 0 and table[1, 2] == 0  # terms without history stay unused
     assert kb.fit.free_coefficients(3) == [(0, 1), (1, 0), (1, 1), (2, 0), (2, 1), (2, 2)]
     # with the knots free too: the ends stay, the knots stay in order, and the final state still nears the target
-    sig2, _, history2 = kb.fit.refine_for_final_state(denoise, x0, target, sigmas, kb.ms.zero_coefficients(5),
+    sig2, _, history2, _ = kb.fit.refine_for_final_state(denoise, x0, target, sigmas, kb.ms.zero_coefficients(5),
                                                       knots=True, iterations=6, eps=1e-6)
     assert sig2[0] == sigmas[0] and sig2[-1] == 0 and bool((sig2[:-1] > sig2[1:]).all())
     assert all(b < a for a, b in zip(history2, history2[1:])) and history2[-1] < 1e-2 * history2[0], history2
+
+
+def test_refinement_with_decoupled_evaluation_sigmas_finds_the_shifts_a_target_was_made_with(kb):
+    """LD3's decoupled timesteps: a target rolled out with the model evaluated at shifted sigmas is reached again only
+    when the shifts are free (the table alone cannot bring the prediction's own sigma back)."""
+    g = torch.Generator().manual_seed(3)
+    offset = torch.randn(8, 2, 4, 4, generator=g, dtype=torch.float64)
+    denoise = lambda z, s: torch.tanh(z) * 0.7 + offset / (1.0 + s)  # noqa: E731
+    sigmas = torch.tensor([8.0, 3.0, 1.2, 0.5, 0.1, 0.0], dtype=torch.float64)
+    table = kb.ms.zero_coefficients(5)
+    true_shifts = torch.tensor([0.3, -0.2, 0.25, 0.0, 0.2], dtype=torch.float64)
+    x0 = torch.randn(8, 2, 4, 4, generator=g, dtype=torch.float64) * 8.0
+    target = kb.fit.rollout(kb.fit.shifted(denoise, sigmas, true_shifts), x0, sigmas, table)
+    assert torch.equal(kb.fit.rollout(kb.fit.shifted(denoise, sigmas, None), x0, sigmas, table),
+                       kb.fit.rollout(denoise, x0, sigmas, table))
+    free = kb.fit.refine_for_final_state(denoise, x0, target, sigmas, table, eval_shifts=True, iterations=8, eps=1e-6)
+    assert torch.equal(free.sigmas, sigmas) and all(b < a for a, b in zip(free.history, free.history[1:]))
+    assert free.history[-1] < 1e-4 * free.history[0], free.history
+    reached = kb.fit.rollout(kb.fit.shifted(denoise, sigmas, free.eval_shifts), x0, sigmas, free.coeffs)
+    assert float(((reached - target) ** 2).mean()) == pytest.approx(free.history[-1], rel=1e-9)
 
 
 def test_dpmpp_2m_table_is_the_step_ratio_rule(kb, schedules):

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 
@@ -154,16 +154,35 @@ def _replay_from(denoise_fn: Denoise, step: int, xs, ds, sig: torch.Tensor, tabl
     return x
 
 
+class FinalStateFit(NamedTuple):
+    """What refine_for_final_state returns."""
+
+    sigmas: torch.Tensor                # float64 [N + 1]: the schedule (its knots moved only with `knots`)
+    coeffs: torch.Tensor                # float64 [N, 3]: the table
+    history: list[float]                # the final state's MSE to the target per accepted iteration (first: the start)
+    eval_shifts: torch.Tensor | None    # float64 [N]: log(evaluation sigma / sigma) per step, with `eval_shifts` only
+
+
+def shifted(denoise_fn: Denoise, sig: torch.Tensor, shifts: torch.Tensor | None) -> Denoise:
+    """denoise_fn evaluated at sigma_i * exp(shift_i) where the step's state sits at sigma_i (LD3's decoupled timesteps)."""
+    if shifts is None:
+        return denoise_fn
+    scale = {float(s): math.exp(float(v)) for s, v in zip(sig[:-1].tolist(), shifts.tolist())}
+    return lambda z, s: denoise_fn(z, s * scale[float(s)])
+
+
 def refine_for_final_state(denoise_fn: Denoise, x0: torch.Tensor, target: torch.Tensor, sigmas, coeffs, *,
-                           knots: bool = False, iterations: int = 3, eps: float = 1e-3, damping: float = 1e-3,
-                           should_stop: Callable[[], bool] | None = None) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
-    """Levenberg-Marquardt on the whole table (and the schedule's interior knots) for the final state alone:
-    (sigmas float64 [N + 1], table float64 [N, 3], final MSE per accepted iteration).
+                           knots: bool = False, eval_shifts: bool = False, iterations: int = 3, eps: float = 1e-3,
+                           damping: float = 1e-3, should_stop: Callable[[], bool] | None = None) -> FinalStateFit:
+    """Levenberg-Marquardt on the whole table (and the schedule's interior knots, and each step's evaluation sigma) for
+    the final state alone.
 
     The rollout fit lands every step on the teacher; the sampler is judged only by where it ends,
     so the table, and with `knots` the log sigma of every interior knot, are refined jointly for the
     final state (cf. LD3, Tong et al. 2025; S4S-Alt, Frankel et al. 2025, which optimise the final
-    output). x0, target [B, C, H, W]: the items' first state and the teachers' converged ends
+    output). With `eval_shifts` the model of step i is evaluated at sigma_i * exp(e_i) while the
+    update still steps from sigma_i (LD3's decoupled timesteps; e starts at 0, the undecoupled sampler).
+    x0, target [B, C, H, W]: the items' first state and the teachers' converged ends
     (sampler space); sigma_max and the final 0 stay. The Jacobian is taken by forward differences of
     `eps` (a change at step i replays only the steps after it); the step is damped by `damping`
     times each parameter's own curvature and halved until the MSE falls with the knots still in
@@ -173,49 +192,59 @@ def refine_for_final_state(denoise_fn: Denoise, x0: torch.Tensor, target: torch.
     sig = check_sigmas(sigmas).clone()
     table = torch.as_tensor(coeffs, dtype=torch.float64).clone()
     n = len(sig) - 1
+    shifts = torch.zeros(n, dtype=torch.float64) if eval_shifts else None
     params = [("c", i, k) for i, k in free_coefficients(n)]
     if knots:
         params += [("s", j, 0) for j in range(1, n)]
+    if eval_shifts:
+        params += [("e", i, 0) for i in range(n)]
     goal = target.double()
 
     def mse(x: torch.Tensor) -> float:
         return float(((x.double() - goal) ** 2).mean())
 
-    def moved(p, amount: float, s_: torch.Tensor, t_: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def moved(p, amount: float, s_, t_, e_) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         kind, i, k = p
-        s_, t_ = s_.clone(), t_.clone()
+        s_, t_, e_ = s_.clone(), t_.clone(), None if e_ is None else e_.clone()
         if kind == "c":
             t_[i, k] += amount
-        else:
+        elif kind == "s":
             s_[i] = s_[i] * math.exp(amount)
-        return s_, t_
+        else:
+            e_[i] += amount
+        return s_, t_, e_
 
-    final, xs, ds = _rollout_states(denoise_fn, x0, sig, table)
+    def column(p) -> torch.Tensor:
+        s_, t_, e_ = moved(p, eps, sig, table, shifts)
+        f = shifted(denoise_fn, s_, e_)
+        if p[0] == "e":  # the step's own prediction changes: replay from its state with it re-evaluated
+            moved_ds = [*ds[:p[1]], f(xs[p[1]], float(s_[p[1]])), *ds[p[1] + 1:]]
+            out = _replay_from(f, p[1], xs, moved_ds, s_, t_)
+        else:
+            out = _replay_from(f, p[1] if p[0] == "c" else p[1] - 1, xs, ds, s_, t_)  # a knot moves the step ending there
+        return (out.double() - final.double()).reshape(-1) / eps
+
+    final, xs, ds = _rollout_states(shifted(denoise_fn, sig, shifts), x0, sig, table)
     history = [mse(final)]
     for _ in range(int(iterations)):
         if should_stop is not None and should_stop():
             break
         residual = (final.double() - goal).reshape(-1)
-        columns = []
-        for p in params:
-            s_, t_ = moved(p, eps, sig, table)
-            first = p[1] if p[0] == "c" else p[1] - 1  # a knot moves the step that ends there
-            columns.append((_replay_from(denoise_fn, first, xs, ds, s_, t_).double() - final.double()).reshape(-1) / eps)
-        jac = torch.stack(columns, dim=1)
+        jac = torch.stack([column(p) for p in params], dim=1)
         gram = jac.T @ jac
         curvature = torch.diagonal(gram).clamp_min(1e-30)
         delta = torch.linalg.solve(gram + damping * torch.diag(curvature), -(jac.T @ residual))
         for scale in (1.0, 0.5, 0.25, 0.125):
-            s_, t_ = sig, table
+            s_, t_, e_ = sig, table, shifts
             for p, v in zip(params, delta.tolist()):
-                s_, t_ = moved(p, scale * v, s_, t_)
+                s_, t_, e_ = moved(p, scale * v, s_, t_, e_)
             if not bool((s_[:-1] > s_[1:]).all()):
                 continue  # knots out of order: a shorter step
-            out, t_xs, t_ds = _rollout_states(denoise_fn, x0, s_, t_)
+            out, t_xs, t_ds = _rollout_states(shifted(denoise_fn, s_, e_), x0, s_, t_)
             if math.isfinite(mse(out)) and mse(out) < history[-1]:
-                sig, table, final, xs, ds = s_, t_, out, t_xs, t_ds
+                sig, table, shifts, final, xs, ds = s_, t_, e_, out, t_xs, t_ds
                 history.append(mse(out))
                 break
         else:
             break
-    return sig, table, history
+    return FinalStateFit(sig, table, history, shifts)

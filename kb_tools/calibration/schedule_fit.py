@@ -93,9 +93,10 @@ def calibrate_steps(live: LiveBatch, model, states: torch.Tensor, denoised: torc
     refined: list[float] = []
     if refine_iterations > 0:
         # Landing each step on the teacher is not what the sampler is judged by: refine for where it ends.
-        _, coeffs, refined = refine_for_final_state(
+        fitted = refine_for_final_state(
             lambda z, s: live.denoise(z, s, items), states[items, 0].to(live.kmodel.noise), states[items, -1], sigmas,
             coeffs, iterations=refine_iterations, should_stop=should_stop)
+        coeffs, refined = fitted.coeffs, fitted.history
     return {"schedule": best, "sigmas": sigmas.tolist(), "coeffs": coeffs.tolist(),
             "candidates": {k: (v if v != float("inf") else None) for k, v in sorted(scores.items())},
             "select_mse": scores[best], "trials": scorer.trials, "refined": refined}
