@@ -154,6 +154,10 @@ def _replay_from(denoise_fn: Denoise, step: int, xs, ds, sig: torch.Tensor, tabl
     return x
 
 
+#: Damping increases an iteration of refine_for_final_state may try before it gives up (1e-3 up to 1e2 from the start).
+DAMPING_TRIES = 6
+
+
 class FinalStateFit(NamedTuple):
     """What refine_for_final_state returns."""
 
@@ -184,10 +188,11 @@ def refine_for_final_state(denoise_fn: Denoise, x0: torch.Tensor, target: torch.
     update still steps from sigma_i (LD3's decoupled timesteps; e starts at 0, the undecoupled sampler).
     x0, target [B, C, H, W]: the items' first state and the teachers' converged ends
     (sampler space); sigma_max and the final 0 stay. The Jacobian is taken by forward differences of
-    `eps` (a change at step i replays only the steps after it); the step is damped by `damping`
-    times each parameter's own curvature and halved until the MSE falls with the knots still in
-    order; an iteration that cannot lower it ends the refinement. About 2 N^2 batch evaluations an
-    iteration.
+    `eps` (a change at step i replays only the steps after it); the step is damped by lambda times
+    each parameter's own curvature, lambda starting at `damping`, tenfold up until the MSE falls
+    with the knots still in order and tenfold down after a step that held (Levenberg-Marquardt's
+    rule: the decoupled sigmas and the table differ in scale and curvature); an iteration that
+    cannot lower it in DAMPING_TRIES ends the refinement. About 2 N^2 batch evaluations an iteration.
     """
     sig = check_sigmas(sigmas).clone()
     table = torch.as_tensor(coeffs, dtype=torch.float64).clone()
@@ -226,6 +231,7 @@ def refine_for_final_state(denoise_fn: Denoise, x0: torch.Tensor, target: torch.
 
     final, xs, ds = _rollout_states(shifted(denoise_fn, sig, shifts), x0, sig, table)
     history = [mse(final)]
+    lam = damping
     for _ in range(int(iterations)):
         if should_stop is not None and should_stop():
             break
@@ -233,18 +239,19 @@ def refine_for_final_state(denoise_fn: Denoise, x0: torch.Tensor, target: torch.
         jac = torch.stack([column(p) for p in params], dim=1)
         gram = jac.T @ jac
         curvature = torch.diagonal(gram).clamp_min(1e-30)
-        delta = torch.linalg.solve(gram + damping * torch.diag(curvature), -(jac.T @ residual))
-        for scale in (1.0, 0.5, 0.25, 0.125):
+        for _ in range(DAMPING_TRIES):
+            delta = torch.linalg.solve(gram + lam * torch.diag(curvature), -(jac.T @ residual))
             s_, t_, e_ = sig, table, shifts
             for p, v in zip(params, delta.tolist()):
-                s_, t_, e_ = moved(p, scale * v, s_, t_, e_)
-            if not bool((s_[:-1] > s_[1:]).all()):
-                continue  # knots out of order: a shorter step
-            out, t_xs, t_ds = _rollout_states(shifted(denoise_fn, s_, e_), x0, s_, t_)
-            if math.isfinite(mse(out)) and mse(out) < history[-1]:
-                sig, table, shifts, final, xs, ds = s_, t_, e_, out, t_xs, t_ds
-                history.append(mse(out))
-                break
+                s_, t_, e_ = moved(p, v, s_, t_, e_)
+            if bool((s_[:-1] > s_[1:]).all()):  # knots out of order: more damping, a shorter step
+                out, t_xs, t_ds = _rollout_states(shifted(denoise_fn, s_, e_), x0, s_, t_)
+                if math.isfinite(mse(out)) and mse(out) < history[-1]:
+                    sig, table, shifts, final, xs, ds = s_, t_, e_, out, t_xs, t_ds
+                    history.append(mse(out))
+                    lam /= 10  # the model held: trust it further (Gauss-Newton's own step)
+                    break
+            lam *= 10  # it did not: lean toward gradient descent (each parameter scaled by its own curvature)
         else:
             break
     return FinalStateFit(sig, table, history, shifts)
