@@ -149,8 +149,9 @@ def test_summary_has_the_fields_the_verdicts_need(runs):
             assert c["verdict_vs_oracle"] is None
         if c["family"] not in ("plain", "oracle", "cache", "coarse"):
             assert "nfe_ratio_at_equal_quality" in c
-            r = c["nfe_ratio_at_equal_quality"]
+            r, fair = c["nfe_ratio_at_equal_quality"], c["nfe_ratio_vs_oracle_or_plain"]
             assert r is None or r > 0
+            assert fair is None or r is None or fair <= r + 1e-9  # the smaller of two readings, one of them r
     assert {r["run_id"] for r in res["runs"]} == {1, 2, 3} and all(r["cpu_seconds"] is not None for r in res["runs"])
     assert all(r["machine"]["cores"] >= 1 and isinstance(r["machine"]["bf16"], bool) for r in res["runs"])
     assert res["progress"]["headline"]["least_n"] == 4

@@ -62,6 +62,8 @@ def _table(cells: list[dict]) -> list[str]:
            "judge feature distance to converged |", "|---|---|---|---|---|---|---|---|---|"]
     for c in sorted(cells, key=lambda c: (c["method"] != "plain", c["method"] != "oracle", c["method"], c["nfe"])):
         ratio = fmt(c.get("nfe_ratio_at_equal_quality")) if c["family"] not in BASELINE_FAMILIES else ""
+        if ratio and c.get("nfe_ratio_vs_oracle_or_plain") != c.get("nfe_ratio_at_equal_quality"):
+            ratio += f" ({fmt(c.get('nfe_ratio_vs_oracle_or_plain'))} vs oracle or plain euler)"
         bad = f" ({c['n_nonfinite']} non-finite)" if c["n_nonfinite"] else ""
         out.append(f"| {c['method']} | {c['setting']} | {fmt(c['nfe'])} | {c['n']}{bad} | {fmt(c['mse_converged_mean'])} +- "
                    f"{fmt(c['mse_converged_se'])} / {fmt(c['mse_converged_p95'])} | {_verdict(c)} | {ratio} | "
