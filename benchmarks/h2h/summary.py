@@ -164,15 +164,12 @@ def validity(names) -> dict:
     return {n: (data.get("regimes", {}).get(n) or {}).get("validity") for n in names}
 
 
-def gap_check(store, regime: str, cells: list[dict]) -> dict | None:
-    """The regime's stored items' doubling gaps against the smallest mean error a verdict compares (converged.gap_ok:
-    below 1/20 of it)."""
+def gap_check(item_gap: dict[tuple, float], regime: str, cells: list[dict]) -> dict | None:
+    """The regime's stored items' doubling gaps (item_gaps) against the smallest mean error a verdict compares
+    (converged.gap_ok: below 1/20 of it)."""
     from .converged import GAP_SHARE
 
-    try:
-        gaps = np.array([r[0] for r in store.db.execute("SELECT gap FROM converged_gaps WHERE regime = ?", (regime,))])
-    except Exception:
-        return None
+    gaps = np.array([g for key, g in item_gap.items() if key[0] == regime])
     errors = [float(np.mean(v)) for c in cells if c["key"][0] == regime
               for v in [[x for x in c["mse"].values() if x is not None]] if v and np.mean(v) > 0]
     if not len(gaps) or not errors:
@@ -191,8 +188,9 @@ def summarize(store) -> dict:
     names = sorted({c["key"][0] for c in cells})
     known = {r.name: r for r in (*Config().regimes, *Config.smoke_config().regimes)}
     valid = validity(names)
+    gaps = item_gaps(store)
     regimes = {n: {**(known[n].settings() if n in known else {}), "validity": valid[n],
-                   "converged_gap": gap_check(store, n, cells)} for n in names}
+                   "converged_gap": gap_check(gaps, n, cells)} for n in names}
     runs = store.runs()
     try:
         machine = {r[0]: {"cores": r[1], "bf16": bool(r[2]), "torch_threads": r[3], "loadavg_before": json.loads(r[4])}
@@ -205,7 +203,6 @@ def summarize(store) -> dict:
         machine, failures, preparations = {}, [], []
     for r in runs:
         r["machine"] = machine.get(r["run_id"])
-    gaps = item_gaps(store)
     summaries = [cell_summary(c, cells, gaps) for c in cells]
     for name, r in regimes.items():
         if r["converged_gap"] is not None:
