@@ -2,8 +2,9 @@
 
     python learning_writer.py KBDIR DONE_FILE
         until DONE_FILE exists (and at least MIN_ROUNDS times), learns one new entry of random
-        latents with the KB's own settings through `learning.learn`, which reopens and retries
-        when the other process committed meanwhile; prints "LEARNED\\t<prompt>\\t<seed>" after each.
+        latents with the KB's own settings through `learning.learn`, which holds the KB's writer
+        lock from its decision to its commit (the other process waits its turn); prints
+        "LEARNED\\t<prompt>\\t<seed>" after each.
 """
 
 from __future__ import annotations

@@ -145,3 +145,31 @@ def test_learn_refuses_what_cannot_fit_or_match(tmp_path):
     learn(str(tmp_path / "a"), toy_settings(), toy_latents(pairs), [p for p, _ in pairs], [s for _, s in pairs])
     with pytest.raises(KBError, match="different settings"):
         learn(str(tmp_path / "a"), toy_settings(cfg=5.0), toy_latents(pairs), [p for p, _ in pairs], [s for _, s in pairs])
+
+
+def test_a_learn_waits_for_a_writer_and_stores_after_its_commit(tmp_path):
+    """The writer lock is held from learn's decision to its commit: another writer's commit meanwhile is waited for,
+    never a refusal (a writer committing in a loop cannot starve a learn)."""
+    import threading
+
+    from kb_tools.store.transaction import writer_lock
+
+    path = str(tmp_path / "learned")
+    first = chunk_pairs(0, CHUNK)
+    learn(path, toy_settings(), toy_latents(first), [p for p, _ in first], [s for _, s in first], dtype="float32")
+    mine, theirs = chunk_pairs(1, CHUNK), chunk_pairs(2, CHUNK)
+    reports = []
+    other = KnowledgeBase.open(path)
+    with writer_lock(path):
+        thread = threading.Thread(target=lambda: reports.append(
+            learn(path, toy_settings(), toy_latents(mine + theirs[:1]), [p for p, _ in mine + theirs[:1]],
+                  [s for _, s in mine + theirs[:1]], dtype="float32")))
+        thread.start()  # it opens the KB (most likely before the commit below), then waits for the lock
+        thread.join(0.5)
+        assert thread.is_alive() and not reports  # another thread waits for the lock as another process would
+        with writer_lock(path):  # reentrant in this thread: the append takes it again
+            other.append(toy_latents(theirs), [p for p, _ in theirs], [s for _, s in theirs])
+    thread.join(600)  # a safety net, not a speed requirement
+    assert len(reports) == 1 and (reports[0].added, reports[0].already_present, reports[0].count) == (3, 1, 9)
+    kb = KnowledgeBase.open(path, verify="full")
+    assert kb.entries == first + theirs + mine and kb.verify() == []

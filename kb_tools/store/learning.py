@@ -7,8 +7,9 @@ really reached. Then whole oldest shards are dropped until the KB fits its budge
 (kb/eviction.py). No ComfyUI here: the sampling side is `redi.generate_learning`.
 
 Other processes may append to the same KB meanwhile (two ComfyUI prompts, a build): each
-write is one transaction, and one that finds the KB changed since it opened it reopens it and
-retries, so nothing is lost and no pair is stored twice.
+learn holds the KB's writer lock from deciding which pairs are new to its last commit, reopening
+the KB first where another writer committed since it was opened, so nothing is lost, no pair is
+stored twice, and a writer that commits in a loop cannot starve it (it waits its turn).
 """
 from __future__ import annotations
 
@@ -17,9 +18,7 @@ from typing import Any, Sequence
 
 from ..core.errors import KBChangedError, KBError
 from . import KBBudget, KBSettings, KnowledgeBase, evict_oldest, open_or_create
-
-#: Tries of an append + eviction whose KB another process keeps changing before giving up.
-ATTEMPTS = 20
+from .transaction import writer_lock
 
 
 @dataclass(frozen=True)
@@ -62,21 +61,23 @@ def learn(path: str, settings: KBSettings, states: dict[int, Any], prompts: Sequ
         raise KBError(f"learn got no states for stored step(s) {missing_steps}; keep every stored step of the KB "
                       f"({list(settings.stored_steps)}) while sampling.")
     kb = open_or_create(path, settings, dtype=dtype)
-    for _ in range(ATTEMPTS):
-        rows = _new_rows(kb, list(zip(prompts, seeds)))
+    with writer_lock(kb.path):
         try:
-            if rows:
-                kb.append({st: states[st][rows] for st in kb.stored_steps}, [prompts[i] for i in rows],
-                          [seeds[i] for i in rows])
-            evicted = evict_oldest(kb, budget)
+            return _append_and_evict(kb, prompts, seeds, states, budget)
         except KBChangedError:
-            # Another writer committed: start over from what it committed. Sizes only: the generation we held was
-            # verified, and hashing every file again would widen the window in which a busy writer wins again.
-            kb = KnowledgeBase.open(kb.path, verify="size")
-            continue
-        return LearnReport(kb.path, len(rows), len(prompts) - len(rows), evicted, len(kb), budget)
-    raise KBError(f"the KB at {kb.path} changed {ATTEMPTS} times while this generation was being added: another process "
-                  "writes to it continuously. Retry later, or give this workflow its own learning KB.")
+            # Another writer committed after we opened the KB and before we took the lock; none can now. Sizes only:
+            # the generation we held was verified.
+            return _append_and_evict(KnowledgeBase.open(kb.path, verify="size"), prompts, seeds, states, budget)
+
+
+def _append_and_evict(kb: KnowledgeBase, prompts: list[str], seeds: list[int], states: dict[int, Any],
+                      budget: KBBudget) -> LearnReport:
+    """Append the pairs `kb` lacks, then evict to `budget` (KBChangedError where another writer committed since `kb`)."""
+    rows = _new_rows(kb, list(zip(prompts, seeds)))
+    if rows:
+        kb.append({st: states[st][rows] for st in kb.stored_steps}, [prompts[i] for i in rows], [seeds[i] for i in rows])
+    evicted = evict_oldest(kb, budget)
+    return LearnReport(kb.path, len(rows), len(prompts) - len(rows), evicted, len(kb), budget)
 
 
 def _new_rows(kb: KnowledgeBase, pairs: list[tuple[str, int]]) -> list[int]:

@@ -23,7 +23,6 @@ from typing import Any
 
 import safetensors.torch
 import torch
-from filelock import FileLock
 
 from ..core.errors import KBError
 from .files import open_regular, remove_quietly, sha256_bytes, write_atomic
@@ -31,7 +30,7 @@ from .format import MANIFEST
 from .manifest import MAX_SAMPLER_RECORD_BYTES, SAMPLER_CALIBRATION, SAMPLER_RECORD_RE, read_manifest
 from .safe_json import load_json
 from .settings import freeze
-from .transaction import check_lock_file, transaction
+from .transaction import transaction, writer_lock
 
 CAL_DIR = "sampler_calibration"
 #: The largest teacher file read back (a 4x128x128 latent at 400 fine steps is about 100 MB).
@@ -93,7 +92,7 @@ def save_teacher(root: str, fields: dict, states: torch.Tensor, denoised: torch.
     tensors = {"start": states[0].float().contiguous(), "end": states[-1].float().contiguous(),
                "states": states.half().contiguous(), "denoised": denoised.half().contiguous()}
     data = safetensors.torch.save(tensors, metadata={"fields": json.dumps(fields, sort_keys=True)})
-    with FileLock(check_lock_file(root)):
+    with writer_lock(root):
         _folder(root, create=True)
         write_atomic(os.path.join(root, *teacher_name(fields).split("/")), data)
     return sha256_bytes(data)

@@ -15,6 +15,7 @@ import contextlib
 import os
 import shlex
 import stat
+import threading
 from collections.abc import Iterator
 
 from filelock import FileLock
@@ -114,6 +115,34 @@ def check_lock_file(root: str) -> str:
     return path
 
 
+#: The KB folders whose writer lock this thread holds (per thread: another thread of this process must wait for it).
+_held = threading.local()
+
+
+@contextlib.contextmanager
+def writer_lock(root: str) -> Iterator[None]:
+    """Hold the KB's writer lock (released by the OS if this process dies); a transaction inside it does not wait for it.
+
+    For a caller that reads the KB and writes what it read must allow (learning: which pairs are new,
+    what the budget evicts): under this lock no other writer commits in between, so the write cannot
+    be refused as stale, and a writer that commits in a loop cannot starve it. Reentrant per thread;
+    another thread of this process waits like another process does (flock is per open file).
+    """
+    key = os.path.realpath(root)
+    held = getattr(_held, "roots", None)
+    if held is None:
+        held = _held.roots = set()
+    if key in held:
+        yield
+        return
+    with FileLock(check_lock_file(root)):
+        held.add(key)
+        try:
+            yield
+        finally:
+            held.discard(key)
+
+
 @contextlib.contextmanager
 def transaction(root: str, base: Manifest | None) -> Iterator[Transaction]:
     """Lock the KB for writing, check that `base` (None: no KB yet) is what is committed, and yield a Transaction."""
@@ -122,7 +151,7 @@ def transaction(root: str, base: Manifest | None) -> Iterator[Transaction]:
     try:
         for d in (root, os.path.join(root, SHARDS_DIR), os.path.join(root, INDEX_DIR)):
             os.makedirs(d, exist_ok=True)
-        with FileLock(check_lock_file(root)):  # released by the OS if this process dies
+        with writer_lock(root):
             # lexists, not isfile: a manifest.json that is a FIFO, folder or dangling link is refused by
             # read_manifest, never replaced by a new KB's manifest.
             on_disk = read_manifest(root) if os.path.lexists(os.path.join(root, MANIFEST)) else None
