@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import faiss
@@ -18,6 +19,7 @@ from kb_crash_helper import kb_file, manifest_of, replace_file_signed, toy_laten
 from kb_tools.core.errors import KBError
 from kb_tools.store import KnowledgeBase, repair
 from kb_tools.store import index as ix
+from kb_tools.store.integrity import bad_rows
 from kb_tools.store.verify import OWN_ID_SAMPLE
 
 PACK = Path(__file__).resolve().parent.parent
@@ -194,6 +196,18 @@ def test_prompts_no_kb_can_hold_are_refused(tmp_path, prompt, match):
     with pytest.raises(KBError, match=f"entry 5's prompt .*{match}") as e:
         KnowledgeBase.open(root, verify="size")
     assert rel in str(e.value)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_bad_rows_reads_float16_chunks_without_an_overflow_warning(dtype):
+    chunk = np.zeros((4, 2, 3), dtype)
+    chunk[1, 0, 0], chunk[3, 1, 2] = np.inf, np.nan
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # casting the 1e6 bound to float16 warned once per chunk in every benchmark log
+        assert bad_rows(chunk).tolist() == [1, 3]
+    if dtype is np.float32:
+        chunk[2, 0, 1] = 2e6
+        assert bad_rows(chunk).tolist() == [1, 2, 3]
 
 
 @pytest.mark.parametrize("value", [1e17, np.nan, -np.inf])
