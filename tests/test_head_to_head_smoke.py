@@ -69,14 +69,19 @@ def runs(tmp_path_factory, comfy_root):
     assert len(progress) == 1 and json.loads(progress[0].read_text()) == {"items": 2, "clean": True}
     progress[0].write_text(json.dumps({"items": 2, "clean": False}))  # as if killed with a chunk in flight
     second, _ = run(env, out, scratch, conv, "--minutes", "0")
+    stopped = report(env, out)
     third, log = run(env, out, scratch, conv)
     whole = tmp / "uninterrupted"
     ref, _ = run(env, whole, tmp / "scratch_uninterrupted", conv, *SUBSET)
+    return {"runs": (first, second, third), "log": log, "out": out, "whole": whole, "ref": ref, "methods": methods,
+            "stopped_summary": stopped, "summary": report(env, out)}
+
+
+def report(env, out: Path) -> dict:
     proc = subprocess.run([sys.executable, str(SCRIPT), "report", "--out", str(out)], cwd=PACK, env=env,
                           capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return {"runs": (first, second, third), "log": log, "out": out, "whole": whole, "ref": ref, "methods": methods,
-            "summary": json.loads((out / "summary.json").read_text())}
+    return json.loads((out / "summary.json").read_text())
 
 
 def test_a_stopped_run_resumes_without_recomputing_and_equals_an_uninterrupted_one(runs):
@@ -155,5 +160,9 @@ def test_summary_has_the_fields_the_verdicts_need(runs):
     assert {r["run_id"] for r in res["runs"]} == {1, 2, 3} and all(r["cpu_seconds"] is not None for r in res["runs"])
     assert all(r["machine"]["cores"] >= 1 and isinstance(r["machine"]["bf16"], bool) for r in res["runs"])
     assert res["progress"]["headline"]["least_n"] == 4
+    stopped = runs["stopped_summary"]["progress"]  # after one chunk: the cells not started yet count as missing
+    for phase in ("headline", "wider"):
+        assert stopped[phase]["cells"] == res["progress"][phase]["cells"] > 0
+        assert stopped[phase]["least_n"] == 0 and stopped[phase]["items_missing"] > 0
     assert (out / "head_to_head.md").is_file() and (out / "frontier_smoke.png").is_file()
     assert "n" in (out / "head_to_head.md").read_text()

@@ -114,6 +114,11 @@ class Runner:
     # ------------------------------------------------------------------ running
     def run(self, regimes, workload_names) -> None:
         phases = (("headline", self.cfg.queries), ("wider", min(self.cfg.wider_items, self.cfg.queries)))
+        for regime in regimes:  # the whole plan up front, so the report's progress counts the cells not started yet
+            for workload in workload_names:
+                for phase, _ in phases:
+                    for method, setting in self.cells(regime, workload, phase):
+                        self._register(regime, workload, method, setting)
         for phase, target in phases:
             for start in range(0, target, self.cfg.chunk):
                 items = list(range(start, min(start + self.cfg.chunk, target)))
@@ -126,6 +131,12 @@ class Runner:
                         for method, setting in self.cells(regime, workload, phase):
                             if not self.chunk(regime, workload, method, setting, items):
                                 return
+
+    def _register(self, regime, workload: str, method, setting) -> None:
+        with self.store.db:
+            self.store.db.execute("INSERT OR IGNORE INTO settings VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                                  (regime.name, workload, method.name, setting.label, method.family, setting.line,
+                                   int(setting.default), json.dumps(setting.params, sort_keys=True, default=str)))
 
     def _time_left(self) -> bool:
         return self.deadline is None or time.monotonic() < self.deadline
@@ -142,10 +153,6 @@ class Runner:
         if self.chunks and not self._time_left():  # every run computes at least one chunk (--minutes 0: exactly one)
             self.stopped = True
             return False
-        with self.store.db:
-            self.store.db.execute("INSERT OR IGNORE INTO settings VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                                  (*cell, method.family, setting.line, int(setting.default),
-                                   json.dumps(setting.params, sort_keys=True, default=str)))
         queries = self.queries(regime, workload)
         if method.sequential:
             missing = list(range(missing[0], items[-1] + 1))

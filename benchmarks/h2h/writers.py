@@ -17,7 +17,7 @@ from embedded.models import cpu_has_fast_bf16
 
 from .config import Config
 from .store import git_commit
-from .summary import BASELINE_FAMILIES, summarize
+from .summary import BASELINE_FAMILIES, settings_meta, summarize
 
 TARGETS = {"headline": Config().queries, "wider": Config().wider_items}
 
@@ -201,7 +201,10 @@ def write_all(store, out_dir: Path) -> dict:
     res["report"] = provenance()
     smoke = any(n == "smoke" for n in res["regimes"])
     s = Config.smoke_config() if smoke else Config()
-    res["progress"] = progress(res["cells"], {"headline": s.queries, "wider": s.wider_items})
+    started = {(c["regime"], c["workload"], c["method"], c["setting"]) for c in res["cells"]}
+    unstarted = [{"n": 0, "default": m["default"], "family": m["family"]}  # planned by a run, no item stored yet
+                 for key, m in settings_meta(store).items() if key not in started]
+    res["progress"] = progress(res["cells"] + unstarted, {"headline": s.queries, "wider": s.wider_items})
     stored = sum(c["n"] for c in res["cells"])
     per_item = sum(r["cpu_seconds"] or 0.0 for r in res["runs"]) / stored if stored else None
     for p in res["progress"].values():  # the runs' CPU seconds per stored item so far, times the items missing
