@@ -41,7 +41,7 @@ _GAPS = """CREATE TABLE IF NOT EXISTS converged_gaps (regime TEXT, workload TEXT
 PRIMARY KEY (regime, workload, item))"""
 #: Families that sample without the regime's prebuilt KB.
 NO_KB_FAMILIES = ("plain", "oracle", "cache", "tstitch", "learning")
-#: What the report needs to know of a cell beyond its rows (written when the cell is first run).
+#: What the report needs to know of a cell beyond its rows (written for the whole plan when a run starts).
 _SETTINGS = """CREATE TABLE IF NOT EXISTS settings (regime TEXT, workload TEXT, method TEXT, setting TEXT, family TEXT,
 line TEXT, is_default INTEGER, params TEXT, PRIMARY KEY (regime, workload, method, setting))"""
 
